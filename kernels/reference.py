@@ -1,0 +1,417 @@
+"""Chunked pure-torch token log-probs and the fused OPD loss: the CPU path and the tests' oracle.
+
+Inputs are packed over active tokens ([N, ...], N up to millions). Every op walks N in chunks of
+`chunk_tokens`, so the only fp32 [*, V] buffers are [chunk, V]; softmax math runs in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared chunk math
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp64 inputs keep fp64 so that gradcheck and the float64 oracle tests are exact.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scaled(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """logits / T in the accumulation dtype. May alias `logits`: callers never write into it."""
+    x = logits.to(acc)
+    return x / temperature if temperature != 1.0 else x
+
+
+def _chunk_logprobs(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-prob and log-sum-exp of one [C, V] chunk of scaled logits."""
+    lse = torch.logsumexp(x, dim=-1)  # [C]
+    return x.gather(1, targets[:, None]).squeeze(1) - lse, lse
+
+
+def _chunk_dlogits(
+    x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_lp: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """d(sum_t g_t * logp_t(y_t)) / d logits for one chunk: g * (onehot - softmax) / T, in x's dtype.
+
+    The target column is rebuilt as g * sum_{j != y} p_j rather than g * (1 - p_y): when p(y) -> 1,
+    1 - p_y cancels to 0 in fp32 while the sum of the other probabilities keeps full relative precision.
+    """
+    targets = targets[:, None]
+    probs = torch.exp(x - lse[:, None])  # [C, V]
+    probs.scatter_(1, targets, 0.0)
+    rest = probs.sum(dim=-1)  # = 1 - p(y)
+    scale = grad_lp / temperature
+    probs.mul_(-scale[:, None])
+    probs.scatter_(1, targets, (scale * rest)[:, None])
+    return probs
+
+
+def _opd_chunk(
+    student_lp: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    kl_coef: float,
+    log_ratio_cap: float,
+    normalizer: torch.Tensor,
+    importance_ratio: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss contribution of one chunk and d loss / d student_lp (DESIGN.md, step 6)."""
+    advantage = kl_coef * (teacher_lp - rollout_lp)  # A_t, detached by construction
+    if not importance_ratio:
+        # REINFORCE form -sum(A * student_lp)/N: its value is reported with ratio = 1.
+        return -advantage.sum() / normalizer, -advantage / normalizer
+    log_ratio = student_lp - rollout_lp
+    ratio = torch.exp(torch.clamp(log_ratio, max=log_ratio_cap))
+    # Above the cap the ratio is a constant, so those tokens carry no gradient.
+    grad_student_lp = -(advantage / normalizer) * ratio * (log_ratio < log_ratio_cap)
+    return -(ratio * advantage).sum() / normalizer, grad_student_lp
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_common(n: int, targets: torch.Tensor, temperature: float, chunk_tokens: int) -> None:
+    if targets.dim() != 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must have shape [N]=[{n}], got {list(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 (or int32), got {targets.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if int(chunk_tokens) < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be packed as [N, V], got shape {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def _check_linear(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be packed as [N, H], got shape {list(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {list(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden is [N, {hidden.shape[1]}] but weight is [V, {weight.shape[1]}]: H differs")
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise ValueError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
+
+
+def _check_opd(n: int, teacher_lp: torch.Tensor, rollout_lp: torch.Tensor, normalizer) -> None:
+    for name, lp in (("teacher_lp", teacher_lp), ("rollout_lp", rollout_lp)):
+        if lp.dim() != 1 or lp.shape[0] != n:
+            raise ValueError(f"{name} must have shape [N]=[{n}], got {list(lp.shape)}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a float or a 0-d tensor, got shape {list(normalizer.shape)}")
+    elif not normalizer > 0:
+        raise ValueError(f"normalizer (active tokens over the whole step) must be > 0, got {normalizer}")
+
+
+def _as_tensor(normalizer, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A 0-d tensor stays on device: no host sync per micro-batch.
+    return torch.as_tensor(normalizer, dtype=acc, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# token_logprobs
+# ---------------------------------------------------------------------------------------------
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Reads logits once forward, once backward (recomputing softmax); saves only lse [N] fp32."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk_tokens):
+        acc = _acc_dtype(logits.dtype)
+        n = logits.shape[0]
+        student_lp = torch.empty(n, dtype=acc, device=logits.device)
+        lse = torch.empty(n, dtype=acc, device=logits.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(s + chunk_tokens, n)
+            x = _scaled(logits[s:e], temperature, acc)
+            student_lp[s:e], lse[s:e] = _chunk_logprobs(x, targets[s:e])
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        return student_lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lp):
+        logits, targets, lse = ctx.saved_tensors
+        temperature, chunk_tokens = ctx.temperature, ctx.chunk_tokens
+        acc = lse.dtype
+        grad_lp = grad_lp.to(acc)
+        dlogits = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk_tokens):
+            e = min(s + chunk_tokens, logits.shape[0])
+            x = _scaled(logits[s:e], temperature, acc)
+            dlogits[s:e] = _chunk_dlogits(x, lse[s:e], targets[s:e], grad_lp[s:e], temperature)
+        return dlogits, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """log_softmax(logits / T)[i, targets[i]] -> fp32 [N] (fp64 for fp64 logits); differentiable in logits."""
+    _check_logits(logits)
+    _check_common(logits.shape[0], targets, temperature, chunk_tokens)
+    return _TokenLogprobs.apply(logits, targets, float(temperature), int(chunk_tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_token_logprobs
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Forward: one [C, H] x [H, V] matmul per chunk; saves lse [N] fp32, never the [N, V] logits.
+
+    Backward recomputes each chunk's logits, then dH_c = dlogits @ W and dW += dlogits^T @ H_c,
+    with dW accumulated in fp32 across chunks (bf16 accumulation drifts).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_tokens):
+        acc = _acc_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        student_lp = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(s + chunk_tokens, n)
+            x = _scaled(hidden[s:e] @ weight.T, temperature, acc)  # [C, V]
+            student_lp[s:e], lse[s:e] = _chunk_logprobs(x, targets[s:e])
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        return student_lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lp):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_lp = grad_lp.to(lse.dtype)
+
+        def grad_student_lp(s, e, _x):
+            return grad_lp[s:e]
+
+        dhidden, dweight = _linear_grads(
+            hidden, weight, targets, lse, grad_student_lp, ctx.temperature, ctx.chunk_tokens, need_dh, need_dw
+        )
+        return dhidden, dweight, None, None, None
+
+
+def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_tokens, need_dh, need_dw):
+    """dH [N, H] (hidden dtype) and dW [V, H] (fp32-accumulated, cast to weight dtype) by chunk.
+
+    `lse` may be None, then it is computed from the recomputed logits; `grad_fn(s, e, lse_chunk)`
+    returns d loss / d student_lp for the chunk.
+    """
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    dhidden = torch.empty_like(hidden) if need_dh else None
+    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    for s in range(0, n, chunk_tokens):
+        e = min(s + chunk_tokens, n)
+        hidden_c = hidden[s:e]
+        x = _scaled(hidden_c @ weight.T, temperature, acc)  # [C, V]
+        lse_c = torch.logsumexp(x, dim=-1) if lse is None else lse[s:e]
+        dlogits = _chunk_dlogits(x, lse_c, targets[s:e], grad_fn(s, e, x), temperature).to(hidden.dtype)
+        del x
+        if need_dh:
+            dhidden[s:e] = dlogits @ weight
+        if need_dw:
+            if dlogits.dtype == acc:
+                dweight.addmm_(dlogits.T, hidden_c)
+            else:
+                dweight += dlogits.T @ hidden_c  # matmul in bf16, sum across chunks in fp32
+    if need_dw:
+        dweight = dweight.to(weight.dtype)
+    return dhidden, dweight
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
+
+    Differentiable in hidden and weight; the matmuls run in the input dtype, softmax math in fp32.
+    """
+    _check_linear(hidden, weight)
+    _check_common(hidden.shape[0], targets, temperature, chunk_tokens)
+    return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# opd_loss / linear_opd_loss: gradient computed inside the forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _scale_grad(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """Scale a gradient precomputed in forward by d(outer)/d(loss).
+
+    The usual outer scale is 1 (the normaliser already covers the whole step), and then the saved
+    buffer is returned as is. Otherwise it is scaled in place, so no second [N, *] buffer is made;
+    autograd's version check then refuses a second backward through the same graph instead of
+    returning a doubly scaled gradient.
+    """
+    if grad is None:
+        return None
+    if bool(grad_loss != 1):
+        grad.mul_(grad_loss.to(grad.dtype))
+    return grad
+
+
+class _OPDLoss(torch.autograd.Function):
+    """Reads logits once and writes dlogits once (in logits' dtype), both in forward; backward only scales."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_lp, rollout_lp, opts, need_grad):
+        kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, chunk_tokens = opts
+        acc = _acc_dtype(logits.dtype)
+        n = logits.shape[0]
+        normalizer = _as_tensor(normalizer, acc, logits.device)
+        teacher_lp, rollout_lp = teacher_lp.to(acc), rollout_lp.to(acc)
+        student_lp = torch.empty(n, dtype=acc, device=logits.device)
+        loss = torch.zeros((), dtype=acc, device=logits.device)
+        dlogits = torch.empty_like(logits) if need_grad else None
+        for s in range(0, n, chunk_tokens):
+            e = min(s + chunk_tokens, n)
+            x = _scaled(logits[s:e], temperature, acc)
+            lp, lse = _chunk_logprobs(x, targets[s:e])
+            student_lp[s:e] = lp
+            loss_c, grad_lp = _opd_chunk(
+                lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, normalizer, importance_ratio
+            )
+            loss += loss_c
+            if need_grad:
+                dlogits[s:e] = _chunk_dlogits(x, lse, targets[s:e], grad_lp, temperature)
+        # save_for_backward, not a ctx attribute: autograd then frees the buffer right after backward.
+        ctx.save_for_backward(dlogits)
+        ctx.mark_non_differentiable(student_lp)
+        return loss, student_lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_student_lp):
+        (dlogits,) = ctx.saved_tensors
+        return _scale_grad(dlogits, grad_loss), None, None, None, None, None
+
+
+class _LinearOPDLoss(torch.autograd.Function):
+    """Per chunk: logits = H_c @ W^T, then dH_c and the fp32 dW sum, all in forward; backward only scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_lp, rollout_lp, opts, need_dh, need_dw):
+        kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, chunk_tokens = opts
+        acc = _acc_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        normalizer = _as_tensor(normalizer, acc, hidden.device)
+        teacher_lp, rollout_lp = teacher_lp.to(acc), rollout_lp.to(acc)
+        student_lp = torch.empty(n, dtype=acc, device=hidden.device)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+
+        def grad_student_lp(s, e, x):
+            nonlocal loss
+            lp, _ = _chunk_logprobs(x, targets[s:e])
+            student_lp[s:e] = lp
+            loss_c, grad_lp = _opd_chunk(
+                lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, normalizer, importance_ratio
+            )
+            loss += loss_c
+            return grad_lp
+
+        if need_dh or need_dw:
+            dhidden, dweight = _linear_grads(
+                hidden, weight, targets, None, grad_student_lp, temperature, chunk_tokens, need_dh, need_dw
+            )
+        else:
+            dhidden = dweight = None
+            for s in range(0, n, chunk_tokens):
+                e = min(s + chunk_tokens, n)
+                grad_student_lp(s, e, _scaled(hidden[s:e] @ weight.T, temperature, acc))
+        ctx.save_for_backward(dhidden, dweight)
+        ctx.mark_non_differentiable(student_lp)
+        return loss, student_lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_student_lp):
+        dhidden, dweight = ctx.saved_tensors
+        return _scale_grad(dhidden, grad_loss), _scale_grad(dweight, grad_loss), None, None, None, None, None, None
+
+
+def opd_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    log_ratio_cap: float = 2.0,
+    normalizer: float | torch.Tensor,
+    temperature: float = 1.0,
+    importance_ratio: bool = True,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token OPD loss on student logits [N, V] -> (loss fp32 scalar, student_lp fp32 [N], no grad).
+
+    A = kl_coef * (teacher_lp - rollout_lp); loss = -sum(exp(min(student_lp - rollout_lp, cap)) * A) / normalizer,
+    or with importance_ratio=False the REINFORCE form (value -sum(A)/normalizer, gradient of -sum(A*student_lp)).
+    `normalizer` counts active tokens over the whole step (all micro-batches and ranks), not N.
+    The gradient is computed during forward; backward only scales it (see `_scale_grad`).
+    """
+    _check_logits(logits)
+    n = logits.shape[0]
+    _check_common(n, targets, temperature, chunk_tokens)
+    _check_opd(n, teacher_lp, rollout_lp, normalizer)
+    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens))
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _OPDLoss.apply(logits, targets, teacher_lp.detach(), rollout_lp.detach(), opts, need_grad)
+
+
+def linear_opd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    log_ratio_cap: float = 2.0,
+    normalizer: float | torch.Tensor,
+    temperature: float = 1.0,
+    importance_ratio: bool = True,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`opd_loss` on hidden [N, H] and lm_head weight [V, H], never materialising [N, V].
+
+    dH [N, H] and dW [V, H] (fp32-accumulated) are computed in forward, only for inputs that need grad.
+    """
+    _check_linear(hidden, weight)
+    n = hidden.shape[0]
+    _check_common(n, targets, temperature, chunk_tokens)
+    _check_opd(n, teacher_lp, rollout_lp, normalizer)
+    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens))
+    need_dh = torch.is_grad_enabled() and hidden.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    return _LinearOPDLoss.apply(
+        hidden, weight, targets, teacher_lp.detach(), rollout_lp.detach(), opts, need_dh, need_dw
+    )

@@ -1,0 +1,1 @@
+"""opd-local: on-policy distillation from a frozen teacher that sees a privileged prompt."""

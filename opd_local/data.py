@@ -1,0 +1,417 @@
+"""Rows with a privileged teacher prompt: load, validate, tokenize, and stream them.
+
+Step 1 of the OPD step. Each row becomes a student prompt (problem + answer format) and a teacher
+prompt (the same + the worked solution + the pinned `Final: <answer>` line). The loop draws them through a seeded GroupStream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from opd_local.config import BUNDLED_GSM8K, DataConfig
+
+FORMATS = ("gsm8k", "messages")
+FIELDS = {"gsm8k": ("question", "answer"), "messages": ("messages", "teacher_messages", "answer", "privileged")}
+ROLES = ("system", "user", "assistant")
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+STUDENT_INSTRUCTION = (
+    "Solve the problem step by step. End your reply with exactly one line of the form "
+    "`Final: <answer>`, where <answer> is only the final number."
+)
+PRIVILEGED_OPEN = "<reference_solution>"
+PRIVILEGED_CLOSE = "</reference_solution>"
+
+
+class DataError(ValueError):
+    """A row (or a source) that cannot be used; the message names the row id and the field."""
+
+
+@dataclass(frozen=True)
+class PrivilegedRow:
+    row_id: str  # "bundled:gsm8k/train#17" or "path/to/x.jsonl#3" (0-based row index)
+    student_messages: tuple[dict, ...]  # the problem + answer-format instruction
+    teacher_messages: tuple[dict, ...]  # the same + privileged worked solution + pinned final line
+    answer: str | None  # normalized expected final answer
+    privileged: str | None  # text that must never reach the student
+
+
+@dataclass
+class PromptGroup:
+    row: PrivilegedRow
+    student_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+
+
+# ---------------------------------------------------------------- answers
+
+_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_FINAL_LINE = re.compile(r"^Final\s*:(.*)$")
+_CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def normalize_answer(text: str) -> str:
+    """Collapse whitespace, drop trailing ".", and drop thousands commas ("1,000" -> "1000").
+
+    The comma rule is GSM8K's convention ("#### 1,080"); it also applies to model output so that
+    "Final: 1,080" matches "1080".
+    """
+    text = " ".join(text.split()).rstrip(".").rstrip()
+    return _THOUSANDS_COMMA.sub("", text)
+
+
+def _strip_markup(text: str) -> str:
+    # Small models wrap answers in markdown ("**42**.", "`42`"); peel until stable.
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.strip().strip("*`").rstrip(".")
+    return text
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The normalized answer on the last line of the form `Final: <answer>`, or None if there is none."""
+    for line in reversed(text.splitlines()):
+        match = _FINAL_LINE.match(line.strip().strip("*`").strip())
+        if match:
+            answer = normalize_answer(_strip_markup(match.group(1)))
+            if answer:
+                return answer
+    return None
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _require_string(record: Mapping, key: str, row_id: str, field: str | None = None) -> str:
+    field = field or key
+    if record.get(key) is None:
+        raise DataError(f"{row_id}: field {field!r} is missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{row_id}: field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{row_id}: field {field!r} is empty")
+    return value
+
+
+def _pinned_line(answer: str) -> str:
+    return f"Final: {answer}"
+
+
+def check_no_privileged_leak(row: PrivilegedRow) -> None:
+    """Raise DataError if the privileged text or the pinned `Final: <answer>` line reaches a student message."""
+    # Compare with whitespace collapsed so a re-wrapped copy of the solution still counts as a leak.
+    privileged = " ".join((row.privileged or "").split())
+    for i, message in enumerate(row.student_messages):
+        content = message["content"]
+        if privileged and privileged in " ".join(content.split()):
+            raise DataError(f"{row.row_id}: field 'messages[{i}].content' contains the privileged text")
+        if row.answer is not None and any(
+            extract_final_answer(line) == row.answer for line in content.splitlines()
+        ):
+            raise DataError(
+                f"{row.row_id}: field 'messages[{i}].content' contains the pinned line {_pinned_line(row.answer)!r}"
+            )
+
+
+def gsm8k_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
+    """A GSM8K record {question, answer: "steps <<calc>> ...\\n#### N"} as a privileged pair."""
+    question = _require_string(record, "question", row_id).strip()
+    raw_answer = _require_string(record, "answer", row_id)
+    if "#### " not in raw_answer:
+        raise DataError(f"{row_id}: field 'answer' has no '#### <final answer>' marker")
+    solution, _, final = raw_answer.rpartition("#### ")
+    answer = normalize_answer(final)
+    if not answer:
+        raise DataError(f"{row_id}: field 'answer' has nothing after '#### '")
+    # The <<48/2=24>> calculator annotations are GSM8K tooling, not prose a model should imitate.
+    solution = _CALC_ANNOTATION.sub("", solution).strip()
+
+    student_content = f"{question}\n\n{STUDENT_INSTRUCTION}"
+    teacher_content = (
+        f"{student_content}\n\n"
+        "Here is a correct worked solution, for your reference only. Write your own step-by-step reply; "
+        "do not mention this reference.\n"
+        f"{PRIVILEGED_OPEN}\n{solution}\n{PRIVILEGED_CLOSE}\n\n"
+        f"The final line of your reply must be exactly `{_pinned_line(answer)}`"
+    )
+    # No system message: the tokenizer's chat template adds its own default, identically for both.
+    row = PrivilegedRow(
+        row_id=row_id,
+        student_messages=({"role": "user", "content": student_content},),
+        teacher_messages=({"role": "user", "content": teacher_content},),
+        answer=answer,
+        privileged=solution or None,
+    )
+    check_no_privileged_leak(row)
+    return row
+
+
+def _messages(record: Mapping, field: str, row_id: str) -> tuple[dict, ...]:
+    value = record.get(field)
+    if value is None:
+        raise DataError(f"{row_id}: field {field!r} is missing")
+    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+        raise DataError(f"{row_id}: field {field!r} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, Mapping):
+            raise DataError(f"{row_id}: field {where!r} must be a {{role, content}} mapping")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataError(f"{row_id}: field '{where}.role' is {role!r}; expected one of {ROLES}")
+        content = _require_string(message, "content", row_id, f"{where}.content")
+        # Only role/content: arrow's schema unification adds null keys that templates would render.
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{row_id}: field '{field}[{len(messages) - 1}].role' must be 'user' (the prompt ends on the user turn)")
+    return tuple(messages)
+
+
+def messages_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
+    """A generic row {messages, teacher_messages, answer?, privileged?} as a privileged pair."""
+    student_messages = _messages(record, "messages", row_id)
+    teacher_messages = _messages(record, "teacher_messages", row_id)
+    answer = None
+    if record.get("answer") is not None:
+        answer = normalize_answer(_require_string(record, "answer", row_id))
+    privileged = None
+    if record.get("privileged") is not None:
+        privileged = _require_string(record, "privileged", row_id)
+    row = PrivilegedRow(row_id, student_messages, teacher_messages, answer, privileged)
+    check_no_privileged_leak(row)
+    return row
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _detect_format(columns: Sequence[str], source: str) -> str:
+    found = set(columns)
+    if {"question", "answer"} <= found:
+        return "gsm8k"
+    if {"messages", "teacher_messages"} <= found:
+        return "messages"
+    raise DataError(
+        f"{source}: cannot tell the row format from columns {sorted(found)}; expected either "
+        "gsm8k (question, answer) or messages (messages, teacher_messages)"
+    )
+
+
+def _bundled_records(source: str, split: str) -> tuple[list[dict], str]:
+    name = source.removeprefix("bundled:")
+    files = {"train": "train.jsonl", "test": "heldout.jsonl", "heldout": "heldout.jsonl"}
+    if source != BUNDLED_GSM8K or split not in files:
+        raise DataError(f"{source}: unknown bundled data or split {split!r}; bundled:gsm8k has splits {sorted(files)}")
+    tag = f"{source}/{files[split].removesuffix('.jsonl')}"
+    text = (resources.files("opd_local") / "bundled" / name / files[split]).read_text(encoding="utf-8")
+    records = []
+    for i, line in enumerate(text.splitlines()):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{tag}#{i}: not valid JSON ({err})") from err
+    return records, tag
+
+
+def _dataset_records(source: str, split: str, hub_config: str):
+    import datasets  # heavy; only needed off the bundled path
+
+    path = Path(source)
+    builder = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if builder is not None:
+        if not path.is_file():
+            raise DataError(f"{source}: no such file")
+        # A single file is a single split: `split` does not apply to it.
+        return datasets.load_dataset(builder, data_files=str(path), split="train"), source
+    if path.is_dir():
+        # datasets picks the builder from the file types and the split from the file names (train*, test*, ...).
+        return datasets.load_dataset(str(path), split=split), f"{source}/{split}"
+    return datasets.load_dataset(source, hub_config or None, split=split), f"{source}/{split}"
+
+
+def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "main", max_rows: int = 0) -> list[PrivilegedRow]:
+    """Rows from `bundled:gsm8k`, a local .json/.jsonl/.parquet file or directory, or a hub id.
+
+    `split` picks bundled train/test, a directory's file by name, or a hub split; a single local file
+    is one split and ignores it. `max_rows` keeps the first rows (0 = all).
+    """
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(f"data.format is {fmt!r}; expected auto or one of {FORMATS}")
+    dataset = None
+    if source.startswith("bundled:"):
+        records, tag = _bundled_records(source, split)
+        if max_rows > 0:
+            records = records[:max_rows]
+        columns = sorted({key for record in records for key in record})
+    else:
+        dataset, tag = _dataset_records(source, split, hub_config)
+        if max_rows > 0:
+            dataset = dataset.select(range(min(max_rows, len(dataset))))
+        columns = dataset.column_names
+        records = dataset.to_list()
+    if fmt == "auto":
+        fmt = _detect_format(columns, tag)
+    to_row = gsm8k_to_row if fmt == "gsm8k" else messages_to_row
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise DataError(f"{tag}#{i}: row must be a JSON object, got {type(record).__name__}")
+    try:
+        return [to_row(record, f"{tag}#{i}") for i, record in enumerate(records)]
+    except DataError as err:
+        mixed = _mixed_type_columns(dataset, FIELDS[fmt]) if dataset is not None else []
+        if not mixed:
+            raise
+        # datasets (5.x) stores a column whose JSON types differ between rows as raw JSON and decodes
+        # every value that parses as JSON, so the string "42" comes back as 42: the row named above may be
+        # a valid one. Such a column always holds a real non-string somewhere, so the error itself stands.
+        raise DataError(
+            f"{err} (note: field(s) {mixed} mix JSON types across rows, and datasets then reads strings "
+            'such as "42" as numbers, so the bad row may be a later one; make every value a string)'
+        ) from err
+
+
+def _mixed_type_columns(dataset, names: Sequence[str]) -> list[str]:
+    import datasets
+
+    json_feature = getattr(datasets, "Json", None)  # datasets < 4 has no Json feature and no such columns
+    if json_feature is None:
+        return []
+
+    def has_json(feature) -> bool:
+        if isinstance(feature, json_feature):
+            return True
+        if isinstance(feature, Mapping):
+            return any(has_json(f) for f in feature.values())
+        return has_json(feature.feature) if hasattr(feature, "feature") else False
+
+    return [name for name in names if name in dataset.features and has_json(dataset.features[name])]
+
+
+def _prompt_key(row: PrivilegedRow) -> tuple:
+    return tuple((m["role"], " ".join(m["content"].split())) for m in row.student_messages)
+
+
+def load_train_and_heldout(cfg: DataConfig) -> tuple[list[PrivilegedRow], list[PrivilegedRow]]:
+    """Training and held-out rows; a held-out row whose student prompt is also a training prompt is an error."""
+    train = load_rows(cfg.train, cfg.train_split, cfg.format, cfg.hub_config, cfg.max_train_rows)
+    heldout = load_rows(cfg.heldout, cfg.heldout_split, cfg.format, cfg.hub_config, cfg.max_heldout_rows)
+    train_ids = {_prompt_key(row): row.row_id for row in train}
+    overlap = [(row.row_id, train_ids[_prompt_key(row)]) for row in heldout if _prompt_key(row) in train_ids]
+    if overlap:
+        heldout_id, train_id = overlap[0]
+        raise DataError(
+            f"{heldout_id}: field 'messages' is the same student prompt as training row {train_id} "
+            f"({len(overlap)} held-out rows overlap training); held-out rows must never be trained on"
+        )
+    return train, heldout
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def _chat_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding; older versions return the list itself.
+    if isinstance(ids, Mapping) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def tokenize_groups(
+    rows: Sequence[PrivilegedRow], tokenizer, max_prompt_tokens: int, drop_overlong: bool = False
+) -> tuple[list[PromptGroup], list[str]]:
+    """Chat-template both prompts of every row; returns the groups and the ids of rows dropped as over-long.
+
+    Over-long rows are refused (DataError naming the first one) unless `drop_overlong`.
+    """
+    groups, dropped, problems = [], [], []
+    for row in rows:
+        student_ids = _chat_ids(tokenizer, row.student_messages)
+        teacher_ids = _chat_ids(tokenizer, row.teacher_messages)
+        if len(student_ids) > max_prompt_tokens or len(teacher_ids) > max_prompt_tokens:
+            field = "messages" if len(student_ids) > max_prompt_tokens else "teacher_messages"
+            dropped.append(row.row_id)
+            problems.append(
+                f"{row.row_id}: field {field!r} is over data.max_prompt_tokens={max_prompt_tokens} "
+                f"(student prompt {len(student_ids)} tokens, teacher prompt {len(teacher_ids)} tokens)"
+            )
+            continue
+        groups.append(PromptGroup(row, student_ids, teacher_ids))
+    if problems and not drop_overlong:
+        raise DataError(
+            f"{problems[0]}; {len(problems)} of {len(rows)} rows are over-long. "
+            "Raise data.max_prompt_tokens or set data.drop_overlong=true"
+        )
+    if rows and not groups:
+        raise DataError(f"{problems[0]}; all {len(rows)} rows are over-long, nothing left to train on")
+    return groups, dropped
+
+
+# ---------------------------------------------------------------- stream
+
+
+class GroupStream:
+    """A deterministic stream of PromptGroups: each epoch visits every group once, shuffled with seed + epoch."""
+
+    def __init__(self, groups: list[PromptGroup], seed: int, shuffle: bool = True):
+        if not groups:
+            raise ValueError("GroupStream needs at least one prompt group")
+        self.groups = list(groups)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        # Detects a resume against different data, which could not reproduce the sequence.
+        self.fingerprint = hashlib.sha256("\n".join(g.row.row_id for g in self.groups).encode()).hexdigest()[:16]
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.groups)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def next_groups(self, n: int) -> list[PromptGroup]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(n - len(out), len(self._order) - self.position)
+            out.extend(self.groups[i] for i in self._order[self.position : self.position + take])
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "shuffle", "fingerprint"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data stream: {key} was {state[key]!r}, now {getattr(self, key)!r}"
+                )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._epoch_order(self.epoch)

@@ -1,0 +1,212 @@
+"""The OPD training loop: one step of DESIGN.md top to bottom.
+
+data → sample (student prompt) → validate → teacher scores (privileged prompt) → packed student
+forward + fused loss → AdamW → push weights into the engine → parity probe → metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from opd_local import dist
+from opd_local.checkpoint import save_pretrained_atomic
+from opd_local.config import Config, save_yaml
+from opd_local.data import GroupStream, load_train_and_heldout, tokenize_groups
+from opd_local.loss import opd_micro_batch_loss
+from opd_local.metrics import MetricsLogger
+from opd_local.models import (
+    check_same_tokenizer,
+    load_causal_lm,
+    load_frozen_teacher,
+    load_tokenizer,
+    resolve_model_path,
+)
+from opd_local.packing import pack_sequences, split_by_token_budget
+from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, count_groups
+from opd_local.sampler import make_sampler
+from opd_local.scoring import autocast_for, score_completions
+from opd_local.sync import parity_probe, push_weights
+
+
+def train(cfg: Config) -> Path:
+    ctx = dist.init_distributed(cfg.run.device)
+    run_dir = Path(cfg.run.out_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+
+    # ---- set-up: everything that can refuse the run does so before step 0 ----
+    student_path = resolve_model_path(cfg.model.student, cfg.model)
+    teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
+    tokenizer = load_tokenizer(student_path, cfg.model)
+    check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, cfg.model))
+    train_rows, _heldout_rows = load_train_and_heldout(cfg.data)
+    groups, overlong = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
+    stream = GroupStream(groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    student = load_causal_lm(student_path, cfg.model, dtype, ctx.device)
+    student.train()
+    teacher = load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device)
+    check_context_fits(cfg, student, teacher)
+    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    warmup = max(cfg.optim.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
+    logger = MetricsLogger(run_dir, enabled=ctx.is_main)
+    cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
+
+    progress = tqdm(range(cfg.run.steps), desc="opd", disable=not ctx.is_main)
+    for step in progress:
+        step_start = time.perf_counter()
+        metrics: dict[str, float] = {"data/overlong_rows_dropped": len(overlong)} if step == 0 else {}
+
+        # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
+        step_groups = dist.shard_for_rank(stream.next_groups(cfg.rollout.groups_per_step), ctx)
+        t = time.perf_counter()
+        completions = sampler.generate(
+            [g.student_prompt_ids for g in step_groups],
+            n=cfg.rollout.samples_per_group,
+            temperature=cfg.rollout.temperature,
+            max_tokens=cfg.rollout.max_tokens,
+            seed=cfg.run.seed * 1_000_003 + step * ctx.world_size + ctx.rank,
+        )
+        sampler.release_memory()
+        metrics["time/sample"] = time.perf_counter() - t
+
+        # 3-4. validate, then the frozen teacher scores the same tokens behind its privileged prompt
+        t = time.perf_counter()
+        rollouts = build_rollouts(step_groups, completions)
+        scorable = [r for r in rollouts if r.kept]
+        teacher_lps = score_completions(
+            teacher,
+            [r.group.teacher_prompt_ids for r in scorable],
+            [r.completion_ids for r in scorable],
+            micro_batch_tokens=cfg.optim.micro_batch_tokens,
+            chunk_tokens=cfg.loss.chunk_tokens,
+        )
+        attach_teacher_scores(rollouts, teacher_lps)
+        kept = [r for r in rollouts if r.kept]
+        metrics["time/score"] = time.perf_counter() - t
+
+        # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
+        t = time.perf_counter()
+        metrics.update(train_on_rollouts(student, optimizer, kept, cfg))
+        scheduler.step()
+        metrics["time/train"] = time.perf_counter() - t
+
+        # 8-9. push the new weights into the engine in place, then prove they arrived
+        t = time.perf_counter()
+        metrics["sync/push_seconds"] = push_weights(sampler, student)
+        metrics.update(parity_probe(sampler, student, probe_ids, cfg.sync.parity_threshold))
+        metrics["time/push"] = time.perf_counter() - t
+
+        # 10. metrics, reduced over ranks
+        metrics.update(rollout_metrics(rollouts, kept, len(step_groups), cumulative))
+        metrics["time/step"] = time.perf_counter() - step_start
+        metrics["optim/lr"] = scheduler.get_last_lr()[0]
+        logger.log(step, metrics)
+
+    if cfg.run.save_final and ctx.is_main:
+        save_pretrained_atomic(student, tokenizer, run_dir / "final")
+    logger.close()
+    sampler.close()
+    dist.barrier()
+    return run_dir
+
+
+def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config) -> dict[str, float]:
+    """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
+    local = torch.tensor([sum(len(r.completion_ids) for r in kept)], dtype=torch.float64)
+    n_active = float(dist.all_reduce_sum(local)[0])
+    sum_abs_mismatch = 0.0
+    device = next(student.parameters()).device
+    optimizer.zero_grad(set_to_none=True)
+    loss_total = torch.zeros((), dtype=torch.float64)
+    lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
+    for indices in split_by_token_budget(lengths, cfg.optim.micro_batch_tokens):
+        members = [kept[i] for i in indices]
+        batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members])
+        batch = batch.to(device)
+        rollout_lp = torch.cat([r.rollout_lp for r in members]).to(device)
+        teacher_lp = torch.cat([r.teacher_lp for r in members]).to(device)
+        with autocast_for(device):
+            loss, student_lp = opd_micro_batch_loss(
+                student, batch, teacher_lp, rollout_lp, cfg.loss, n_active, cfg.rollout.temperature
+            )
+        loss.backward()
+        loss_total += loss.detach().double().cpu()
+        sum_abs_mismatch += float((student_lp.detach() - rollout_lp).abs().sum())
+    dist.all_reduce_gradients(student)
+    if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
+        optimizer.zero_grad(set_to_none=True)
+        return {"optim/skipped": 1.0}
+    params = [p for p in student.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    totals = dist.all_reduce_sum(torch.tensor([float(loss_total), sum_abs_mismatch], dtype=torch.float64))
+    return {
+        "opd/loss": float(totals[0]),
+        "rollout/trainer_lp_mismatch": float(totals[1]) / n_active,
+        "optim/grad_norm": float(grad_norm),
+        "optim/skipped": 0.0,
+    }
+
+
+def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: int, cumulative: dict) -> dict[str, float]:
+    counts = count_groups(num_groups, rollouts)
+    rkl_sum = sum(float((r.rollout_lp - r.teacher_lp).sum()) for r in kept)
+    local = [
+        sum(len(r.completion_ids) for r in kept),
+        rkl_sum,
+        counts.sampled,
+        counts.filtered,
+        counts.failed,
+        len(rollouts),
+        len(kept),
+        sum(r.finish_reason == "stop" for r in kept),
+        num_groups,
+    ]
+    active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = (
+        float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
+    )
+    cumulative["groups/sampled_total"] += int(sampled)
+    cumulative["groups/filtered_total"] += int(filtered)
+    cumulative["groups/failed_total"] += int(failed)
+    cumulative["opd/active_tokens_total"] += int(active)
+    return {
+        "opd/sampled_reverse_kl": rkl_sum / active if active else float("nan"),
+        "opd/active_tokens": active,
+        "groups/sampled": sampled,
+        "groups/filtered": filtered,
+        "groups/failed": failed,
+        "groups/drawn": groups_drawn,
+        **cumulative,
+        "rollout/completions": drawn,
+        "rollout/dropped_completions": drawn - n_kept,
+        "rollout/completion_len_mean": active / n_kept if n_kept else 0.0,
+        "rollout/stop_fraction": stopped / n_kept if n_kept else 0.0,
+    }
+
+
+def check_context_fits(cfg: Config, student, teacher) -> None:
+    """Refuse before step 0 when a full-length prompt plus completion exceeds a model's context."""
+    need = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
+    for role, model in (("student", student), ("teacher", teacher)):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and need > limit:
+            raise ValueError(
+                f"data.max_prompt_tokens + rollout.max_tokens = {need} exceeds the {role}'s context of {limit} tokens"
+            )

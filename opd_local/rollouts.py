@@ -1,0 +1,97 @@
+"""Rollouts of one step, their validation (DESIGN.md step 3) and the group accounting.
+
+A completion with a missing, extra or non-finite logprob on an active token is dropped,
+never padded. Every drawn group ends up in exactly one of `sampled` (kept at least one
+completion), `filtered` (dropped by policy) or `failed` (malformed engine or teacher output).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from opd_local.data import PromptGroup
+from opd_local.sampler import Completion
+
+# Reasons that mean an engine or the teacher returned bad numbers; anything else is a filter.
+FAILURE_REASONS = frozenset({"rollout_lp_count", "rollout_lp_nonfinite", "teacher_lp_count", "teacher_lp_nonfinite"})
+
+
+@dataclass
+class Rollout:
+    group_index: int  # position of its prompt group among the step's groups
+    group: PromptGroup
+    completion_ids: list[int]
+    rollout_lp: torch.Tensor  # [C] fp32
+    finish_reason: str
+    teacher_lp: torch.Tensor | None = None  # [C] fp32, filled by the teacher
+    drop_reason: str | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.drop_reason is None
+
+
+@dataclass
+class GroupCounts:
+    sampled: int = 0
+    filtered: int = 0
+    failed: int = 0
+    drop_reasons: Counter = field(default_factory=Counter)
+
+
+def _logprob_problem(values: torch.Tensor, num_tokens: int, prefix: str) -> str | None:
+    if values.numel() != num_tokens:
+        return f"{prefix}_count"
+    if not bool(torch.isfinite(values).all()):
+        return f"{prefix}_nonfinite"
+    return None
+
+
+def build_rollouts(groups: list[PromptGroup], completions: list[list[Completion]]) -> list[Rollout]:
+    """Flatten the sampler's output and mark completions whose rollout logprobs are unusable."""
+    if len(groups) != len(completions):
+        raise RuntimeError(f"sampler returned {len(completions)} completion groups for {len(groups)} prompts")
+    rollouts = []
+    for group_index, (group, samples) in enumerate(zip(groups, completions)):
+        for sample in samples:
+            rollout_lp = torch.tensor(
+                [math.nan if v is None else v for v in sample.logprobs], dtype=torch.float32
+            )
+            rollout = Rollout(group_index, group, list(sample.token_ids), rollout_lp, sample.finish_reason)
+            if not rollout.completion_ids:
+                rollout.drop_reason = "empty_completion"
+            else:
+                rollout.drop_reason = _logprob_problem(rollout_lp, len(rollout.completion_ids), "rollout_lp")
+            rollouts.append(rollout)
+    return rollouts
+
+
+def attach_teacher_scores(rollouts: list[Rollout], teacher_lps: list[torch.Tensor]) -> None:
+    """Store the teacher's logprobs on the kept rollouts (in order) and drop unusable ones."""
+    kept = [r for r in rollouts if r.kept]
+    if len(kept) != len(teacher_lps):
+        raise RuntimeError(f"teacher returned {len(teacher_lps)} score vectors for {len(kept)} rollouts")
+    for rollout, teacher_lp in zip(kept, teacher_lps):
+        rollout.teacher_lp = teacher_lp
+        rollout.drop_reason = _logprob_problem(teacher_lp, len(rollout.completion_ids), "teacher_lp")
+
+
+def count_groups(num_groups: int, rollouts: list[Rollout]) -> GroupCounts:
+    counts = GroupCounts()
+    by_group: dict[int, list[Rollout]] = {i: [] for i in range(num_groups)}
+    for rollout in rollouts:
+        by_group[rollout.group_index].append(rollout)
+        if not rollout.kept:
+            counts.drop_reasons[rollout.drop_reason] += 1
+    for members in by_group.values():
+        if any(r.kept for r in members):
+            counts.sampled += 1
+        elif any(r.drop_reason in FAILURE_REASONS for r in members):
+            counts.failed += 1
+        else:
+            counts.filtered += 1
+    return counts

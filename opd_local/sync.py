@@ -1,0 +1,40 @@
+"""Weight push into the rollout engine (step 8) and the parity probe that proves it (step 9).
+
+Stale engine weights are the classic silent bug of on-policy training: the run keeps going,
+but samples come from an old policy. The probe scores one fixed sequence on both sides.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from opd_local.sampler import Sampler
+from opd_local.scoring import score_completions
+
+
+class StaleWeightsError(RuntimeError):
+    pass
+
+
+def push_weights(sampler: Sampler, student: torch.nn.Module) -> float:
+    """Push the student's parameters into the engine; returns the seconds it took."""
+    start = time.perf_counter()
+    sampler.push_weights((name, param.detach()) for name, param in student.named_parameters())
+    return time.perf_counter() - start
+
+
+def parity_probe(sampler: Sampler, student: torch.nn.Module, probe_ids: list[int], threshold: float) -> dict[str, float]:
+    """Engine vs trainer |Δlogprob| on `probe_ids[1:]`; raises when the max exceeds `threshold`."""
+    engine_lp = torch.tensor(sampler.score(probe_ids), dtype=torch.float32)
+    (trainer_lp,) = score_completions(student, [probe_ids[:1]], [probe_ids[1:]], micro_batch_tokens=len(probe_ids))
+    delta = (engine_lp - trainer_lp).abs()
+    max_abs, mean_abs = float(delta.max()), float(delta.mean())
+    if not max_abs <= threshold:  # also catches NaN
+        raise StaleWeightsError(
+            f"the rollout engine's weights do not match the trainer's: max |Δlogprob| on the probe is "
+            f"{max_abs:.4g} (mean {mean_abs:.4g}), above sync.parity_threshold={threshold}. "
+            "The weight push did not take effect, or the engine computes a different model."
+        )
+    return {"sync/parity_max_abs": max_abs, "sync/parity_mean_abs": mean_abs}

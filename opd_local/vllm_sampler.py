@@ -1,0 +1,123 @@
+"""vLLM as the student's rollout engine, inside the trainer's process.
+
+The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the trainer
+hands it new weights as tensors through `collective_rpc` with no trip through disk.
+Rollout logprobs are vLLM's `processed_logprobs`: the distribution actually sampled from,
+temperature applied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+from opd_local.sampler import Completion, Sampler
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _configure_environment(cfg, device: torch.device) -> None:
+    # Must be set before vLLM builds its engine; the in-process engine is what makes
+    # in-place pushes possible.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if device.type == "cpu":
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.rollout.kv_cache_gib))
+        # Without it vLLM pins torch to one thread, which would also slow the trainer.
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+class VLLMSampler(Sampler):
+    def __init__(self, model_path: str, cfg, device: torch.device):
+        _configure_environment(cfg, device)
+        from vllm import LLM
+
+        self.on_gpu = device.type == "cuda"
+        self.sleep_during_train = self.on_gpu and cfg.rollout.sleep_during_train
+        kwargs = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype="bfloat16" if self.on_gpu else "float32",
+            max_model_len=cfg.rollout.max_model_len,
+            seed=cfg.run.seed,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # the checkpoint's sampling defaults must not leak into rollouts
+            enable_prefix_caching=True,
+            enforce_eager=cfg.rollout.enforce_eager,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_sleep_mode=self.sleep_during_train)
+        self.llm = LLM(**kwargs)
+        self.asleep = False
+
+    def generate(self, prompt_ids, n, temperature, max_tokens, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        if temperature == 0.0:
+            params = SamplingParams(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=0, detokenize=False)
+        else:
+            # top_k/top_p/min_p pinned off so that nothing but temperature shapes the distribution.
+            params = SamplingParams(
+                n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
+                max_tokens=max_tokens, logprobs=0, seed=seed, detokenize=False,
+            )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+        return [[self._completion(sample) for sample in output.outputs] for output in outputs]
+
+    @staticmethod
+    def _completion(sample) -> Completion:
+        token_ids = list(sample.token_ids)
+        logprobs = []
+        for token, position in zip(token_ids, sample.logprobs or []):
+            entry = position.get(token) if position else None
+            logprobs.append(math.nan if entry is None else entry.logprob)  # NaN: caught by validation
+        return Completion(token_ids, logprobs, str(sample.finish_reason))
+
+    def push_weights(self, named_tensors):
+        tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
+        if self.asleep:
+            # Level-2 sleep discarded the old weights; bring back the buffers only, then fill them.
+            self.llm.wake_up(tags=["weights"])
+
+        def reload(worker):
+            worker.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
+
+        self.llm.collective_rpc(reload)
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        # Cached prefixes hold keys/values computed by the old weights.
+        self.llm.reset_prefix_cache()
+
+    def score(self, ids):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        (output,) = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids))], params, use_tqdm=False)
+        scores = []
+        for token, position in zip(ids[1:], output.prompt_logprobs[1:]):
+            entry = position.get(token) if position else None
+            scores.append(math.nan if entry is None else entry.logprob)
+        return scores
+
+    def release_memory(self) -> None:
+        """Free the engine's GPU memory while the trainer runs its backward pass."""
+        if self.sleep_during_train and not self.asleep:
+            self.llm.sleep(level=2)  # weights are pushed afresh after the step, so nothing to keep
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            raise RuntimeError("the engine is asleep with stale weights; push_weights must run before it is used")
+
+    def close(self) -> None:
+        del self.llm

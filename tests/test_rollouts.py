@@ -1,0 +1,33 @@
+"""Rollout validation: nothing malformed reaches the loss, and every group is accounted for."""
+
+import math
+
+import torch
+
+from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.rollouts import attach_teacher_scores, build_rollouts, count_groups
+from opd_local.sampler import Completion
+
+
+def _group(i):
+    row = PrivilegedRow(f"row#{i}", ({"role": "user", "content": "q"},), ({"role": "user", "content": "q+"},), "1", "s")
+    return PromptGroup(row, [1, 2], [1, 2, 3])
+
+
+def test_malformed_completions_are_dropped_and_groups_counted():
+    groups = [_group(i) for i in range(4)]
+    completions = [
+        [Completion([5, 6], [-0.1, -0.2], "stop"), Completion([5], [math.nan], "stop")],  # one good, one NaN
+        [Completion([5, 6], [-0.1], "length")],  # count mismatch only -> failed
+        [Completion([], [], "length")],  # empty only -> filtered
+        [Completion([7, 8, 9], [-1.0, -2.0, -3.0], "length")],  # good, but the teacher returns inf
+    ]
+    rollouts = build_rollouts(groups, completions)
+    assert [r.drop_reason for r in rollouts] == [None, "rollout_lp_nonfinite", "rollout_lp_count", "empty_completion", None]
+    attach_teacher_scores(rollouts, [torch.tensor([-0.5, -0.5]), torch.tensor([-1.0, -math.inf, -1.0])])
+    assert rollouts[4].drop_reason == "teacher_lp_nonfinite"
+    assert torch.equal(rollouts[0].teacher_lp, torch.tensor([-0.5, -0.5]))
+    counts = count_groups(len(groups), rollouts)
+    assert (counts.sampled, counts.filtered, counts.failed) == (1, 1, 2)
+    assert counts.sampled + counts.filtered + counts.failed == len(groups)
+    assert counts.drop_reasons["rollout_lp_count"] == 1

@@ -1,0 +1,106 @@
+"""The in-process vLLM engine: rollout logprobs, in-place weight push and the parity probe."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from opd_local.config import Config, ModelConfig  # noqa: E402
+from opd_local.models import load_causal_lm  # noqa: E402
+from opd_local.packing import pack_sequences  # noqa: E402
+from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
+from opd_local.sync import StaleWeightsError, parity_probe, push_weights  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+# fp32 on both sides, but different kernels (vLLM's CPU attention and GEMMs vs torch sdpa),
+# so logprobs agree to about 1e-5; the tolerance leaves room for accumulation order.
+LOGPROB_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    from opd_local.vllm_sampler import VLLMSampler
+
+    cfg = Config()
+    cfg.rollout.max_model_len = 512
+    sampler = VLLMSampler(tiny_model_dir, cfg, torch.device("cpu"))
+    yield sampler
+    sampler.close()
+
+
+@pytest.fixture()
+def student(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+
+
+def _prompts(tokenizer):
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+        for t in ("What is 7 times 6?", "Write one word.")
+    ]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rollout_logprobs_match_trainer(engine, student, tokenizer, temperature):
+    prompts = _prompts(tokenizer)
+    groups = engine.generate(prompts, n=3, temperature=temperature, max_tokens=16, seed=123)
+    assert len(groups) == len(prompts) and all(len(g) == 3 for g in groups)
+    flat_prompts, completions, rollout_lps = [], [], []
+    for prompt, group in zip(prompts, groups):
+        for completion in group:
+            assert 1 <= len(completion.token_ids) <= 16
+            assert len(completion.logprobs) == len(completion.token_ids)
+            assert all(lp <= 0.0 for lp in completion.logprobs)
+            assert completion.finish_reason in ("stop", "length")
+            assert (completion.finish_reason == "stop") == (completion.token_ids[-1] == tokenizer.eos_token_id)
+            flat_prompts.append(prompt)
+            completions.append(completion.token_ids)
+            rollout_lps.append(torch.tensor(completion.logprobs))
+    trainer_lps = score_completions(student, flat_prompts, completions, micro_batch_tokens=4096, temperature=temperature)
+    for rollout_lp, trainer_lp in zip(rollout_lps, trainer_lps):
+        torch.testing.assert_close(rollout_lp, trainer_lp, atol=LOGPROB_ATOL, rtol=0)
+    # same seed, same samples: rollouts are reproducible
+    again = engine.generate(prompts, n=3, temperature=temperature, max_tokens=16, seed=123)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokenizer):
+    probe = tokenizer("Final: 42. The answer is forty-two.")["input_ids"]
+    push_weights(engine, student)
+    before = torch.tensor(engine.score(probe))
+    assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
+
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
+    lp = packed_token_logprobs(student, pack_sequences([probe[:1]], [probe[1:]]))
+    (-lp.sum()).backward()  # raise the probe's likelihood: a real, visible update
+    optimizer.step()
+
+    with pytest.raises(StaleWeightsError, match="do not match"):
+        parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)  # the push was skipped
+    push_weights(engine, student)
+    after = torch.tensor(engine.score(probe))
+    assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
+    assert (after - before).abs().max() > 100 * LOGPROB_ATOL
+    assert after.sum() > before.sum()
+
+
+def test_two_step_run_with_vllm(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm",
+        "--steps", "2", "--groups_per_step", "2", "--samples_per_group", "2", "--max_tokens", "12",
+        "--max_train_rows", "8", "--max_heldout_rows", "4", "--lr", "1e-3", "--max_model_len", "1024",
+        "--out_dir", str(out),
+    ]
+    subprocess.run(cmd, check=True, timeout=600)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    for r in records:
+        assert r["sync/parity_max_abs"] < Config().sync.parity_threshold
+        assert r["rollout/trainer_lp_mismatch"] < LOGPROB_ATOL
+        assert r["opd/active_tokens"] > 0
