@@ -1,7 +1,9 @@
-"""Token log-probs and the fused OPD loss over packed [N, ...] tokens; imports nothing from opd_local.
+"""Token log-probs, the fused OPD loss and reverse KL over packed [N, ...] tokens; imports nothing from opd_local.
 
-Each entry dispatches to a Triton op for CUDA tensors once one is registered in `_TRITON_OPS`,
-and to the chunked torch reference (`kernels.reference`) everywhere else.
+Each entry takes `backend="auto" | "triton" | "reference"`. "auto" (the default) runs the Triton op for CUDA
+tensors (fp64 excepted: it is for checks, and the reference keeps it exact) and the chunked torch reference
+(`kernels.reference`) everywhere else. "triton" forces the Triton op, which is how the CPU tests run it
+under `TRITON_INTERPRET=1`. Options an op does not know (e.g. `block_v` outside Triton) raise TypeError.
 """
 
 from __future__ import annotations
@@ -12,45 +14,101 @@ import torch
 
 from kernels import reference
 
-# Triton ops by entry name; registering one is one line, e.g.
+# Triton ops by entry name, filled by `_load_triton_ops` on first use, e.g.
 #   "token_logprobs": logprob.token_logprobs,
 _TRITON_OPS: dict = {}
 
+_BACKENDS = ("auto", "triton", "reference")
+_triton_error: str | None = None
 _warned: set[str] = set()
 
 
-def _impl(name: str, x: torch.Tensor):
-    if x.is_cuda:
+def _load_triton_ops() -> None:
+    """Import the Triton modules once, at first use rather than at `import kernels`.
+
+    `triton.jit` reads TRITON_INTERPRET when a kernel is defined, so an eager import would fix the mode
+    before a test can choose the interpreter; it also keeps `import kernels` cheap on CPU-only machines.
+    """
+    global _triton_error
+    if _TRITON_OPS or _triton_error is not None:
+        return
+    try:
+        from kernels import divergence, linear_logprob, logprob
+    except ImportError as exc:  # no triton wheel (macOS, Windows) or a broken install
+        _triton_error = f"{type(exc).__name__}: {exc}"
+        return
+    _TRITON_OPS.update(
+        {
+            "token_logprobs": logprob.token_logprobs,
+            "opd_loss": logprob.opd_loss,
+            "linear_token_logprobs": linear_logprob.linear_token_logprobs,
+            "linear_opd_loss": linear_logprob.linear_opd_loss,
+            "full_reverse_kl": divergence.full_reverse_kl,
+            "topk_reverse_kl": divergence.topk_reverse_kl,
+        }
+    )
+
+
+def _impl(name: str, x: torch.Tensor, backend: str):
+    if backend not in _BACKENDS:
+        raise ValueError(f"kernels.{name}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return getattr(reference, name)
+    if backend == "triton" or (x.is_cuda and x.dtype != torch.float64):
+        _load_triton_ops()
         if name in _TRITON_OPS:
             return _TRITON_OPS[name]
+        if backend == "triton":
+            raise RuntimeError(
+                f"kernels.{name}: backend='triton' but Triton is unavailable ({_triton_error}); "
+                "install triton (Linux, `pip install triton`) or pass backend='reference'"
+            )
         if name not in _warned:
             _warned.add(name)
             warnings.warn(
-                f"kernels.{name}: no Triton kernel registered yet, running the chunked torch reference on CUDA "
-                "(correct, but slower and with more memory traffic)",
+                f"kernels.{name}: Triton is unavailable ({_triton_error}), running the chunked torch reference "
+                "on CUDA (correct, but slower and with more memory traffic); install triton to get the fused kernels",
                 stacklevel=3,
             )
     return getattr(reference, name)
 
 
-def token_logprobs(logits, targets, temperature=1.0, **kwargs):
+def token_logprobs(logits, targets, temperature=1.0, *, backend="auto", **kwargs):
     """log_softmax(logits / T)[i, targets[i]] -> fp32 [N]; differentiable in logits [N, V]."""
-    return _impl("token_logprobs", logits)(logits, targets, temperature, **kwargs)
+    return _impl("token_logprobs", logits, backend)(logits, targets, temperature, **kwargs)
 
 
-def linear_token_logprobs(hidden, weight, targets, temperature=1.0, **kwargs):
+def linear_token_logprobs(hidden, weight, targets, temperature=1.0, *, backend="auto", **kwargs):
     """Token log-probs of hidden [N, H] @ weight[V, H].T -> fp32 [N], never materialising [N, V]."""
-    return _impl("linear_token_logprobs", hidden)(hidden, weight, targets, temperature, **kwargs)
+    return _impl("linear_token_logprobs", hidden, backend)(hidden, weight, targets, temperature, **kwargs)
 
 
-def opd_loss(logits, targets, teacher_lp, rollout_lp, **kwargs):
+def opd_loss(logits, targets, teacher_lp, rollout_lp, *, backend="auto", **kwargs):
     """Sampled-token OPD loss on logits [N, V] -> (loss, student_lp); see `reference.opd_loss`."""
-    return _impl("opd_loss", logits)(logits, targets, teacher_lp, rollout_lp, **kwargs)
+    return _impl("opd_loss", logits, backend)(logits, targets, teacher_lp, rollout_lp, **kwargs)
 
 
-def linear_opd_loss(hidden, weight, targets, teacher_lp, rollout_lp, **kwargs):
+def linear_opd_loss(hidden, weight, targets, teacher_lp, rollout_lp, *, backend="auto", **kwargs):
     """Sampled-token OPD loss on hidden [N, H] + lm_head weight [V, H] -> (loss, student_lp)."""
-    return _impl("linear_opd_loss", hidden)(hidden, weight, targets, teacher_lp, rollout_lp, **kwargs)
+    return _impl("linear_opd_loss", hidden, backend)(hidden, weight, targets, teacher_lp, rollout_lp, **kwargs)
 
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "opd_loss", "linear_opd_loss", "reference"]
+def full_reverse_kl(student_logits, teacher_logits, temperature=1.0, *, backend="auto", **kwargs):
+    """KL(student || teacher) per token over the full vocab -> fp32 [N]; differentiable in student_logits."""
+    return _impl("full_reverse_kl", student_logits, backend)(student_logits, teacher_logits, temperature, **kwargs)
+
+
+def topk_reverse_kl(student_logits, teacher_logits, k, temperature=1.0, *, backend="auto", **kwargs):
+    """Reverse KL on the student's top-k tokens plus one tail bucket -> fp32 [N]; see `reference.topk_reverse_kl`."""
+    return _impl("topk_reverse_kl", student_logits, backend)(student_logits, teacher_logits, k, temperature, **kwargs)
+
+
+__all__ = [
+    "token_logprobs",
+    "linear_token_logprobs",
+    "opd_loss",
+    "linear_opd_loss",
+    "full_reverse_kl",
+    "topk_reverse_kl",
+    "reference",
+]

@@ -205,7 +205,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_lp = grad_lp.to(lse.dtype)
 
-        def grad_student_lp(s, e, _x):
+        def grad_student_lp(s, e, _x, _lse):
             return grad_lp[s:e]
 
         dhidden, dweight = _linear_grads(
@@ -217,8 +217,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_tokens, need_dh, need_dw):
     """dH [N, H] (hidden dtype) and dW [V, H] (fp32-accumulated, cast to weight dtype) by chunk.
 
-    `lse` may be None, then it is computed from the recomputed logits; `grad_fn(s, e, lse_chunk)`
-    returns d loss / d student_lp for the chunk.
+    `lse` may be None, then it is computed from the recomputed logits; `grad_fn(s, e, x, lse)` gets a
+    chunk's scaled logits and log-sum-exp and returns d loss / d student_lp for it.
     """
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
@@ -229,7 +229,7 @@ def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_toke
         hidden_c = hidden[s:e]
         x = _scaled(hidden_c @ weight.T, temperature, acc)  # [C, V]
         lse_c = torch.logsumexp(x, dim=-1) if lse is None else lse[s:e]
-        dlogits = _chunk_dlogits(x, lse_c, targets[s:e], grad_fn(s, e, x), temperature).to(hidden.dtype)
+        dlogits = _chunk_dlogits(x, lse_c, targets[s:e], grad_fn(s, e, x, lse_c), temperature).to(hidden.dtype)
         del x
         if need_dh:
             dhidden[s:e] = dlogits @ weight
@@ -275,7 +275,7 @@ def _scale_grad(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Ten
     if grad is None:
         return None
     if bool(grad_loss != 1):
-        grad.mul_(grad_loss.to(grad.dtype))
+        grad.mul_(grad_loss)
     return grad
 
 
@@ -328,9 +328,9 @@ class _LinearOPDLoss(torch.autograd.Function):
         student_lp = torch.empty(n, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
 
-        def grad_student_lp(s, e, x):
+        def grad_student_lp(s, e, x, lse):
             nonlocal loss
-            lp, _ = _chunk_logprobs(x, targets[s:e])
+            lp = x.gather(1, targets[s:e, None]).squeeze(1) - lse
             student_lp[s:e] = lp
             loss_c, grad_lp = _opd_chunk(
                 lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, normalizer, importance_ratio
@@ -346,7 +346,8 @@ class _LinearOPDLoss(torch.autograd.Function):
             dhidden = dweight = None
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
-                grad_student_lp(s, e, _scaled(hidden[s:e] @ weight.T, temperature, acc))
+                x = _scaled(hidden[s:e] @ weight.T, temperature, acc)
+                grad_student_lp(s, e, x, torch.logsumexp(x, dim=-1))
         ctx.save_for_backward(dhidden, dweight)
         ctx.mark_non_differentiable(student_lp)
         return loss, student_lp
@@ -382,7 +383,9 @@ def opd_loss(
     n = logits.shape[0]
     _check_common(n, targets, temperature, chunk_tokens)
     _check_opd(n, teacher_lp, rollout_lp, normalizer)
-    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens))
+    opts = (
+        float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens)
+    )
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     return _OPDLoss.apply(logits, targets, teacher_lp.detach(), rollout_lp.detach(), opts, need_grad)
 
@@ -409,9 +412,151 @@ def linear_opd_loss(
     n = hidden.shape[0]
     _check_common(n, targets, temperature, chunk_tokens)
     _check_opd(n, teacher_lp, rollout_lp, normalizer)
-    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens))
+    opts = (
+        float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens)
+    )
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     return _LinearOPDLoss.apply(
         hidden, weight, targets, teacher_lp.detach(), rollout_lp.detach(), opts, need_dh, need_dw
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# full_reverse_kl / topk_reverse_kl: KL(student || teacher) against teacher logits, for the ablations
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_threshold(student_logits: torch.Tensor, k: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """The k-th largest student logit per row, [N] in the logits dtype.
+
+    The top-k support is {j : z_j >= threshold}: ties at the threshold are all kept, so it can hold more
+    than k tokens (bf16 logits tie often); Triton and reference use this same definition.
+    """
+    n = student_logits.shape[0]
+    thr = torch.empty(n, dtype=student_logits.dtype, device=student_logits.device)
+    for s in range(0, n, chunk_tokens):
+        e = min(s + chunk_tokens, n)
+        thr[s:e] = torch.topk(student_logits[s:e], k, dim=-1, sorted=False).values.amin(dim=-1)
+    return thr
+
+
+def _chunk_reverse_kl(
+    xs: torch.Tensor, xt: torch.Tensor, support: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kl [C], p_s * (ell - kl) [C, V], log tail ratio [C] or None) for one chunk of scaled logits.
+
+    ell_j = log p_s(j) - log p_t(j) on the support and log(tail_s / tail_t) outside it; then
+    d KL / d x_s(j) = p_s(j) * (ell_j - KL) for both forms (the tail is one bucket whose mass moves with x_s).
+    """
+    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
+    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    p_s = torch.exp(logp_s)
+    ell = logp_s - logp_t
+    log_tail_ratio = None
+    if support is not None:
+        # Tail masses summed directly over the complement, never 1 - sum(top-k): that cancels when the
+        # top-k holds almost all the mass, exactly where log(tail_s / tail_t) is most sensitive.
+        log_tail_s = torch.logsumexp(logp_s.masked_fill(support, float("-inf")), dim=-1)
+        log_tail_t = torch.logsumexp(logp_t.masked_fill(support, float("-inf")), dim=-1)
+        log_tail_ratio = log_tail_s - log_tail_t
+        ell = torch.where(support, ell, log_tail_ratio[:, None])
+    # 0 * log 0 := 0: a token (or tail) the student gives no mass adds nothing, even against a -inf teacher.
+    weighted = torch.where(p_s > 0, p_s * ell, 0.0)
+    if support is None:
+        kl = weighted.sum(dim=-1)
+    else:
+        kl = torch.where(support, weighted, 0.0).sum(dim=-1)
+        kl = kl + torch.where(log_tail_s > float("-inf"), torch.exp(log_tail_s) * log_tail_ratio, 0.0)
+    dkl = torch.where(p_s > 0, p_s * (ell - kl[:, None]), 0.0)
+    return kl, dkl, log_tail_ratio
+
+
+class _ReverseKL(torch.autograd.Function):
+    """Reads both logits once forward and once backward (recomputing both softmaxes); saves the top-k threshold."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, k, temperature, chunk_tokens):
+        acc = _acc_dtype(student_logits.dtype)
+        n = student_logits.shape[0]
+        thr = None if k is None else topk_threshold(student_logits, k, chunk_tokens)
+        kl = torch.empty(n, dtype=acc, device=student_logits.device)
+        for s in range(0, n, chunk_tokens):
+            e = min(s + chunk_tokens, n)
+            support = None if thr is None else student_logits[s:e] >= thr[s:e, None]
+            xs = _scaled(student_logits[s:e], temperature, acc)
+            xt = _scaled(teacher_logits[s:e], temperature, acc)
+            kl[s:e] = _chunk_reverse_kl(xs, xt, support)[0]
+        ctx.save_for_backward(student_logits, teacher_logits, thr)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl):
+        student_logits, teacher_logits, thr = ctx.saved_tensors
+        temperature, chunk_tokens = ctx.temperature, ctx.chunk_tokens
+        acc = _acc_dtype(student_logits.dtype)
+        grad_kl = grad_kl.to(acc)
+        dlogits = torch.empty_like(student_logits)
+        for s in range(0, student_logits.shape[0], chunk_tokens):
+            e = min(s + chunk_tokens, student_logits.shape[0])
+            support = None if thr is None else student_logits[s:e] >= thr[s:e, None]
+            xs = _scaled(student_logits[s:e], temperature, acc)
+            xt = _scaled(teacher_logits[s:e], temperature, acc)
+            dkl = _chunk_reverse_kl(xs, xt, support)[1]
+            dlogits[s:e] = dkl.mul_((grad_kl[s:e] / temperature)[:, None])
+        return dlogits, None, None, None, None
+
+
+def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    _check_logits(student_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must match student_logits {list(student_logits.shape)}, got {list(teacher_logits.shape)}"
+        )
+    if not teacher_logits.is_floating_point():
+        raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
+
+
+def _check_kl_args(student_logits, teacher_logits, temperature, chunk_tokens) -> None:
+    _check_pair(student_logits, teacher_logits)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if int(chunk_tokens) < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+
+def full_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """KL(p_s || p_t) per token over the full vocab -> fp32 [N] (fp64 for fp64), p = softmax(logits / T).
+
+    Differentiable in student_logits: d KL / d z_s = p_s * (log p_s - log p_t - KL) / T. The teacher is
+    frozen: its logits are detached.
+    """
+    _check_kl_args(student_logits, teacher_logits, temperature, chunk_tokens)
+    return _ReverseKL.apply(student_logits, teacher_logits.detach(), None, float(temperature), int(chunk_tokens))
+
+
+def topk_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Reverse KL on the student's top-k support S plus one tail bucket -> fp32 [N], differentiable in student_logits.
+
+    KL_k = sum_{j in S} p_s(j) log(p_s(j) / p_t(j)) + tail_s log(tail_s / tail_t), tail = mass outside S on
+    each side; S = {j : z_s(j) >= k-th largest z_s} (see `topk_threshold`) is held fixed when differentiating.
+    With k = V the tail is empty and KL_k is the full reverse KL.
+    """
+    _check_kl_args(student_logits, teacher_logits, temperature, chunk_tokens)
+    v = student_logits.shape[1]
+    if not 1 <= int(k) <= v:
+        raise ValueError(f"k must be in [1, V={v}], got {k}")
+    return _ReverseKL.apply(student_logits, teacher_logits.detach(), int(k), float(temperature), int(chunk_tokens))

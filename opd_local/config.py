@@ -85,7 +85,17 @@ class OptimConfig:
     eps: float = knob(1e-8, "AdamW epsilon")
     warmup_steps: int = knob(0, "linear learning-rate warm-up steps")
     grad_clip: float = knob(1.0, "max global gradient norm (0 = off)")
-    micro_batch_tokens: int = knob(4096, "token budget of one packed micro-batch (prompt + completion)")
+    micro_batch_tokens: int = knob(
+        0,
+        "token budget of one packed micro-batch (prompt + completion); 0 = 1024 on CPU, where the dense "
+        "block-diagonal mask grows with the square of the row, and 16384 on CUDA",
+    )
+
+
+def micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
+    if optim.micro_batch_tokens > 0:
+        return optim.micro_batch_tokens
+    return 16384 if device_type == "cuda" else 1024
 
 
 @dataclass
@@ -99,7 +109,7 @@ class SyncConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = knob(6, "optimizer steps")
+    steps: int = knob(10, "optimizer steps")
     seed: int = knob(0, "seed for data order, sampling and init")
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints")
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from opd_local import dist
 from opd_local.checkpoint import save_pretrained_atomic
-from opd_local.config import Config, save_yaml
+from opd_local.config import Config, micro_batch_tokens, save_yaml
 from opd_local.data import GroupStream, load_train_and_heldout, tokenize_groups
 from opd_local.loss import opd_micro_batch_loss
 from opd_local.metrics import MetricsLogger
@@ -93,7 +93,7 @@ def train(cfg: Config) -> Path:
             teacher,
             [r.group.teacher_prompt_ids for r in scorable],
             [r.completion_ids for r in scorable],
-            micro_batch_tokens=cfg.optim.micro_batch_tokens,
+            micro_batch_tokens=micro_batch_tokens(cfg.optim, ctx.device.type),
             chunk_tokens=cfg.loss.chunk_tokens,
         )
         attach_teacher_scores(rollouts, teacher_lps)
@@ -135,7 +135,7 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config) -> d
     optimizer.zero_grad(set_to_none=True)
     loss_total = torch.zeros((), dtype=torch.float64)
     lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
-    for indices in split_by_token_budget(lengths, cfg.optim.micro_batch_tokens):
+    for indices in split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)):
         members = [kept[i] for i in indices]
         batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members])
         batch = batch.to(device)

@@ -110,7 +110,7 @@ class HFSampler(Sampler):
 
     @torch.no_grad()
     def push_weights(self, named_tensors):
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         updated = set()
         for name, tensor in named_tensors:
             if name not in params:

@@ -21,7 +21,10 @@ class StaleWeightsError(RuntimeError):
 def push_weights(sampler: Sampler, student: torch.nn.Module) -> float:
     """Push the student's parameters into the engine; returns the seconds it took."""
     start = time.perf_counter()
-    sampler.push_weights((name, param.detach()) for name, param in student.named_parameters())
+    # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
+    # otherwise restores its old lm_head and silently unties it from the new embeddings.
+    named = student.named_parameters(remove_duplicate=False)
+    sampler.push_weights((name, param.detach()) for name, param in named)
     return time.perf_counter() - start
 
 

@@ -25,6 +25,7 @@ def _configure_environment(cfg, device: torch.device) -> None:
     # Must be set before vLLM builds its engine; the in-process engine is what makes
     # in-place pushes possible.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the trainer's own per-step line is the log
     if device.type == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.rollout.kv_cache_gib))
         # Without it vLLM pins torch to one thread, which would also slow the trainer.

@@ -187,7 +187,7 @@ def softmax_grad(logits, targets, grad_student_lp, temperature):
 
 @pytest.mark.parametrize("n,chunk,temperature", [(1, 1024, 1.0), (45, 8, 0.7), (45, 45, 1.0)])
 def test_opd_gradient_at_rollout_policy_is_closed_form(n, chunk, temperature):
-    # At theta = theta_rollout, ratio = 1 and d loss / d student_lp_t = kl_coef * (rollout_lp_t - teacher_lp_t) / N_active.
+    # At theta = theta_rollout: ratio = 1, d loss / d student_lp_t = kl_coef * (rollout_lp_t - teacher_lp_t) / N_active.
     kl_coef, normalizer = 0.7, 3.0 * n + 5
     logits, targets = make_logits(n, V, "normal", torch.float64)
     logits.requires_grad_(True)
@@ -330,7 +330,9 @@ def test_linear_opd_loss_equals_float64_autograd(dtype, importance_ratio):
     rollout_lp = base_lp - log_ratio
     teacher_lp = rollout_lp + torch.randn(n)
 
-    loss, student_lp = kernels.linear_opd_loss(hidden, weight, targets, teacher_lp, rollout_lp, chunk_tokens=chunk, **kw)
+    loss, student_lp = kernels.linear_opd_loss(
+        hidden, weight, targets, teacher_lp, rollout_lp, chunk_tokens=chunk, **kw
+    )
     dhidden, dweight = torch.autograd.grad(loss, (hidden, weight))
     assert dhidden.dtype == dweight.dtype == dtype
 

@@ -1,0 +1,369 @@
+"""Triton fused-linear token log-probs and OPD loss on hidden [N, H] and lm_head weight [V, H] (DESIGN.md step 5).
+
+[N, V] logits are never materialised: every kernel rebuilds [BLOCK_N, BLOCK_V] logit tiles with tl.dot
+(fp32 accumulation) and folds them at once.
+- forward (grid over row blocks): online log-sum-exp across vocab blocks -> lse, student_lp and
+  rest = sum_{j != y} p_j, fp32 [N]; the OPD variant also writes d loss / d student_lp per row.
+  Reads H once and W once per row block; FLOPs 2NVH.
+- dH (grid over row blocks): rebuilds each tile, dlogits = g (onehot - softmax) / T (target entry
+  g * rest / T, no 1 - p_y cancellation), cast to the input dtype like an autograd matmul would, then
+  dH_blk += dlogits @ W_blk into an fp32 buffer that only this program touches. FLOPs 4NVH.
+- dW (grid over vocab blocks): the same tiles, dW_blk += dlogits^T @ H_blk into an fp32 [V, H] buffer,
+  walking row blocks in order. FLOPs 4NVH.
+Both gradients are deterministic: each fp32 accumulator tile has one owner program that adds in a fixed
+order (no atomics), at the price of rebuilding the logits once more than an atomics design (10NVH in all
+against 8NVH). The accumulators live in global memory, read-modify-written once per tile (L2 traffic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels import reference
+from kernels.logprob import INTERPRET, _check_dtype, _online_lse_update, _opd_row
+
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every tile side >= 16; the interpreter is slow,
+# so it gets the smallest tiles.
+DEFAULT_TILES = (16, 32, 16, 1) if INTERPRET else (64, 128, 64, 8)
+# Rows per dH launch: bounds the fp32 dH accumulator at DH_CHUNK_ROWS x H.
+DH_CHUNK_ROWS = 16384
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_dot(x, UPCAST: tl.constexpr):
+    # The Triton 3.9 interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 operands give the
+    # same result as the GPU's bf16 MMA (products of bf16 values are exact in fp32, sums in fp32).
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(H[rows] @ W[cols]^T) / T in fp32 [BLOCK_N, BLOCK_V]; columns past V are -inf."""
+    ks = tl.arange(0, BLOCK_H)
+    row_ok = rows < N
+    col_ok = cols < V
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        k = k0 + ks
+        k_ok = k < H
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(_to_dot(h, UPCAST), _to_dot(wt, UPCAST), acc, input_precision=PRECISION)
+    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _dlogits_tile(x, is_target, lse, rest, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """scale * (onehot - softmax), target entry scale * rest, cast to the operand dtype of the next matmul."""
+    p = tl.exp(x - lse[:, None])
+    d = tl.where(is_target, (scale * rest)[:, None], -scale[:, None] * p)
+    return _to_dot(d.to(dtype), UPCAST)
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, N, V, H, inv_temp,
+    lp_ptr, lse_ptr, rest_ptr,
+    teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr, loss_ptr, grad_ptr, kl_coef, log_ratio_cap,
+    OPD: tl.constexpr, IMPORTANCE_RATIO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    s_rest = tl.zeros((BLOCK_N,), tl.float32)
+    x_y = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        x = _logits_tile(
+            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
+            PRECISION,
+        )
+        is_target = cols[None, :] == target[:, None]
+        m, s, s_rest = _online_lse_update(m, s, s_rest, x, is_target, 1)
+        x_y += tl.sum(tl.where(is_target, x, 0.0), axis=1)
+    lse = m + tl.log(s)
+    student_lp = x_y - lse
+    tl.store(lp_ptr + rows, student_lp, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(rest_ptr + rows, s_rest / s, mask=row_ok)
+    if OPD:
+        loss, grad = _opd_row(
+            student_lp, tl.load(teacher_lp_ptr + rows, mask=row_ok, other=0.0),
+            tl.load(rollout_lp_ptr + rows, mask=row_ok, other=0.0), kl_coef, log_ratio_cap,
+            tl.load(normalizer_ptr), IMPORTANCE_RATIO,
+        )
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(grad_ptr + rows, grad, mask=row_ok)
+
+
+@triton.jit
+def _linear_dh_kernel(
+    h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, lse_ptr, rest_ptr, grad_ptr, dh_ptr, N, V, H, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    rest = tl.load(rest_ptr + rows, mask=row_ok, other=0.0)
+    scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temp  # 0 on padding rows: d = 0 there
+    ks = tl.arange(0, BLOCK_H)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        x = _logits_tile(
+            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
+            PRECISION,
+        )
+        d = _dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
+        for k0 in range(0, H, BLOCK_H):
+            k = k0 + ks
+            k_ok = k < H
+            w = tl.load(w_ptr + cols[:, None] * stride_wv + k[None, :], mask=(cols < V)[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc_ptrs = dh_ptr + rows[:, None] * H + k[None, :]
+            acc_mask = row_ok[:, None] & k_ok[None, :]
+            part = tl.dot(d, _to_dot(w, UPCAST), input_precision=PRECISION)
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=acc_mask, other=0.0) + part, mask=acc_mask)
+        # The next vocab block reads these accumulators back: order the CTA's stores before those loads.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _linear_dw_kernel(
+    h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, lse_ptr, rest_ptr, grad_ptr, dw_ptr, N, V, H, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    ks = tl.arange(0, BLOCK_H)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < N
+        target = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        rest = tl.load(rest_ptr + rows, mask=row_ok, other=0.0)
+        scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temp
+        x = _logits_tile(
+            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
+            PRECISION,
+        )
+        d = _dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
+        dt = tl.trans(d)  # [BLOCK_V, BLOCK_N]
+        for k0 in range(0, H, BLOCK_H):
+            k = k0 + ks
+            k_ok = k < H
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc_ptrs = dw_ptr + cols[:, None] * H + k[None, :]
+            acc_mask = col_ok[:, None] & k_ok[None, :]
+            part = tl.dot(dt, _to_dot(h, UPCAST), input_precision=PRECISION)
+            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=acc_mask, other=0.0) + part, mask=acc_mask)
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _rowwise(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _tiles(tiles) -> dict:
+    block_n, block_v, block_h, warps = tiles or DEFAULT_TILES
+    for side in (block_n, block_v, block_h):
+        if side < 16 or side & (side - 1):
+            raise ValueError(f"tiles must be powers of two >= 16 (tl.dot), got {tiles}")
+    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps)
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    # fp32 inputs get full-precision products like torch's default fp32 matmul (no TF32).
+    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _forward(hidden, weight, targets, inv_temp, tiles, opd=None):
+    """lp, lse, rest fp32 [N]; with opd=(teacher_lp, rollout_lp, normalizer, kl, cap, ratio) also loss rows and grad."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    device = hidden.device
+    lp, lse, rest = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+    loss_rows = grad = None
+    if opd is None:
+        opd_args = (lp, lp, lp, lp, lp, 0.0, 0.0)  # unused pointers
+        opd_flags = dict(OPD=False, IMPORTANCE_RATIO=False)
+    else:
+        teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio = opd
+        loss_rows = torch.empty(n, dtype=torch.float32, device=device)
+        grad = torch.empty(n, dtype=torch.float32, device=device)
+        opd_args = (teacher_lp, rollout_lp, normalizer, loss_rows, grad, kl_coef, log_ratio_cap)
+        opd_flags = dict(OPD=True, IMPORTANCE_RATIO=importance_ratio)
+    if n:
+        _linear_fwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]),)](
+            hidden, hidden.stride(0), weight, weight.stride(0), targets, n, v, h, inv_temp, lp, lse, rest,
+            *opd_args, **opd_flags, **tiles, **_dot_args(hidden.dtype),
+        )
+    return lp, lse, rest, loss_rows, grad
+
+
+def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, need_dw):
+    """dH (hidden dtype) and dW (weight dtype), each summed in fp32; None where not needed."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    common = dict(**tiles, **_dot_args(hidden.dtype))
+    dhidden = dweight = None
+    if need_dh:
+        dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        acc = None if hidden.dtype == torch.float32 else torch.empty(min(n, DH_CHUNK_ROWS), h, device=hidden.device)
+        for s in range(0, n, DH_CHUNK_ROWS):
+            e = min(s + DH_CHUNK_ROWS, n)
+            out = dhidden[s:e] if acc is None else acc[: e - s]
+            out.zero_()
+            _linear_dh_kernel[(triton.cdiv(e - s, tiles["BLOCK_N"]),)](
+                hidden[s:], hidden.stride(0), weight, weight.stride(0), targets[s:], lse[s:], rest[s:], grad[s:],
+                out, e - s, v, h, inv_temp, **common,
+            )
+            if acc is not None:
+                dhidden[s:e] = out
+    if need_dw:
+        dweight = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
+        if n:
+            _linear_dw_kernel[(triton.cdiv(v, tiles["BLOCK_V"]),)](
+                hidden, hidden.stride(0), weight, weight.stride(0), targets, lse, rest, grad, dweight, n, v, h,
+                inv_temp, **common,
+            )
+        dweight = dweight.to(weight.dtype)
+    return dhidden, dweight
+
+
+def _prepare(hidden, weight, targets, temperature, chunk_tokens):
+    reference._check_linear(hidden, weight)
+    reference._check_common(hidden.shape[0], targets, temperature, chunk_tokens or 1)
+    _check_dtype(hidden, "fused-linear op")
+    return _rowwise(hidden), _rowwise(weight), targets.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_token_logprobs
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, tiles):
+        tiles = _tiles(tiles)
+        inv_temp = 1.0 / temperature
+        lp, lse, rest, _, _ = _forward(hidden, weight, targets, inv_temp, tiles)
+        ctx.save_for_backward(hidden, weight, targets, lse, rest)
+        ctx.inv_temp, ctx.tiles = inv_temp, tiles
+        return lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lp):
+        hidden, weight, targets, lse, rest = ctx.saved_tensors
+        dhidden, dweight = _grads(
+            hidden, weight, targets, lse, rest, grad_lp.float().contiguous(), ctx.inv_temp, ctx.tiles,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )
+        return dhidden, dweight, None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
+
+    Differentiable in hidden and weight. `chunk_tokens` is accepted for the reference's signature and
+    unused; `tiles` = (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) overrides the tile shape.
+    """
+    hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
+    return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), tiles)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_opd_loss
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinearOPDLoss(torch.autograd.Function):
+    """Forward: lse pass, then dH and dW kernels with the per-row gradient; backward only scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_lp, rollout_lp, opts, need_dh, need_dw):
+        kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, tiles = opts
+        tiles = _tiles(tiles)
+        inv_temp = 1.0 / temperature
+        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device).reshape(1)
+        opd = (teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio)
+        student_lp, lse, rest, loss_rows, grad = _forward(hidden, weight, targets, inv_temp, tiles, opd)
+        dhidden = dweight = None
+        if need_dh or need_dw:
+            dhidden, dweight = _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, need_dw)
+        ctx.save_for_backward(dhidden, dweight)
+        ctx.mark_non_differentiable(student_lp)
+        return loss_rows.sum(), student_lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_student_lp):
+        dhidden, dweight = ctx.saved_tensors
+        scale = reference._scale_grad
+        return scale(dhidden, grad_loss), scale(dweight, grad_loss), None, None, None, None, None, None
+
+
+def linear_opd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    log_ratio_cap: float = 2.0,
+    normalizer: float | torch.Tensor,
+    temperature: float = 1.0,
+    importance_ratio: bool = True,
+    chunk_tokens: int | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.linear_opd_loss` in Triton: (loss fp32 scalar, student_lp fp32 [N] detached).
+
+    dH and dW are computed in forward, only for inputs that need grad; backward scales them.
+    """
+    hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
+    n = hidden.shape[0]
+    reference._check_opd(n, teacher_lp, rollout_lp, normalizer)
+    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), tiles)
+    need_dh = torch.is_grad_enabled() and hidden.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    return _LinearOPDLoss.apply(
+        hidden, weight, targets, teacher_lp.detach().float().contiguous(), rollout_lp.detach().float().contiguous(),
+        opts, need_dh, need_dw,
+    )

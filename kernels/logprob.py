@@ -1,0 +1,316 @@
+"""Triton token log-probs and the fused sampled-token OPD loss on logits [N, V] (DESIGN.md steps 5-6).
+
+Math, per row i with x = logits[i] / T (fp32) and target y: lse = log sum_j exp(x_j) by an online
+log-sum-exp (running max from -inf, running sum), lp = x_y - lse, and d lp / d logits = (onehot - softmax) / T,
+whose target entry is written as sum_{j != y} p_j / T, summed over the other classes, never as 1 - p_y.
+Memory traffic:
+- `token_logprobs`: forward reads logits once and writes lp, lse and `rest` = sum_{j != y} p_j (fp32 [N]);
+  backward reads logits once and writes dlogits once, in the logits dtype.
+- `opd_loss`: the forward reads logits twice (once if a row fits in one block) and writes dlogits once;
+  backward only scales the saved dlogits. No fp32 [N, V] buffer is ever allocated.
+Grids are 1-D over rows (CUDA caps grid y at 65535) and row offsets are int64 (N * V passes 2^31).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels import reference
+
+INTERPRET = triton.knobs.runtime.interpret
+# A row whose padded width fits this block is read once and kept in registers (opd_loss reads it once).
+MAX_SINGLE_BLOCK = 128 if INTERPRET else 16384
+DEFAULT_BLOCK_V = 128 if INTERPRET else 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared row math (also used by kernels.linear_logprob)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_lse_update(m, s, s_rest, x, is_target, axis: tl.constexpr):
+    """One block of an online log-sum-exp: running max m, sum s of exp(x - m), and s_rest, the sum without y.
+
+    A max of -inf (a block, or a row so far, of -inf logits) is replaced by 0 before subtracting, so
+    exp(-inf - -inf) = NaN never appears; exp(-inf - 0) = 0 adds nothing.
+    """
+    m_new = tl.maximum(m, tl.max(x, axis=axis))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    if axis == 0:
+        e = tl.exp(x - m_safe)
+    else:
+        e = tl.exp(x - m_safe[:, None])
+    s = s * alpha + tl.sum(e, axis=axis)
+    s_rest = s_rest * alpha + tl.sum(tl.where(is_target, 0.0, e), axis=axis)
+    return m_new, s, s_rest
+
+
+@triton.jit
+def _opd_row(student_lp, teacher_lp, rollout_lp, kl_coef, log_ratio_cap, normalizer, IMPORTANCE_RATIO: tl.constexpr):
+    """(loss contribution, d loss / d student_lp) of tokens; the same math as `reference._opd_chunk`."""
+    advantage = kl_coef * (teacher_lp - rollout_lp)
+    if IMPORTANCE_RATIO:
+        log_ratio = student_lp - rollout_lp
+        ratio = tl.exp(tl.minimum(log_ratio, log_ratio_cap))
+        # Above the cap the ratio is a constant, so those tokens carry no gradient.
+        grad = tl.where(log_ratio < log_ratio_cap, -(advantage / normalizer) * ratio, 0.0)
+        loss = -(ratio * advantage) / normalizer
+    else:
+        grad = -advantage / normalizer
+        loss = grad
+    return loss, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_lse(row_ptr, target, V, inv_temp, BLOCK_V: tl.constexpr):
+    """(lse, x_y, rest) of one row read in BLOCK_V pieces; rest = sum_{j != y} softmax_j in fp32."""
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    s_rest = tl.zeros((), tl.float32)
+    x_y = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        c = v0 + cols
+        x = tl.load(row_ptr + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
+        is_target = c == target
+        m, s, s_rest = _online_lse_update(m, s, s_rest, x, is_target, 0)
+        x_y += tl.sum(tl.where(is_target, x, 0.0), axis=0)
+    return m + tl.log(s), x_y, s_rest / s
+
+
+@triton.jit
+def _write_dlogits(row_ptr, drow_ptr, target, lse, rest, scale, V, inv_temp, BLOCK_V: tl.constexpr):
+    """drow = scale * (onehot - softmax), target entry scale * rest: one more read of the row."""
+    cols = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        c = v0 + cols
+        x = tl.load(row_ptr + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
+        d = tl.where(c == target, scale * rest, -scale * tl.exp(x - lse))
+        tl.store(drow_ptr + c, d.to(drow_ptr.dtype.element_ty), mask=c < V)
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    logits_ptr, stride_row, targets_ptr, lp_ptr, lse_ptr, rest_ptr, V, inv_temp, BLOCK_V: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    lse, x_y, rest = _row_lse(logits_ptr + row * stride_row, target, V, inv_temp, BLOCK_V)
+    tl.store(lp_ptr + row, x_y - lse)
+    tl.store(lse_ptr + row, lse)
+    tl.store(rest_ptr + row, rest)
+
+
+@triton.jit
+def _logprob_bwd_kernel(
+    logits_ptr, stride_row, dlogits_ptr, dstride_row, targets_ptr, grad_ptr, lse_ptr, rest_ptr, V, inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    scale = tl.load(grad_ptr + row) * inv_temp
+    _write_dlogits(
+        logits_ptr + row * stride_row, dlogits_ptr + row * dstride_row, target,
+        tl.load(lse_ptr + row), tl.load(rest_ptr + row), scale, V, inv_temp, BLOCK_V,
+    )
+
+
+@triton.jit
+def _opd_fwd_kernel(
+    logits_ptr, stride_row, targets_ptr, teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr,
+    lp_ptr, loss_ptr, dlogits_ptr, dstride_row,
+    V, inv_temp, kl_coef, log_ratio_cap,
+    IMPORTANCE_RATIO: tl.constexpr, NEED_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    if SINGLE_BLOCK:
+        # The whole row stays in registers: logits are read once.
+        cols = tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        is_target = cols == target
+        m, s, s_rest = _online_lse_update(
+            tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32), tl.zeros((), tl.float32),
+            x, is_target, 0,
+        )
+        lse = m + tl.log(s)
+        rest = s_rest / s
+        x_y = tl.sum(tl.where(is_target, x, 0.0), axis=0)
+    else:
+        lse, x_y, rest = _row_lse(row_ptr, target, V, inv_temp, BLOCK_V)
+    student_lp = x_y - lse
+    loss, grad = _opd_row(
+        student_lp, tl.load(teacher_lp_ptr + row), tl.load(rollout_lp_ptr + row),
+        kl_coef, log_ratio_cap, tl.load(normalizer_ptr), IMPORTANCE_RATIO,
+    )
+    tl.store(lp_ptr + row, student_lp)
+    tl.store(loss_ptr + row, loss)
+    if NEED_GRAD:
+        scale = grad * inv_temp
+        drow_ptr = dlogits_ptr + row * dstride_row
+        if SINGLE_BLOCK:
+            d = tl.where(is_target, scale * rest, -scale * tl.exp(x - lse))
+            tl.store(drow_ptr + cols, d.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            _write_dlogits(row_ptr, drow_ptr, target, lse, rest, scale, V, inv_temp, BLOCK_V)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_dtype(x: torch.Tensor, what: str) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton {what} takes fp32/bf16/fp16, got {x.dtype}; use backend='reference' for fp64")
+
+
+def _rowwise(x: torch.Tensor) -> torch.Tensor:
+    # Rows may be strided (a slice of a bigger buffer); the vocab axis must be contiguous.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _block_v(v: int, block_v: int | None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): one block per row when it fits, else DEFAULT_BLOCK_V-wide pieces."""
+    if block_v is None:
+        width = triton.next_power_of_2(v)
+        block_v = width if width <= MAX_SINGLE_BLOCK else DEFAULT_BLOCK_V
+    block_v = triton.next_power_of_2(int(block_v))
+    num_warps = max(1, min(16, block_v // 256))
+    return block_v, num_warps
+
+
+# ---------------------------------------------------------------------------------------------
+# token_logprobs
+# ---------------------------------------------------------------------------------------------
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, block_v):
+        n, v = logits.shape
+        lp = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(lp)
+        rest = torch.empty_like(lp)
+        block, warps = _block_v(v, block_v)
+        inv_temp = 1.0 / temperature
+        if n:
+            _logprob_fwd_kernel[(n,)](
+                logits, logits.stride(0), targets, lp, lse, rest, v, inv_temp, BLOCK_V=block, num_warps=warps
+            )
+        ctx.save_for_backward(logits, targets, lse, rest)
+        ctx.inv_temp, ctx.block, ctx.warps = inv_temp, block, warps
+        return lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lp):
+        logits, targets, lse, rest = ctx.saved_tensors
+        n, v = logits.shape
+        grad_lp = grad_lp.float().contiguous()
+        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if n:
+            _logprob_bwd_kernel[(n,)](
+                logits, logits.stride(0), dlogits, dlogits.stride(0), targets, grad_lp, lse, rest, v, ctx.inv_temp,
+                BLOCK_V=ctx.block, num_warps=ctx.warps,
+            )
+        return dlogits, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """log_softmax(logits / T)[i, targets[i]] -> fp32 [N]; differentiable in logits [N, V].
+
+    `chunk_tokens` is accepted for the reference's signature and unused: rows are independent programs.
+    `block_v` overrides the vocab block (tests use it to cover the one-block and many-block paths).
+    """
+    reference._check_logits(logits)
+    reference._check_common(logits.shape[0], targets, temperature, chunk_tokens or 1)
+    _check_dtype(logits, "token_logprobs")
+    return _TokenLogprobs.apply(_rowwise(logits), targets.contiguous(), float(temperature), block_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# opd_loss
+# ---------------------------------------------------------------------------------------------
+
+
+class _OPDLoss(torch.autograd.Function):
+    """Forward writes dlogits (logits dtype) once; backward only scales it by d(outer)/d(loss)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_lp, rollout_lp, opts, need_grad):
+        kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, block_v = opts
+        n, v = logits.shape
+        device = logits.device
+        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=device).reshape(1)
+        student_lp = torch.empty(n, dtype=torch.float32, device=device)
+        loss_rows = torch.empty(n, dtype=torch.float32, device=device)  # summed in torch: deterministic
+        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else None
+        block, warps = _block_v(v, block_v)
+        if n:
+            _opd_fwd_kernel[(n,)](
+                logits, logits.stride(0), targets, teacher_lp, rollout_lp, normalizer,
+                student_lp, loss_rows, dlogits if need_grad else logits, dlogits.stride(0) if need_grad else 0,
+                v, 1.0 / temperature, kl_coef, log_ratio_cap,
+                IMPORTANCE_RATIO=importance_ratio, NEED_GRAD=need_grad, SINGLE_BLOCK=block >= v, BLOCK_V=block,
+                num_warps=warps,
+            )
+        ctx.save_for_backward(dlogits)
+        ctx.mark_non_differentiable(student_lp)
+        return loss_rows.sum(), student_lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_student_lp):
+        (dlogits,) = ctx.saved_tensors
+        return reference._scale_grad(dlogits, grad_loss), None, None, None, None, None
+
+
+def opd_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    *,
+    kl_coef: float = 1.0,
+    log_ratio_cap: float = 2.0,
+    normalizer: float | torch.Tensor,
+    temperature: float = 1.0,
+    importance_ratio: bool = True,
+    chunk_tokens: int | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled-token OPD loss on logits [N, V] -> (loss fp32 scalar, student_lp fp32 [N], no grad).
+
+    Same math and arguments as `reference.opd_loss`; the gradient is written during forward.
+    """
+    reference._check_logits(logits)
+    n = logits.shape[0]
+    reference._check_common(n, targets, temperature, chunk_tokens or 1)
+    reference._check_opd(n, teacher_lp, rollout_lp, normalizer)
+    _check_dtype(logits, "opd_loss")
+    # Float scalars go to the kernel as fp32 (Triton's type for a Python float); the normaliser as a
+    # device tensor, so a 0-d tensor costs no host sync.
+    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), block_v)
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _OPDLoss.apply(
+        _rowwise(logits), targets.contiguous(), teacher_lp.detach().float().contiguous(),
+        rollout_lp.detach().float().contiguous(), opts, need_grad,
+    )
