@@ -60,7 +60,7 @@ def main() -> None:
     results = {}
     for name, build in (
         ("vllm", lambda: VLLMSampler(path, cfg, device)),
-        ("hf_generate", lambda: HFSampler(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)),
+        ("hf_generate", lambda: HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)),
     ):
         sampler = build()
         sampler.generate(prompts[:1], n=1, temperature=1.0, max_tokens=8, seed=0)  # warm-up

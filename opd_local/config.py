@@ -108,12 +108,23 @@ class SyncConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = knob(5, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)")
+    train_rows: int = knob(8, "training rows evaluated too (the first ones the run trains on), for the _train metrics")
+    max_trace_tokens: int = knob(256, "length cap of the teacher's greedy traces")
+    greedy_max_tokens: int = knob(256, "length cap of the student's greedy answers")
+    greedy_accuracy: bool = knob(True, "decode held-out rows greedily with the run's sampler and score exact match")
+
+
+@dataclass
 class RunConfig:
     steps: int = knob(10, "optimizer steps")
     seed: int = knob(0, "seed for data order, sampling and init")
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints")
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")
     device: str = knob("auto", "auto (cuda when available), cpu, cuda")
+    wandb: bool = knob(False, "also log to Weights & Biases (needs wandb installed)")
+    wandb_project: str = knob("opd-local", "Weights & Biases project, used when run.wandb is on")
 
 
 @dataclass
@@ -124,6 +135,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -397,6 +397,10 @@ class GroupStream:
             self.position += take
         return out
 
+    def first_groups(self, n: int) -> list[PromptGroup]:
+        """The first `n` groups of epoch 0: the rows a run trains on first, whatever it has drawn so far."""
+        return [self.groups[i] for i in self._epoch_order(0)[:n]]
+
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,

@@ -16,6 +16,7 @@ from opd_local import dist
 from opd_local.checkpoint import save_pretrained_atomic
 from opd_local.config import Config, micro_batch_tokens, save_yaml
 from opd_local.data import GroupStream, load_train_and_heldout, tokenize_groups
+from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import opd_micro_batch_loss
 from opd_local.metrics import MetricsLogger
 from opd_local.models import (
@@ -26,6 +27,7 @@ from opd_local.models import (
     resolve_model_path,
 )
 from opd_local.packing import pack_sequences, split_by_token_budget
+from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, count_groups
 from opd_local.sampler import make_sampler
 from opd_local.scoring import autocast_for, score_completions
@@ -38,14 +40,21 @@ def train(cfg: Config) -> Path:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(
+        run_dir,
+        enabled=ctx.is_main,
+        wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+        wandb_config=cfg.to_dict(),
+    )
 
     # ---- set-up: everything that can refuse the run does so before step 0 ----
     student_path = resolve_model_path(cfg.model.student, cfg.model)
     teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
     tokenizer = load_tokenizer(student_path, cfg.model)
     check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, cfg.model))
-    train_rows, _heldout_rows = load_train_and_heldout(cfg.data)
+    train_rows, heldout_rows = load_train_and_heldout(cfg.data)
     groups, overlong = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
+    heldout_groups, _ = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
     stream = GroupStream(groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -54,6 +63,12 @@ def train(cfg: Config) -> Path:
     teacher = load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device)
     check_context_fits(cfg, student, teacher)
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
+    token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
+    evaluator = None
+    if cfg.eval.every > 0 and ctx.is_main:
+        evaluator = Evaluator(cfg, run_dir, heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget)
+        generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
@@ -64,13 +79,14 @@ def train(cfg: Config) -> Path:
     warmup = max(cfg.optim.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
-    logger = MetricsLogger(run_dir, enabled=ctx.is_main)
     cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
 
     progress = tqdm(range(cfg.run.steps), desc="opd", disable=not ctx.is_main)
     for step in progress:
-        step_start = time.perf_counter()
         metrics: dict[str, float] = {"data/overlong_rows_dropped": len(overlong)} if step == 0 else {}
+        if evaluator is not None and evaluator.due(step):
+            metrics.update(evaluator.run(step, student, sampler))
+        step_start = time.perf_counter()
 
         # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
         step_groups = dist.shard_for_rank(stream.next_groups(cfg.rollout.groups_per_step), ctx)
@@ -93,7 +109,7 @@ def train(cfg: Config) -> Path:
             teacher,
             [r.group.teacher_prompt_ids for r in scorable],
             [r.completion_ids for r in scorable],
-            micro_batch_tokens=micro_batch_tokens(cfg.optim, ctx.device.type),
+            micro_batch_tokens=token_budget,
             chunk_tokens=cfg.loss.chunk_tokens,
         )
         attach_teacher_scores(rollouts, teacher_lps)
@@ -118,10 +134,14 @@ def train(cfg: Config) -> Path:
         metrics["optim/lr"] = scheduler.get_last_lr()[0]
         logger.log(step, metrics)
 
+    if evaluator is not None:  # the end point of every eval curve
+        logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
     if cfg.run.save_final and ctx.is_main:
         save_pretrained_atomic(student, tokenizer, run_dir / "final")
     logger.close()
     sampler.close()
+    if ctx.is_main:
+        tqdm.write(write_report(run_dir))
     dist.barrier()
     return run_dir
 

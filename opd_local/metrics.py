@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSONL line per step in the run directory and a one-line console summary.
+"""Per-step metrics: one JSONL line per step in the run directory, TensorBoard scalars beside it,
+optionally Weights & Biases, and a one-line console summary.
 
 Only the main rank writes; the metric names are DESIGN.md's and are part of the interface.
 """
@@ -27,11 +28,43 @@ def _jsonable(value):
     return value
 
 
+def import_wandb():
+    """wandb is optional: import it only when asked for, and say how to get it when it is missing."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError(
+            "run.wandb is on but wandb is not installed: `pip install wandb` (or turn run.wandb off)"
+        ) from err
+    return wandb
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    """Writes RUN_DIR/metrics.jsonl and TensorBoard event files in RUN_DIR; W&B when `wandb_project` is set."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        *,
+        wandb_project: str | None = None,
+        wandb_config: dict | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        # Every rank checks for wandb so that a missing install stops all ranks alike, before step 0.
+        wandb = import_wandb() if wandb_project else None
         self._file = open(self.path, "a") if enabled else None
+        self._tb = None
+        self._wandb_run = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: report readers need not import it
+
+            self._tb = SummaryWriter(log_dir=str(run_dir))
+            if wandb is not None:
+                self._wandb_run = wandb.init(
+                    project=wandb_project, name=Path(run_dir).name, dir=str(run_dir), config=wandb_config
+                )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -39,11 +72,24 @@ class MetricsLogger:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        for key, value in numeric.items():
+            self._tb.add_scalar(key, value, global_step=step)
+        self._tb.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(numeric, step=step)
         tqdm.write(format_summary(step, metrics))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
 
 def format_summary(step: int, metrics: dict[str, float]) -> str:

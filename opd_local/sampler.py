@@ -53,14 +53,20 @@ class Sampler(abc.ABC):
 class HFSampler(Sampler):
     """transformers `generate` on a private copy of the student: the portable fallback."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, device: torch.device, eos_token_id: int, pad_token_id: int):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = load_causal_lm(model_path, model_cfg, dtype, device)
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self.device = device
+    def __init__(self, model, eos_token_id: int, pad_token_id: int):
+        """Wraps `model` as it is; `load` makes the private copy the trainer uses as its engine."""
+        self.model = model
+        self.device = next(model.parameters()).device
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+
+    @classmethod
+    def load(cls, model_path: str, model_cfg: ModelConfig, device: torch.device, eos_token_id: int, pad_token_id: int):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = load_causal_lm(model_path, model_cfg, dtype, device)
+        model.eval()
+        model.requires_grad_(False)
+        return cls(model, eos_token_id, pad_token_id)
 
     @torch.no_grad()
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
@@ -146,4 +152,4 @@ def make_sampler(cfg, model_path: str, device: torch.device, tokenizer) -> Sampl
                 "(then remove the CUDA torchvision/torchaudio/torchcodec it pulls in); on CUDA: pip install vllm. "
                 "Or pass --sampler hf."
             )
-    return HFSampler(model_path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return HFSampler.load(model_path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)

@@ -47,14 +47,33 @@ def tiny_config(student_dir, out_dir, **rollout) -> Config:
     cfg.optim.micro_batch_tokens = 700  # forces more than one micro-batch per step
     cfg.run.steps = 2
     cfg.run.out_dir = str(out_dir)
+    cfg.eval.every = 0
     return cfg
 
 
+EVAL_KEYS = {
+    "eval/trace_gap",
+    "eval/trace_gap_train",
+    "eval/teacher_final_accuracy",
+    "eval/student_greedy_accuracy",
+}
+
+
 def test_two_step_run_writes_metrics_and_changes_weights(tiny_model_dir, tmp_path):
-    run_dir = train(tiny_config(tiny_model_dir, tmp_path / "run"))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run")
+    cfg.eval.every = 1
+    cfg.eval.train_rows = 2
+    cfg.eval.max_trace_tokens = 16
+    cfg.eval.greedy_max_tokens = 16
+    run_dir = train(cfg)
     records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == [0, 1]
-    for record in records:
+    assert [r["step"] for r in records] == [0, 1, 2]  # step 2 holds only the eval after the last update
+    assert all(EVAL_KEYS <= set(r) for r in records)
+    assert "opd/active_tokens" not in records[2]
+    assert (run_dir / "trace_cache.json").exists() and (run_dir / "trace_eval.jsonl").exists()
+    assert (run_dir / "charts" / "trace_gap.png").stat().st_size > 0 and (run_dir / "summary.md").exists()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    for record in records[:2]:
         assert DESIGN_STEP_KEYS <= set(record)
         assert record["opd/active_tokens"] > 0
         assert record["groups/sampled"] + record["groups/filtered"] + record["groups/failed"] == 2

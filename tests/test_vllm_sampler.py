@@ -95,6 +95,7 @@ def test_two_step_run_with_vllm(tiny_model_dir, tmp_path):
         sys.executable, "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm",
         "--steps", "2", "--groups_per_step", "2", "--samples_per_group", "2", "--max_tokens", "12",
         "--max_train_rows", "8", "--max_heldout_rows", "4", "--lr", "1e-3", "--max_model_len", "1024",
+        "--eval.every", "0",
         "--out_dir", str(out),
     ]
     subprocess.run(cmd, check=True, timeout=600)
