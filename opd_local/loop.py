@@ -89,14 +89,17 @@ def train(cfg: Config) -> Path:
         step_start = time.perf_counter()
 
         # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
-        step_groups = dist.shard_for_rank(stream.next_groups(cfg.rollout.groups_per_step), ctx)
+        all_groups = stream.next_groups(cfg.rollout.groups_per_step)
+        step_groups = dist.shard_for_rank(all_groups, ctx)
+        # Seeded by the group's place in the global batch, so rollouts do not depend on the rank count.
+        group_seeds = dist.shard_for_rank([(cfg.run.seed * 1_000_003 + step) * 1009 + i for i in range(len(all_groups))], ctx)
         t = time.perf_counter()
         completions = sampler.generate(
             [g.student_prompt_ids for g in step_groups],
             n=cfg.rollout.samples_per_group,
             temperature=cfg.rollout.temperature,
             max_tokens=cfg.rollout.max_tokens,
-            seed=cfg.run.seed * 1_000_003 + step * ctx.world_size + ctx.rank,
+            seed=group_seeds,
         )
         sampler.release_memory()
         metrics["time/sample"] = time.perf_counter() - t

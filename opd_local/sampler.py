@@ -25,12 +25,24 @@ class Completion:
     finish_reason: str  # "stop" (end-of-sequence sampled) or "length" (max_tokens reached)
 
 
+def per_prompt_seeds(seed: int | list[int], num_prompts: int) -> list[int]:
+    if isinstance(seed, int):
+        return [seed + i for i in range(num_prompts)]
+    if len(seed) != num_prompts:
+        raise ValueError(f"{len(seed)} seeds for {num_prompts} prompts")
+    return list(seed)
+
+
 class Sampler(abc.ABC):
     @abc.abstractmethod
     def generate(
-        self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int
+        self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int | list[int]
     ) -> list[list[Completion]]:
-        """`n` completions for each prompt, in prompt order."""
+        """`n` completions for each prompt, in prompt order.
+
+        Sampling is seeded per prompt (`seed[i]`, or `seed + i` for an int), so a prompt's samples
+        do not depend on which other prompts share the call, e.g. on how many ranks split a step.
+        """
 
     @abc.abstractmethod
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -68,8 +80,16 @@ class HFSampler(Sampler):
         model.requires_grad_(False)
         return cls(model, eos_token_id, pad_token_id)
 
-    @torch.no_grad()
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
+        seeds = per_prompt_seeds(seed, len(prompt_ids))
+        if temperature == 0.0:  # no randomness: batch every prompt into one call
+            return self._generate_batch(prompt_ids, n, temperature, max_tokens, seeds[0])
+        # One call per prompt: generate() draws from one global RNG, so a per-prompt seed
+        # needs a call of its own.
+        return [self._generate_batch([p], n, temperature, max_tokens, s)[0] for p, s in zip(prompt_ids, seeds)]
+
+    @torch.no_grad()
+    def _generate_batch(self, prompt_ids, n, temperature, max_tokens, seed):
         greedy = temperature == 0.0
         # A fresh config so that the checkpoint's own top_k/top_p/penalties cannot reshape the
         # distribution: rollout_lp must be the log-softmax of logits / temperature and nothing else.

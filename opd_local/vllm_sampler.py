@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from opd_local.sampler import Completion, Sampler
+from opd_local.sampler import Completion, Sampler, per_prompt_seeds
 
 
 def vllm_available() -> bool:
@@ -65,10 +65,13 @@ class VLLMSampler(Sampler):
             params = SamplingParams(n=n, temperature=0.0, max_tokens=max_tokens, logprobs=0, detokenize=False)
         else:
             # top_k/top_p/min_p pinned off so that nothing but temperature shapes the distribution.
-            params = SamplingParams(
-                n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
-                max_tokens=max_tokens, logprobs=0, seed=seed, detokenize=False,
-            )
+            params = [
+                SamplingParams(
+                    n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
+                    max_tokens=max_tokens, logprobs=0, seed=prompt_seed, detokenize=False,
+                )
+                for prompt_seed in per_prompt_seeds(seed, len(prompt_ids))
+            ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         return [[self._completion(sample) for sample in output.outputs] for output in outputs]
 

@@ -76,7 +76,7 @@ def lp64(logits, targets, temperature=1.0):
 
 
 def opd64(student_lp, teacher_lp, rollout_lp, kl_coef, cap, normalizer, importance_ratio=True):
-    """The loss as autograd sees it (REINFORCE form: -sum(A * student_lp)/N, whose value the op reports as -sum(A)/N)."""
+    """The loss as autograd sees it; REINFORCE form: -sum(A * student_lp)/N, whose value the op reports as -sum(A)/N."""
     advantage = kl_coef * (teacher_lp.double() - rollout_lp.double())
     if importance_ratio:
         ratio = torch.exp(torch.clamp(student_lp - rollout_lp.double(), max=cap))
@@ -510,6 +510,8 @@ def test_dispatch():
         kernels.token_logprobs(logits, targets, backend="cuda")
     with pytest.raises(ValueError, match="fp64"):
         kernels.token_logprobs(logits.double(), targets, backend="triton")
+    with pytest.raises(RuntimeError, match="targets"):
+        kernels.token_logprobs(logits, targets + 11, backend="triton")
 
 
 # --- the kernels compile for a Hopper GPU (sm_90), without one ---------------------------------
