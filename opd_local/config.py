@@ -122,6 +122,9 @@ class RunConfig:
     seed: int = knob(0, "seed for data order, sampling and init")
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints")
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")
+    save_every: int = knob(5, "write a resumable checkpoint every N steps (0 = off)")
+    keep_checkpoints: int = knob(2, "resumable checkpoints kept (oldest deleted first)")
+    resume: str = knob("", "continue the run in this directory from its latest checkpoint, with its saved config")
     device: str = knob("auto", "auto (cuda when available), cpu, cuda")
     wandb: bool = knob(False, "also log to Weights & Biases (needs wandb installed)")
     wandb_project: str = knob("opd-local", "Weights & Biases project, used when run.wandb is on")
@@ -230,10 +233,21 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, description: str = "opd-local") -> Config:
-    """Defaults, then `--config` YAML, then CLI flags."""
+    """Defaults, then `--config` YAML, then CLI flags.
+
+    With `--resume RUN_DIR` the run's saved config.yaml takes the place of the defaults, so the
+    resumed run is the same run; flags given alongside still override it.
+    """
     parser = build_arg_parser(description)
     args = vars(parser.parse_args(argv))
     cfg = Config()
+    resume = args.get("run.resume")
+    if resume:
+        saved = Path(resume) / "config.yaml"
+        if not saved.exists():
+            raise ValueError(f"--resume {resume}: no config.yaml there; is it a run directory?")
+        apply_overrides(cfg, load_yaml(saved), source=str(saved))
+        cfg.run.out_dir = str(resume)
     if "config" in args:
         apply_overrides(cfg, load_yaml(args.pop("config")), source="config file")
     cli: dict[str, dict[str, Any]] = {}

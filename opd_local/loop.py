@@ -13,12 +13,18 @@ import torch
 from tqdm.auto import tqdm
 
 from opd_local import dist
-from opd_local.checkpoint import save_pretrained_atomic
+from opd_local.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    read_progress,
+    save_pretrained_atomic,
+    save_training_state,
+)
 from opd_local.config import Config, micro_batch_tokens, save_yaml
 from opd_local.data import GroupStream, load_train_and_heldout, tokenize_groups
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import opd_micro_batch_loss
-from opd_local.metrics import MetricsLogger
+from opd_local.metrics import MetricsLogger, drop_records_from
 from opd_local.models import (
     check_same_tokenizer,
     load_causal_lm,
@@ -37,14 +43,20 @@ from opd_local.sync import parity_probe, push_weights
 def train(cfg: Config) -> Path:
     ctx = dist.init_distributed(cfg.run.device)
     run_dir = Path(cfg.run.out_dir)
+    checkpoint = latest_checkpoint(run_dir) if cfg.run.resume else None
+    if cfg.run.resume and checkpoint is None:
+        raise ValueError(f"--resume {run_dir}: it holds no checkpoint yet (run.save_every writes them)")
+    start_step = read_progress(checkpoint)["step"] if checkpoint else 0
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
+        drop_records_from(run_dir, start_step)  # a killed run's steps after its checkpoint are redone
     logger = MetricsLogger(
         run_dir,
         enabled=ctx.is_main,
         wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
         wandb_config=cfg.to_dict(),
+        purge_step=start_step if checkpoint else None,
     )
 
     # ---- set-up: everything that can refuse the run does so before step 0 ----
@@ -63,26 +75,22 @@ def train(cfg: Config) -> Path:
     teacher = load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device)
     check_context_fits(cfg, student, teacher)
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
+    optimizer, scheduler = build_optimizer(student, cfg)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
+    cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
+    if checkpoint:
+        progress = load_training_state(checkpoint, student, optimizer, scheduler, ctx)
+        stream.load_state_dict(progress["stream"])
+        cumulative = progress["cumulative"]
+        push_weights(sampler, student)  # the engine starts from the checkpoint's weights too
     evaluator = None
     if cfg.eval.every > 0 and ctx.is_main:
         evaluator = Evaluator(cfg, run_dir, heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget)
         generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
         evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
-    optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad],
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    warmup = max(cfg.optim.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
-    cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
 
-    progress = tqdm(range(cfg.run.steps), desc="opd", disable=not ctx.is_main)
-    for step in progress:
+    for step in tqdm(range(start_step, cfg.run.steps), desc="opd", initial=start_step, total=cfg.run.steps, disable=not ctx.is_main):
         metrics: dict[str, float] = {"data/overlong_rows_dropped": len(overlong)} if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
@@ -136,6 +144,9 @@ def train(cfg: Config) -> Path:
         metrics["time/step"] = time.perf_counter() - step_start
         metrics["optim/lr"] = scheduler.get_last_lr()[0]
         logger.log(step, metrics)
+        if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
+            progress = {"stream": stream.state_dict(), "cumulative": cumulative}
+            save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
 
     if evaluator is not None:  # the end point of every eval curve
         logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
@@ -147,6 +158,19 @@ def train(cfg: Config) -> Path:
         tqdm.write(write_report(run_dir))
     dist.barrier()
     return run_dir
+
+
+def build_optimizer(student, cfg: Config):
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad],
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    warmup = max(cfg.optim.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    return optimizer, scheduler
 
 
 def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config) -> dict[str, float]:

@@ -49,6 +49,7 @@ class MetricsLogger:
         *,
         wandb_project: str | None = None,
         wandb_config: dict | None = None,
+        purge_step: int | None = None,
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -60,7 +61,8 @@ class MetricsLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # lazy: report readers need not import it
 
-            self._tb = SummaryWriter(log_dir=str(run_dir))
+            # purge_step hides TensorBoard events a killed run wrote after its last checkpoint.
+            self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
             if wandb is not None:
                 self._wandb_run = wandb.init(
                     project=wandb_project, name=Path(run_dir).name, dir=str(run_dir), config=wandb_config
@@ -98,6 +100,18 @@ def format_summary(step: int, metrics: dict[str, float]) -> str:
         if key in metrics:
             parts.append(f"{short}={fmt.format(metrics[key])}")
     return " ".join(parts)
+
+
+def drop_records_from(run_dir: Path, step: int, names=("metrics.jsonl", "trace_eval.jsonl")) -> None:
+    """Rewrite the run's JSONL logs without records of `step` and later (atomically)."""
+    for name in names:
+        path = Path(run_dir) / name
+        if not path.exists():
+            continue
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

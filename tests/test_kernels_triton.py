@@ -14,7 +14,8 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Must precede the first import of the kernel modules: triton.jit reads it when a kernel is defined.
+    # Must precede the first import of triton: triton.jit reads it when a function is defined, triton's
+    # own tl.sum/tl.zeros included.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
@@ -28,11 +29,14 @@ import kernels  # noqa: E402
 from kernels import divergence, linear_logprob, logprob, reference  # noqa: E402
 
 if not logprob.INTERPRET and not torch.cuda.is_available():
-    pytest.skip(
-        "the Triton kernels were imported before TRITON_INTERPRET=1 was set and there is no GPU; "
-        "run this file with TRITON_INTERPRET=1",
-        allow_module_level=True,
-    )
+    pytest.skip("TRITON_INTERPRET is off and there is no GPU: nothing can run the Triton kernels",
+                allow_module_level=True)
+
+# When something imported triton before this file could set TRITON_INTERPRET (in the full suite, conftest
+# imports transformers, which imports torch._dynamo, which imports triton), triton's own library is already
+# compiled-mode and the interpreter cannot call it. This file then runs itself in a fresh process with
+# TRITON_INTERPRET=1 from the start, as one test, and skips its tests here.
+RERUN_IN_FRESH_PROCESS = logprob.INTERPRET and type(triton.language.zeros).__name__ != "InterpretedFunction"
 
 DEVICE = "cpu" if logprob.INTERPRET else "cuda"
 V = 1001
@@ -46,7 +50,9 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(request):
+    if RERUN_IN_FRESH_PROCESS and request.node.originalname != "test_in_a_fresh_interpreter_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_in_a_fresh_interpreter_process")
     seed = int(os.environ.get("OPD_TEST_SEED", random.randrange(2**31)))
     torch.manual_seed(seed)
     print(f"OPD_TEST_SEED={seed}")
@@ -582,3 +588,15 @@ def test_kernels_compile_for_sm90():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"cannot drive the Triton compiler without a GPU here: {proc.stdout.strip()}")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(not RERUN_IN_FRESH_PROCESS, reason="the tests above ran in this process")
+def test_in_a_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"],
+        capture_output=True, text=True, env=env, timeout=1200,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-4000:]
