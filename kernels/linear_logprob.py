@@ -12,7 +12,10 @@
   walking row blocks in order. FLOPs 4NVH.
 Both gradients are deterministic: each fp32 accumulator tile has one owner program that adds in a fixed
 order (no atomics), at the price of rebuilding the logits once more than an atomics design (10NVH in all
-against 8NVH). The accumulators live in global memory, read-modify-written once per tile (L2 traffic).
+against 8NVH). The accumulators live in global memory, read-modify-written once per tile (L2 traffic):
+dH in fp32 at most DH_CHUNK_ROWS x H at a time (half-precision inputs), dW in fp32 [V, H].
+Each program re-reads the whole of the other operand (W for row blocks, H for vocab blocks); programs of a
+wave sweep it in step, so most of those reads should hit L2 (not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels.logprob import INTERPRET, _check_dtype, _online_lse_update, _opd_row
+from kernels.logprob import INTERPRET, _check_dtype, _check_targets, _online_lse_update, _opd_row
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every tile side >= 16; the interpreter is slow,
-# so it gets the smallest tiles.
-DEFAULT_TILES = (16, 32, 16, 1) if INTERPRET else (64, 128, 64, 8)
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
+# (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not; not yet tuned on a GPU. tl.dot needs
+# every tile side >= 16, and the interpreter, which is slow, gets the smallest tiles.
+GPU_TILES = (64, 128, 32, 8)
+INTERPRETER_TILES = (16, 32, 16, 1)
+DEFAULT_TILES = INTERPRETER_TILES if INTERPRET else GPU_TILES
 # Rows per dH launch: bounds the fp32 dH accumulator at DH_CHUNK_ROWS x H.
 DH_CHUNK_ROWS = 16384
 
@@ -199,8 +205,10 @@ def _tiles(tiles) -> dict:
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    # fp32 inputs get full-precision products like torch's default fp32 matmul (no TF32).
-    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    # fp32 inputs follow torch's own fp32 matmul setting: full precision by default ("highest"), TF32
+    # tensor cores once torch.set_float32_matmul_precision("high") allows them.
+    ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="ieee" if ieee else "tf32")
 
 
 def _forward(hidden, weight, targets, inv_temp, tiles, opd=None):
@@ -261,6 +269,7 @@ def _prepare(hidden, weight, targets, temperature, chunk_tokens):
     reference._check_linear(hidden, weight)
     reference._check_common(hidden.shape[0], targets, temperature, chunk_tokens or 1)
     _check_dtype(hidden, "fused-linear op")
+    _check_targets(targets, weight.shape[0])
     return _rowwise(hidden), _rowwise(weight), targets.contiguous()
 
 

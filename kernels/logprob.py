@@ -176,6 +176,13 @@ def _check_dtype(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"the Triton {what} takes fp32/bf16/fp16, got {x.dtype}; use backend='reference' for fp64")
 
 
+def _check_targets(targets: torch.Tensor, v: int) -> None:
+    # Targets only select a column here, so an id outside [0, V) would silently give lp = -lse where the
+    # reference's gather raises. The check is asynchronous on CUDA: no host sync per call.
+    if targets.numel():
+        torch._assert_async(((targets >= 0) & (targets < v)).all(), f"targets must lie in [0, V={v})")
+
+
 def _rowwise(x: torch.Tensor) -> torch.Tensor:
     # Rows may be strided (a slice of a bigger buffer); the vocab axis must be contiguous.
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -243,6 +250,7 @@ def token_logprobs(
     reference._check_logits(logits)
     reference._check_common(logits.shape[0], targets, temperature, chunk_tokens or 1)
     _check_dtype(logits, "token_logprobs")
+    _check_targets(targets, logits.shape[1])
     return _TokenLogprobs.apply(_rowwise(logits), targets.contiguous(), float(temperature), block_v)
 
 
@@ -306,6 +314,7 @@ def opd_loss(
     reference._check_common(n, targets, temperature, chunk_tokens or 1)
     reference._check_opd(n, teacher_lp, rollout_lp, normalizer)
     _check_dtype(logits, "opd_loss")
+    _check_targets(targets, logits.shape[1])
     # Float scalars go to the kernel as fp32 (Triton's type for a Python float); the normaliser as a
     # device tensor, so a 0-d tensor costs no host sync.
     opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), block_v)

@@ -469,6 +469,12 @@ def _chunk_reverse_kl(
         kl = torch.where(support, weighted, 0.0).sum(dim=-1)
         kl = kl + torch.where(log_tail_s > float("-inf"), torch.exp(log_tail_s) * log_tail_ratio, 0.0)
     dkl = torch.where(p_s > 0, p_s * (ell - kl[:, None]), 0.0)
+    # KL is unchanged by adding a constant to x_s, so the gradient sums to 0 over the row. At the argmax,
+    # p_s * (ell - KL) cancels when p_s -> 1 (ell and KL both tend to 0 and fp32 rounds them to 0), so that
+    # entry is rebuilt as minus the sum of the others, each accurate to fp32 relative precision.
+    top = xs.argmax(dim=-1, keepdim=True)
+    dkl.scatter_(1, top, 0.0)
+    dkl.scatter_(1, top, -dkl.sum(dim=-1, keepdim=True))
     return kl, dkl, log_tail_ratio
 
 

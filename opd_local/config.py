@@ -36,6 +36,10 @@ class ModelConfig:
     dtype: str = knob("auto", "trainer weights: auto (fp32 on CPU, fp32 master + bf16 autocast on CUDA), float32, bfloat16")
     attn_implementation: str = knob("sdpa", "transformers attention backend: sdpa, eager, flash_attention_2")
     cache_dir: str = knob("", "where the embedded model is converted once; empty means ~/.cache/opd-local")
+    lora_rank: int = knob(0, "PEFT LoRA rank on the student (0 = train every weight)")
+    lora_alpha: float = knob(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = knob(0.0, "LoRA dropout")
+    lora_target_modules: str = knob("all-linear", "comma-separated module names to adapt, or all-linear")
 
 
 @dataclass

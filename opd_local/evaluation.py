@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from opd_local.data import PromptGroup, extract_final_answer, normalize_answer
+from opd_local.models import FrozenTeacher, engine_weights
 from opd_local.sampler import HFSampler, Sampler
 from opd_local.scoring import score_completions
 from opd_local.sync import push_weights
@@ -108,26 +109,32 @@ def trace_gaps(student_lp: torch.Tensor, teacher_lp: torch.Tensor, span: tuple[i
     return out
 
 
-def teacher_greedy(sampler: Sampler, teacher, student, eos_token_id: int, pad_token_id: int):
+def teacher_greedy(sampler: Sampler, teacher: FrozenTeacher, student, eos_token_id: int, pad_token_id: int):
     """A `(prompts, max_tokens) -> completions` function that decodes greedily with the teacher.
 
-    When the two models share parameter names and shapes, the engine briefly holds the teacher's
+    When the two models have the same weight layout, the engine briefly holds the teacher's
     weights (fast decoding), and the student's go back in right after; otherwise transformers
     `generate` runs on the teacher itself.
     """
-    teacher_shapes = {n: p.shape for n, p in teacher.named_parameters(remove_duplicate=False)}
-    student_shapes = {n: p.shape for n, p in student.named_parameters(remove_duplicate=False)}
-    if teacher_shapes != student_shapes:
-        return HFSampler(teacher, eos_token_id, pad_token_id).greedy
+    with teacher.scope():
+        teacher_shapes = {n: t.shape for n, t in engine_weights(teacher.model)}
+    if teacher_shapes != {n: t.shape for n, t in engine_weights(student)}:
 
-    def generate(prompts, max_tokens):
-        push_weights(sampler, teacher)
+        def generate_with_transformers(prompts, max_tokens):
+            with teacher.scope():
+                return HFSampler(teacher.model, eos_token_id, pad_token_id).greedy(prompts, max_tokens)
+
+        return generate_with_transformers
+
+    def generate_with_engine(prompts, max_tokens):
+        with teacher.scope():
+            push_weights(sampler, teacher.model)
         try:
             return sampler.greedy(prompts, max_tokens)
         finally:
             push_weights(sampler, student)
 
-    return generate
+    return generate_with_engine
 
 
 def answers_match(completion_text: str, answer: str | None) -> bool:
@@ -150,7 +157,7 @@ def build_teacher_traces(
     groups_by_split: dict[str, list[PromptGroup]],
     *,
     generate_greedy,  # (teacher prompt ids, max_tokens) -> list of completions
-    teacher,
+    teacher: FrozenTeacher,
     tokenizer,
     teacher_name: str,
     max_tokens: int,
@@ -168,9 +175,13 @@ def build_teacher_traces(
     flat = [(split, g) for split, groups in groups_by_split.items() for g in groups]
     completions = generate_greedy([g.teacher_prompt_ids for _, g in flat], max_tokens)
     keep = [(split, g, c) for (split, g), c in zip(flat, completions) if c.token_ids]
-    teacher_lps = score_completions(
-        teacher, [g.teacher_prompt_ids for _, g, _ in keep], [c.token_ids for _, _, c in keep], micro_batch_tokens=micro_batch_tokens
-    )
+    with teacher.scope():
+        teacher_lps = score_completions(
+            teacher.model,
+            [g.teacher_prompt_ids for _, g, _ in keep],
+            [c.token_ids for _, _, c in keep],
+            micro_batch_tokens=micro_batch_tokens,
+        )
     traces = []
     for (split, group, completion), teacher_lp in zip(keep, teacher_lps):
         answer = group.row.answer

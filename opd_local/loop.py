@@ -26,7 +26,10 @@ from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import opd_micro_batch_loss
 from opd_local.metrics import MetricsLogger, drop_records_from
 from opd_local.models import (
+    FrozenTeacher,
+    apply_lora,
     check_same_tokenizer,
+    is_peft_model,
     load_causal_lm,
     load_frozen_teacher,
     load_tokenizer,
@@ -71,9 +74,14 @@ def train(cfg: Config) -> Path:
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     student = load_causal_lm(student_path, cfg.model, dtype, ctx.device)
+    if cfg.model.lora_rank > 0:
+        student = apply_lora(student, cfg.model)
     student.train()
-    teacher = load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device)
-    check_context_fits(cfg, student, teacher)
+    if cfg.model.lora_rank > 0 and teacher_path == student_path:
+        teacher = FrozenTeacher(student, adapter_off=True)  # the base weights, without a second copy
+    else:
+        teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device))
+    check_context_fits(cfg, student, teacher.model)
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
     optimizer, scheduler = build_optimizer(student, cfg)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
@@ -116,13 +124,14 @@ def train(cfg: Config) -> Path:
         t = time.perf_counter()
         rollouts = build_rollouts(step_groups, completions)
         scorable = [r for r in rollouts if r.kept]
-        teacher_lps = score_completions(
-            teacher,
-            [r.group.teacher_prompt_ids for r in scorable],
-            [r.completion_ids for r in scorable],
-            micro_batch_tokens=token_budget,
-            chunk_tokens=cfg.loss.chunk_tokens,
-        )
+        with teacher.scope():
+            teacher_lps = score_completions(
+                teacher.model,
+                [r.group.teacher_prompt_ids for r in scorable],
+                [r.completion_ids for r in scorable],
+                micro_batch_tokens=token_budget,
+                chunk_tokens=cfg.loss.chunk_tokens,
+            )
         attach_teacher_scores(rollouts, teacher_lps)
         kept = [r for r in rollouts if r.kept]
         metrics["time/score"] = time.perf_counter() - t
@@ -151,7 +160,9 @@ def train(cfg: Config) -> Path:
     if evaluator is not None:  # the end point of every eval curve
         logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
     if cfg.run.save_final and ctx.is_main:
-        save_pretrained_atomic(student, tokenizer, run_dir / "final")
+        # Training is over, so the adapter can be folded into the base weights in place.
+        export = student.merge_and_unload() if is_peft_model(student) else student
+        save_pretrained_atomic(export, tokenizer, run_dir / "final")
     logger.close()
     sampler.close()
     if ctx.is_main:

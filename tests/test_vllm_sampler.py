@@ -89,13 +89,15 @@ def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokeniz
     assert after.sum() > before.sum()
 
 
-def test_two_step_run_with_vllm(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_two_step_run_with_vllm(tiny_model_dir, tmp_path, lora_rank):
+    """End to end; with LoRA the engine receives merged weights, which the parity probe checks every step."""
     out = tmp_path / "run"
     cmd = [
         sys.executable, "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm",
         "--steps", "2", "--groups_per_step", "2", "--samples_per_group", "2", "--max_tokens", "12",
         "--max_train_rows", "8", "--max_heldout_rows", "4", "--lr", "1e-3", "--max_model_len", "1024",
-        "--eval.every", "0",
+        "--eval.every", "0", "--lora_rank", str(lora_rank), "--parity_threshold", str(LOGPROB_ATOL),
         "--out_dir", str(out),
     ]
     subprocess.run(cmd, check=True, timeout=600)

@@ -1,0 +1,398 @@
+"""Loss-kernel speed and memory: our Triton ops against torch eager, torch.compile, Liger-Kernel and Cut Cross-Entropy.
+
+    python benchmarks/bench_kernel.py                 # every op on the full shape grid (tens of minutes on an H100)
+    python benchmarks/bench_kernel.py --quick         # smallest shape only
+    python benchmarks/bench_kernel.py --ops linear_opd --n 16384 --v 151936 --h 4096
+
+Every cell times forward + backward (torch.autograd.grad, so no .grad accumulation) with
+triton.testing.do_bench (explicit warmup/rep in ms; rep grows to >= 10 runs of a slow candidate, since
+do_bench times a candidate slower than `rep` only once) and reports the median with p20/p80, the peak
+extra memory over the inputs, and GB/s and TFLOP/s against this run's measured device ceilings (a large
+device-to-device copy and a large bf16 matmul). GB/s and TFLOP/s count the op's minimum work, the same for
+every candidate, so they compare implementations rather than reward extra traffic:
+  logits ops: bytes = logits read twice + dlogits written once (KL: both logits twice, dlogits once);
+  fused-linear ops: FLOPs = 6NVH (logits 2NVH, dH 2NVH, dW 2NVH), bytes = H, W read + dH, dW written.
+Inputs look real: hidden = LayerNorm(randn), weight scaled so logits have std --logit-std, targets sampled
+from the model's own softmax (on-policy tokens; CCE's gradient filtering depends on that sparsity).
+Prints one markdown table per op with device, date and the exact command; paste it into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+OPS = ("logprob", "opd", "linear_logprob", "linear_opd", "kl")
+FULL_N, FULL_V, FULL_H = (4096, 16384, 65536), (49152, 151936), (576, 4096)
+TOPK = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_linear_inputs(n, v, h, logit_std, dtype, seed=0):
+    """hidden [N, H] (LayerNorm of Gaussian), weight [V, H], on-policy targets [N], and their fp32 lp [N]."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = torch.randn(n, h, device="cuda", generator=gen)
+    hidden = torch.nn.functional.layer_norm(hidden, (h,)).to(dtype)
+    weight = (torch.randn(v, h, device="cuda", generator=gen) * (logit_std / h**0.5)).to(dtype)
+    targets = torch.empty(n, dtype=torch.long, device="cuda")
+    lp = torch.empty(n, device="cuda")
+    entropy = torch.empty(n, device="cuda")
+    for s in range(0, n, 2048):  # sample from the model's own softmax, a chunk of rows at a time
+        logits = (hidden[s : s + 2048] @ weight.T).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        targets[s : s + 2048] = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+        lp[s : s + 2048] = logp.gather(1, targets[s : s + 2048, None]).squeeze(1)
+        entropy[s : s + 2048] = -(logp.exp() * logp).sum(-1)
+    stats = f"entropy {entropy.mean().item():.2f} nats, p(target) {lp.exp().mean().item():.3f}"
+    return hidden, weight, targets, lp, stats
+
+
+def make_logits(hidden, weight):
+    logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device="cuda")
+    for s in range(0, hidden.shape[0], 4096):
+        torch.matmul(hidden[s : s + 4096], weight.T, out=logits[s : s + 4096])
+    return logits
+
+
+def opd_lps(lp, seed=1):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rollout_lp = lp + 0.05 * torch.randn(lp.shape, device="cuda", generator=gen)
+    teacher_lp = rollout_lp + torch.randn(lp.shape, device="cuda", generator=gen)
+    return teacher_lp, rollout_lp
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates: name -> builder returning a zero-argument forward+backward step
+# ---------------------------------------------------------------------------------------------
+
+
+def eager_logprob(logits, targets):
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def eager_opd(logits, targets, teacher_lp, rollout_lp, normalizer, cap=2.0):
+    student_lp = eager_logprob(logits, targets)
+    ratio = torch.exp(torch.clamp(student_lp - rollout_lp, max=cap))
+    return -(ratio * (teacher_lp - rollout_lp)).sum() / normalizer
+
+
+def eager_linear_logprob(hidden, weight, targets):
+    return eager_logprob(hidden @ weight.T, targets)
+
+
+def eager_linear_opd(hidden, weight, targets, teacher_lp, rollout_lp, normalizer):
+    return eager_opd(hidden @ weight.T, targets, teacher_lp, rollout_lp, normalizer)
+
+
+def eager_kl(student_logits, teacher_logits):
+    logp_s = torch.log_softmax(student_logits.float(), dim=-1)
+    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+
+
+def grad_step(forward, inputs):
+    def step():
+        out = forward()
+        if isinstance(out, tuple):
+            out = out[0]
+        torch.autograd.grad(out.sum(), inputs)
+
+    return step
+
+
+def candidates(op, x):
+    """[(name, builder)] for one op; a builder returns a step or raises ImportError ("not installed")."""
+    import kernels
+    from kernels import divergence, linear_logprob, logprob, reference
+
+    compiled = {}
+
+    def compile_once(fn):
+        if fn not in compiled:
+            compiled[fn] = torch.compile(fn, dynamic=False)
+        return compiled[fn]
+
+    opd_kw = lambda: dict(normalizer=float(x["n"]))  # noqa: E731
+    if op == "logprob":
+        a = (x["logits"], x["targets"])
+        rows = [
+            ("ours (Triton)", lambda: grad_step(lambda: logprob.token_logprobs(*a), [a[0]])),
+            ("torch eager", lambda: grad_step(lambda: eager_logprob(*a), [a[0]])),
+            ("torch.compile", lambda: grad_step(lambda: compile_once(eager_logprob)(*a), [a[0]])),
+            ("chunked torch (kernels.reference)", lambda: grad_step(lambda: reference.token_logprobs(*a), [a[0]])),
+        ]
+
+        def liger_ce():
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+
+            # Liger writes the gradient into its input during forward: give it its own copy.
+            own = x["logits"].detach().clone().requires_grad_(True)
+            loss = LigerCrossEntropyLoss(reduction="sum")
+            return grad_step(lambda: loss(own, a[1]), [own])
+
+        rows.append(("Liger CrossEntropy (sum)", liger_ce))
+        return rows
+    if op == "opd":
+        a = (x["logits"], x["targets"], x["teacher_lp"], x["rollout_lp"])
+        return [
+            ("ours (Triton, grad in forward)", lambda: grad_step(lambda: logprob.opd_loss(*a, **opd_kw()), [a[0]])),
+            ("torch eager", lambda: grad_step(lambda: eager_opd(*a, x["n"]), [a[0]])),
+            ("torch.compile", lambda: grad_step(lambda: compile_once(eager_opd)(*a, x["n"]), [a[0]])),
+            ("chunked torch (kernels.reference)",
+             lambda: grad_step(lambda: reference.opd_loss(*a, **opd_kw()), [a[0]])),
+        ]
+    if op in ("linear_logprob", "linear_opd"):
+        hw = [x["hidden"], x["weight"]]
+        if op == "linear_logprob":
+            a = (x["hidden"], x["weight"], x["targets"])
+            rows = [
+                ("ours (Triton)", lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a), hw)),
+                ("torch eager", lambda: grad_step(lambda: eager_linear_logprob(*a), hw)),
+                ("torch.compile", lambda: grad_step(lambda: compile_once(eager_linear_logprob)(*a), hw)),
+                ("chunked torch (kernels.reference)",
+                 lambda: grad_step(lambda: reference.linear_token_logprobs(*a), hw)),
+            ]
+        else:
+            a = (x["hidden"], x["weight"], x["targets"], x["teacher_lp"], x["rollout_lp"])
+            rows = [
+                ("ours (Triton, grad in forward)",
+                 lambda: grad_step(lambda: linear_logprob.linear_opd_loss(*a, **opd_kw()), hw)),
+                ("torch eager", lambda: grad_step(lambda: eager_linear_opd(*a, x["n"]), hw)),
+                ("torch.compile", lambda: grad_step(lambda: compile_once(eager_linear_opd)(*a, x["n"]), hw)),
+                ("chunked torch (kernels.reference)",
+                 lambda: grad_step(lambda: reference.linear_opd_loss(*a, **opd_kw()), hw)),
+            ]
+
+        def torch_lce():
+            fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+            if fn is None:
+                raise ImportError("torch.nn.functional.linear_cross_entropy")
+            return grad_step(lambda: fn(x["hidden"], x["weight"], x["targets"], reduction="sum"), hw)
+
+        def liger_flce():
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+            return grad_step(lambda: loss(x["weight"], x["hidden"], x["targets"]), hw)
+
+        def cce():
+            from cut_cross_entropy import linear_cross_entropy
+
+            return grad_step(lambda: linear_cross_entropy(x["hidden"], x["weight"], x["targets"], reduction="sum"), hw)
+
+        rows += [
+            ("torch F.linear_cross_entropy (sum)", torch_lce),
+            ("Liger FusedLinearCrossEntropy (sum)", liger_flce),
+            ("Cut Cross-Entropy linear_cross_entropy (sum)", cce),
+        ]
+        return rows
+    if op == "kl":
+        a = (x["logits"], x["teacher_logits"])
+        s = [a[0]]
+
+        def liger_jsd():
+            from liger_kernel.transformers import LigerJSD
+
+            jsd = LigerJSD(beta=1.0)  # beta = 1: KL(student || teacher), on log-probs torch computes first
+
+            def fwd():
+                return jsd(torch.log_softmax(a[0].float(), -1), torch.log_softmax(a[1].float(), -1))
+
+            return grad_step(fwd, s)
+
+        def liger_fused_jsd():
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            jsd = LigerFusedLinearJSD(jsd_beta=1.0)
+            hw = [x["hidden"], x["weight"]]
+            return grad_step(lambda: jsd(x["hidden"], x["weight"], x["teacher_hidden"], x["weight"].detach()), hw)
+
+        return [
+            ("ours full (Triton)", lambda: grad_step(lambda: divergence.full_reverse_kl(*a), s)),
+            (f"ours top-{TOPK} + tail (Triton)", lambda: grad_step(lambda: divergence.topk_reverse_kl(*a, TOPK), s)),
+            ("torch eager", lambda: grad_step(lambda: eager_kl(*a), s)),
+            ("torch.compile", lambda: grad_step(lambda: compile_once(eager_kl)(*a), s)),
+            ("chunked torch (kernels.reference)", lambda: grad_step(lambda: kernels.reference.full_reverse_kl(*a), s)),
+            ("Liger JSD beta=1 (after torch log_softmax)", liger_jsd),
+            ("Liger FusedLinearJSD beta=1 (from hidden: + 2 matmuls)", liger_fused_jsd),
+        ]
+    raise ValueError(op)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def bench(step, warmup_ms, rep_ms):
+    """(median, p20, p80) ms and peak extra MiB; rep grows so a slow step still gets >= 10 timed runs."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up: compiles, autotunes, allocates
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    once = start.elapsed_time(end)
+    rep = max(rep_ms, 10 * once)
+    med, p20, p80 = triton.testing.do_bench(step, warmup=max(warmup_ms, 2 * once), rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return (med, p20, p80), peak_mib
+
+
+def device_ceilings(warmup_ms, rep_ms):
+    """Measured copy GB/s (2 GiB device-to-device) and bf16 matmul TFLOP/s (8192^3) on this device."""
+    import triton.testing
+
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    copy_gbs = 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    mm_tflops = 2 * 8192**3 / (ms * 1e-3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return copy_gbs, mm_tflops
+
+
+def work(op, n, v, h, elem):
+    """(bytes, flops) of the op's minimum work (module docstring); flops None where memory bound."""
+    if op in ("logprob", "opd"):
+        return 3 * n * v * elem, None
+    if op == "kl":
+        return 5 * n * v * elem, None
+    return 2 * (n * h + v * h) * elem, 6 * n * v * h
+
+
+def build_inputs(op, n, v, h, args, dtype):
+    hidden, weight, targets, lp, stats = make_linear_inputs(n, v, h, args.logit_std, dtype)
+    x = dict(n=n, targets=targets)
+    if op in ("opd", "linear_opd"):
+        x["teacher_lp"], x["rollout_lp"] = opd_lps(lp)
+    if op in ("logprob", "opd", "kl"):
+        x["logits"] = make_logits(hidden, weight).requires_grad_(True)
+    if op == "kl":
+        teacher_hidden = (hidden.float() + 0.5 * torch.randn_like(hidden, dtype=torch.float32)).to(dtype)
+        x["teacher_logits"] = make_logits(teacher_hidden, weight)
+        x["teacher_hidden"] = teacher_hidden
+    x["hidden"] = hidden.requires_grad_(True)
+    x["weight"] = weight.requires_grad_(True)
+    return x, stats
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def run_op(op, shapes, args, dtype, ceilings):
+    copy_gbs, mm_tflops = ceilings
+    print(f"\n### {op}\n")
+    print("| N | V | H | implementation | median ms | p20 ms | p80 ms | time / ours | peak extra MiB | GB/s "
+          "| % copy BW | TFLOP/s | % matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    elem = torch.finfo(dtype).bits // 8
+    for n, v, h in shapes:
+        try:
+            x, stats = build_inputs(op, n, v, h, args, dtype)
+        except torch.cuda.OutOfMemoryError:
+            print(f"| {n} | {v} | {h} | (inputs) | OOM building inputs | | | | | | | | |")
+            torch.cuda.empty_cache()
+            continue
+        nbytes, flops = work(op, n, v, h, elem)
+        ours_ms = None
+        for name, builder in candidates(op, x):
+            cells = None
+            try:
+                step = builder()
+                (med, p20, p80), peak = bench(step, args.warmup, args.rep)
+                ours_ms = med if ours_ms is None and name.startswith("ours") else ours_ms
+                gbs = nbytes / (med * 1e-3) / 1e9
+                tflops = None if flops is None else flops / (med * 1e-3) / 1e12
+                cells = [f"{med:.3f}", f"{p20:.3f}", f"{p80:.3f}",
+                         f"{med / ours_ms:.2f}x" if ours_ms else "-", f"{peak:.0f}",
+                         f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%", fmt(tflops, ".0f"),
+                         "-" if tflops is None else f"{100 * tflops / mm_tflops:.0f}%"]
+            except ImportError as exc:
+                cells = [f"not installed ({exc.name or exc})"] + [""] * 8
+            except torch.cuda.OutOfMemoryError:
+                cells = ["OOM"] + [""] * 8
+            except Exception as exc:  # one broken candidate must not sink the table
+                if args.verbose:
+                    traceback.print_exc()
+                first = str(exc).splitlines()[0][:80].replace("|", "/") if str(exc) else ""
+                cells = [f"error: {type(exc).__name__}: {first}"] + [""] * 8
+            step = None
+            torch.cuda.empty_cache()
+            label = h if op in ("linear_logprob", "linear_opd") else f"({h})"
+            print(f"| {n} | {v} | {label} | {name} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {n} | {v} | | inputs: {stats} | | | | | | | | | |", flush=True)
+        del x
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--n", nargs="+", type=int, default=list(FULL_N), help="packed tokens N")
+    parser.add_argument("--v", nargs="+", type=int, default=list(FULL_V), help="vocab sizes V")
+    parser.add_argument("--h", nargs="+", type=int, default=list(FULL_H),
+                        help="hidden sizes H (logits ops take their logits from hidden @ W^T, so H only shapes inputs)")
+    parser.add_argument("--quick", action="store_true", help="smallest shape only: N=4096, V=49152, H=576")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--logit-std", type=float, default=4.0, help="std of the synthetic logits")
+    parser.add_argument("--warmup", type=float, default=100.0, help="do_bench warmup, ms")
+    parser.add_argument("--rep", type=float, default=500.0, help="do_bench rep, ms (raised to >= 10 runs)")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing candidates")
+    args = parser.parse_args()
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernel.py needs a CUDA device (none found): the Triton kernels and every baseline run on the "
+                 "GPU. On CPU, the correctness tests run the kernels through the interpreter: "
+                 "TRITON_INTERPRET=1 pytest tests/test_kernels_triton.py")
+    if args.quick:
+        args.n, args.v, args.h = [min(FULL_N)], [min(FULL_V)], [min(FULL_H)]
+    dtype = getattr(torch, args.dtype)
+    import triton
+
+    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
+    print(f"# bench_kernel: {torch.cuda.get_device_name()}, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"\ncommand: `{command}`  ")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+          f"{platform.python_implementation()} {platform.python_version()}, dtype {args.dtype}, "
+          f"do_bench warmup {args.warmup} ms, rep {args.rep} ms (>= 10 runs)  ")
+    ceilings = device_ceilings(args.warmup, args.rep)
+    print(f"measured ceilings: copy {ceilings[0]:.0f} GB/s (2 GiB D2D, read + write), "
+          f"bf16 matmul {ceilings[1]:.0f} TFLOP/s (8192^3)")
+    for op in args.ops:
+        if op in ("linear_logprob", "linear_opd"):
+            shapes = [(n, v, h) for n in args.n for v in args.v for h in args.h]
+        else:  # H only shapes the inputs here: one H is enough
+            shapes = [(n, v, min(args.h)) for n in args.n for v in args.v]
+        run_op(op, shapes, args, dtype, ceilings)
+
+
+if __name__ == "__main__":
+    main()
