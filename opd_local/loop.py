@@ -28,6 +28,7 @@ from opd_local.metrics import MetricsLogger, drop_records_from
 from opd_local.models import (
     FrozenTeacher,
     apply_lora,
+    check_context_fits,
     check_same_tokenizer,
     is_peft_model,
     load_causal_lm,
@@ -37,7 +38,7 @@ from opd_local.models import (
 )
 from opd_local.packing import pack_sequences, split_by_token_budget
 from opd_local.report import write_report
-from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, count_groups
+from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.sampler import make_sampler
 from opd_local.scoring import autocast_for, score_completions
 from opd_local.sync import parity_probe, push_weights
@@ -221,50 +222,3 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config) -> d
         "optim/grad_norm": float(grad_norm),
         "optim/skipped": 0.0,
     }
-
-
-def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: int, cumulative: dict) -> dict[str, float]:
-    counts = count_groups(num_groups, rollouts)
-    rkl_sum = sum(float((r.rollout_lp - r.teacher_lp).sum()) for r in kept)
-    local = [
-        sum(len(r.completion_ids) for r in kept),
-        rkl_sum,
-        counts.sampled,
-        counts.filtered,
-        counts.failed,
-        len(rollouts),
-        len(kept),
-        sum(r.finish_reason == "stop" for r in kept),
-        num_groups,
-    ]
-    active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = (
-        float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
-    )
-    cumulative["groups/sampled_total"] += int(sampled)
-    cumulative["groups/filtered_total"] += int(filtered)
-    cumulative["groups/failed_total"] += int(failed)
-    cumulative["opd/active_tokens_total"] += int(active)
-    return {
-        "opd/sampled_reverse_kl": rkl_sum / active if active else float("nan"),
-        "opd/active_tokens": active,
-        "groups/sampled": sampled,
-        "groups/filtered": filtered,
-        "groups/failed": failed,
-        "groups/drawn": groups_drawn,
-        **cumulative,
-        "rollout/completions": drawn,
-        "rollout/dropped_completions": drawn - n_kept,
-        "rollout/completion_len_mean": active / n_kept if n_kept else 0.0,
-        "rollout/stop_fraction": stopped / n_kept if n_kept else 0.0,
-    }
-
-
-def check_context_fits(cfg: Config, student, teacher) -> None:
-    """Refuse before step 0 when a full-length prompt plus completion exceeds a model's context."""
-    need = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
-    for role, model in (("student", student), ("teacher", teacher)):
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and need > limit:
-            raise ValueError(
-                f"data.max_prompt_tokens + rollout.max_tokens = {need} exceeds the {role}'s context of {limit} tokens"
-            )

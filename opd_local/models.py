@@ -211,3 +211,19 @@ def final_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tens
     """
     out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
+
+
+def check_context_fits(cfg, student, teacher) -> None:
+    """Refuse before step 0 when a full-length prompt plus completion exceeds a model's context."""
+    need = cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_trace_tokens, cfg.eval.greedy_max_tokens)
+    if need > cfg.rollout.max_model_len:
+        raise ValueError(
+            f"data.max_prompt_tokens plus the longest generation (rollout.max_tokens, eval.max_trace_tokens, "
+            f"eval.greedy_max_tokens) = {need} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
+        )
+    for role, model in (("student", student), ("teacher", teacher)):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and need > limit:
+            raise ValueError(
+                f"data.max_prompt_tokens plus the longest generation = {need} exceeds the {role}'s context of {limit} tokens"
+            )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from opd_local import dist
 from opd_local.data import PromptGroup
 from opd_local.sampler import Completion
 
@@ -95,3 +96,39 @@ def count_groups(num_groups: int, rollouts: list[Rollout]) -> GroupCounts:
         else:
             counts.filtered += 1
     return counts
+
+
+def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: int, cumulative: dict) -> dict[str, float]:
+    counts = count_groups(num_groups, rollouts)
+    rkl_sum = sum(float((r.rollout_lp - r.teacher_lp).sum()) for r in kept)
+    local = [
+        sum(len(r.completion_ids) for r in kept),
+        rkl_sum,
+        counts.sampled,
+        counts.filtered,
+        counts.failed,
+        len(rollouts),
+        len(kept),
+        sum(r.finish_reason == "stop" for r in kept),
+        num_groups,
+    ]
+    active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = (
+        float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
+    )
+    cumulative["groups/sampled_total"] += int(sampled)
+    cumulative["groups/filtered_total"] += int(filtered)
+    cumulative["groups/failed_total"] += int(failed)
+    cumulative["opd/active_tokens_total"] += int(active)
+    return {
+        "opd/sampled_reverse_kl": rkl_sum / active if active else float("nan"),
+        "opd/active_tokens": active,
+        "groups/sampled": sampled,
+        "groups/filtered": filtered,
+        "groups/failed": failed,
+        "groups/drawn": groups_drawn,
+        **cumulative,
+        "rollout/completions": drawn,
+        "rollout/dropped_completions": drawn - n_kept,
+        "rollout/completion_len_mean": active / n_kept if n_kept else 0.0,
+        "rollout/stop_fraction": stopped / n_kept if n_kept else 0.0,
+    }
