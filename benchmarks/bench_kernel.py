@@ -19,11 +19,13 @@ Prints one markdown table per op with device, date and the exact command; paste 
 CPU mode (automatic without a CUDA device, or --device cpu) runs the same comparison with the candidates that
 exist on a CPU: ours = the `kernels.*` entries with the default backend (the chunked torch reference on CPU),
 torch eager and torch.compile ("not run" if compiling fails or exceeds --compile-timeout); the Triton/CUDA-only
-rows (Liger, Cut Cross-Entropy) read "needs CUDA". Smaller default shapes (N 1024, 4096; V 49152; H 576),
+rows (Liger, Cut Cross-Entropy) read "needs CUDA". Smaller defaults (ops logprob, opd, linear_opd; N 1024, 2048;
+V 49152; H 576: about 4 minutes on 2 cores; all five ops at these N take about 9),
 time.perf_counter median and p20/p80 over --cpu-repeats runs after --cpu-warmup untimed ones, peak extra memory
 from the torch profiler's allocator events, and ceilings from a large CPU tensor copy and a 3072^3 matmul:
-    python benchmarks/bench_kernel.py --device cpu            # all ops, N 1024 and 4096
-    python benchmarks/bench_kernel.py --device cpu --quick    # N=1024, 3 timed runs
+    python benchmarks/bench_kernel.py --device cpu            # logprob, opd, linear_opd at N 1024 and 2048
+    python benchmarks/bench_kernel.py --device cpu --quick    # the same ops at N=1024, 1 untimed + 3 timed runs
+    python benchmarks/bench_kernel.py --device cpu --ops logprob opd linear_logprob linear_opd kl   # all ops
 """
 
 from __future__ import annotations
@@ -372,7 +374,11 @@ def run_op(op, shapes, args, dtype, ceilings):
 # CPU mode (no CUDA device, or --device cpu)
 # ---------------------------------------------------------------------------------------------
 
-CPU_N, CPU_V, CPU_H = (1024, 4096), (49152,), (576,)
+# Sized so the default CPU run takes about 4 minutes on 2 cores: N = 2048 is two chunks of the reference's
+# DEFAULT_CHUNK_TOKENS = 1024 (at N <= 1024 ours is one chunk and holds as much as eager). linear_logprob and kl
+# are left to --ops: at N = 1024 they add about 1 and 1.5 minutes (the chunked reverse KL is ~5x eager's time).
+CPU_OPS = ("logprob", "opd", "linear_opd")
+CPU_N, CPU_V, CPU_H = (1024, 2048), (49152,), (576,)
 CUDA_ONLY = "needs CUDA (GPU-only kernels)"
 
 
@@ -505,7 +511,7 @@ def _run_with_timeout(fn, seconds):
     """Call fn(); raise _CompileTimeout in this (main) thread if it runs past `seconds`."""
 
     def on_alarm(signum, frame):
-        raise _CompileTimeout(f"compile > {seconds:.0f} s")
+        raise _CompileTimeout(f"compile > {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -528,7 +534,7 @@ def cpu_bench(step, kind, args):
         _run_with_timeout(step, args.compile_timeout)
         compile_s = time.perf_counter() - t0
         if compile_s > args.compile_timeout:  # an alarm swallowed somewhere inside the compiler
-            raise _CompileTimeout(f"compile took {compile_s:.0f} s > {args.compile_timeout:.0f} s")
+            raise _CompileTimeout(f"compile took {compile_s:.0f} s > {args.compile_timeout:g} s")
     peak = cpu_peak_extra_bytes(step)
     for _ in range(args.cpu_warmup - 1):
         step()
@@ -657,6 +663,7 @@ def main_cpu(args, dtype):
         args.n, args.v, args.h = [min(CPU_N)], [min(CPU_V)], [min(CPU_H)]
         args.cpu_repeats = args.cpu_repeats or 3
         args.cpu_warmup = args.cpu_warmup or 1
+    args.ops = args.ops or list(CPU_OPS)
     args.n, args.v, args.h = args.n or list(CPU_N), args.v or list(CPU_V), args.h or list(CPU_H)
     args.cpu_repeats = args.cpu_repeats or 5
     args.cpu_warmup = args.cpu_warmup or 2
@@ -678,7 +685,9 @@ def main_cpu(args, dtype):
           "(`kernels.reference`); Liger and Cut Cross-Entropy are Triton/CUDA-only. Peak extra MiB = peak bytes "
           "held by torch's CPU allocator during one forward + backward above the inputs (torch profiler, "
           "profile_memory). time / eager, time / compile, peak / eager: each row against the torch eager and "
-          "torch.compile rows of the same shape (< 1x: less than eager).  ")
+          "torch.compile rows of the same shape (< 1x: less than eager). ours walks N in chunks of "
+          f"{kernels.reference.DEFAULT_CHUNK_TOKENS} tokens, so at N <= {kernels.reference.DEFAULT_CHUNK_TOKENS} it "
+          "is one chunk.  ")
     ceilings = cpu_ceilings(dtype)
     mm_text = ", ".join(f"{str(dt).removeprefix('torch.')} {tf:.2f}" for dt, tf in ceilings[1].items())
     print(f"measured ceilings: copy {ceilings[0]:.1f} GB/s (512 MiB fp32 copy, read + write), "
@@ -695,7 +704,8 @@ def main_cpu(args, dtype):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--ops", nargs="+", default=None, choices=OPS,
+                        help=f"default: all on cuda, {' '.join(CPU_OPS)} on cpu")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto: cuda when a CUDA device is present, else cpu")
     parser.add_argument("--n", nargs="+", type=int, default=None,
@@ -724,6 +734,7 @@ def main() -> None:
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         main_cpu(args, dtype)
         return
+    args.ops = args.ops or list(OPS)
     args.n, args.v, args.h = args.n or list(FULL_N), args.v or list(FULL_V), args.h or list(FULL_H)
     if not torch.cuda.is_available():
         sys.exit("bench_kernel.py needs a CUDA device (none found): the Triton kernels and every baseline run on the "

@@ -26,8 +26,6 @@ STUDENT_INSTRUCTION = (
     "Solve the problem step by step. End your reply with exactly one line of the form "
     "`Final: <answer>`, where <answer> is only the final number."
 )
-PRIVILEGED_OPEN = "<reference_solution>"
-PRIVILEGED_CLOSE = "</reference_solution>"
 
 
 class DataError(ValueError):
@@ -136,12 +134,14 @@ def gsm8k_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
     solution = _CALC_ANNOTATION.sub("", solution).strip()
 
     student_content = f"{question}\n\n{STUDENT_INSTRUCTION}"
+    # Small teachers follow this layout best: the solution is shown as a finished answer that ends in
+    # the pinned line, then they are asked to rewrite it (62% correct `Final:` lines for
+    # SmolLM2-135M, against 0% with the solution fenced off as a "reference only" block).
     teacher_content = (
         f"{student_content}\n\n"
-        "Here is a correct worked solution, for your reference only. Write your own step-by-step reply; "
-        "do not mention this reference.\n"
-        f"{PRIVILEGED_OPEN}\n{solution}\n{PRIVILEGED_CLOSE}\n\n"
-        f"The final line of your reply must be exactly `{_pinned_line(answer)}`"
+        f"A correct worked solution:\n{solution}\n{_pinned_line(answer)}\n\n"
+        f"Rewrite this solution step by step in your own words, then end with exactly one line "
+        f"`{_pinned_line(answer)}`."
     )
     # No system message: the tokenizer's chat template adds its own default, identically for both.
     row = PrivilegedRow(

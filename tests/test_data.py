@@ -87,7 +87,7 @@ def test_gsm8k_pair_is_well_formed():
     assert GOOD_GSM8K["question"] in student and "Final: <answer>" in student
     assert student in teacher
     assert row.privileged in teacher and "<<" not in teacher
-    assert teacher.rstrip().endswith("`Final: 1080`")
+    assert teacher.rstrip().endswith("`Final: 1080`.")  # the pinned line closes the teacher prompt
     assert row.privileged not in student and "Final: 1080" not in student
     assert extract_final_answer(student) is None
 
@@ -102,7 +102,7 @@ def test_bundled_rows_are_well_formed_and_disjoint():
     assert not questions(train) & questions(heldout)
     for row in train + heldout:
         assert row.privileged and row.privileged not in content(row.student_messages)
-        assert content(row.teacher_messages).rstrip().endswith(f"`Final: {row.answer}`")
+        assert content(row.teacher_messages).rstrip().endswith(f"`Final: {row.answer}`.")
         assert "," not in row.answer
 
 
