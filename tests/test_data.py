@@ -84,7 +84,7 @@ def test_gsm8k_pair_is_well_formed():
     assert row.answer == "1080"
     assert row.privileged == "Monday and Tuesday: 1000 + 80 = 1080 pens."  # <<calc>> annotations stripped
     assert [m["role"] for m in row.student_messages] == ["user"] == [m["role"] for m in row.teacher_messages]
-    assert GOOD_GSM8K["question"] in student and "Final: <answer>" in student
+    assert GOOD_GSM8K["question"] in student and "Final: <number>" in student
     assert student in teacher
     assert row.privileged in teacher and "<<" not in teacher
     assert teacher.rstrip().endswith("`Final: 1080`.")  # the pinned line closes the teacher prompt

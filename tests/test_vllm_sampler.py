@@ -69,6 +69,14 @@ def test_rollout_logprobs_match_trainer(engine, student, tokenizer, temperature)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
 
 
+def test_seeded_batch_larger_than_one_scheduler_step(engine, tokenizer):
+    """More prompt tokens than vLLM schedules at once (4096) with per-prompt seeds: must not crash."""
+    prompts = [tokenizer(f"Story {i}: " + "once upon a time " * 110)["input_ids"][:450] for i in range(12)]
+    groups = engine.generate(prompts, n=2, temperature=1.0, max_tokens=4, seed=7)
+    assert sum(len(p) for p in prompts) * 2 > 4096
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 for g in groups for c in g)
+
+
 def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokenizer):
     probe = tokenizer("Final: 42. The answer is forty-two.")["input_ids"]
     push_weights(engine, student)
