@@ -51,7 +51,7 @@ class DataConfig:
     format: str = knob("auto", "row format: auto, gsm8k (question/answer), messages (messages/teacher_messages)")
     hub_config: str = knob("main", "dataset config name passed to datasets.load_dataset for hub ids")
     max_train_rows: int = knob(0, "cap on training rows (0 = all)")
-    max_heldout_rows: int = knob(32, "cap on held-out rows (0 = all)")
+    max_heldout_rows: int = knob(16, "cap on held-out rows (0 = all)")
     max_prompt_tokens: int = knob(768, "longest allowed prompt; longer rows are refused before step 0, naming the row")
     drop_overlong: bool = knob(False, "drop over-long rows and count them instead of refusing the run")
     shuffle: bool = knob(True, "shuffle training rows each epoch (seeded)")
@@ -61,7 +61,7 @@ class DataConfig:
 class RolloutConfig:
     sampler: str = knob("auto", "rollout engine: auto (vllm when installed, else hf), vllm, hf")
     groups_per_step: int = knob(4, "prompt groups per optimizer step (across all ranks)")
-    samples_per_group: int = knob(4, "completions sampled per prompt (K)")
+    samples_per_group: int = knob(2, "completions sampled per prompt (K)")
     temperature: float = knob(1.0, "sampling temperature; rollout_lp and student_lp use it, teacher_lp does not")
     max_tokens: int = knob(128, "completion length cap")
     gpu_memory_utilization: float = knob(0.3, "vLLM on GPU: fraction of GPU memory for the engine")
@@ -82,7 +82,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = knob(2e-5, "AdamW learning rate")
+    lr: float = knob(5e-5, "AdamW learning rate")
     weight_decay: float = knob(0.0, "AdamW weight decay")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.95, "AdamW beta2")
@@ -113,7 +113,7 @@ class SyncConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = knob(5, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)")
+    every: int = knob(4, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)")
     train_rows: int = knob(8, "training rows evaluated too (the first ones the run trains on), for the _train metrics")
     max_trace_tokens: int = knob(256, "length cap of the teacher's greedy traces")
     greedy_max_tokens: int = knob(256, "length cap of the student's greedy answers")
@@ -122,11 +122,11 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = knob(10, "optimizer steps")
+    steps: int = knob(12, "optimizer steps")
     seed: int = knob(0, "seed for data order, sampling and init")
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints")
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")
-    save_every: int = knob(5, "write a resumable checkpoint every N steps (0 = off)")
+    save_every: int = knob(4, "write a resumable checkpoint every N steps (0 = off)")
     keep_checkpoints: int = knob(2, "resumable checkpoints kept (oldest deleted first)")
     resume: str = knob("", "continue the run in this directory from its latest checkpoint, with its saved config")
     device: str = knob("auto", "auto (cuda when available), cpu, cuda")
