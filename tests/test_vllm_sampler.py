@@ -115,3 +115,20 @@ def test_two_step_run_with_vllm(tiny_model_dir, tmp_path, lora_rank):
         assert r["sync/parity_max_abs"] < Config().sync.parity_threshold
         assert r["rollout/trainer_lp_mismatch"] < LOGPROB_ATOL
         assert r["opd/active_tokens"] > 0
+    # The exported model (merged, for LoRA) loads in a fresh vLLM engine and in transformers alike.
+    subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(out / "final"), str(LOGPROB_ATOL)], check=True, timeout=300)
+
+
+EXPORT_CHECK = """
+import sys, torch
+from opd_local.config import Config, ModelConfig
+from opd_local.models import load_causal_lm, load_tokenizer
+from opd_local.sync import parity_probe
+from opd_local.vllm_sampler import VLLMSampler
+path, atol = sys.argv[1], float(sys.argv[2])
+cfg = Config(); cfg.rollout.max_model_len = 512
+engine = VLLMSampler(path, cfg, torch.device("cpu"))
+model = load_causal_lm(path, ModelConfig(), torch.float32, torch.device("cpu"))
+probe = load_tokenizer(path, ModelConfig())("Final: 42. The answer is forty-two.")["input_ids"]
+print(parity_probe(engine, model, probe, threshold=atol))
+"""
