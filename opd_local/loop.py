@@ -21,7 +21,7 @@ from opd_local.checkpoint import (
     save_training_state,
 )
 from opd_local.config import Config, micro_batch_tokens, save_yaml
-from opd_local.data import GroupStream, load_train_and_heldout, tokenize_groups
+from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import opd_micro_batch_loss
 from opd_local.metrics import MetricsLogger, drop_records_from
@@ -29,16 +29,14 @@ from opd_local.models import (
     FrozenTeacher,
     apply_lora,
     check_context_fits,
-    check_same_tokenizer,
     is_peft_model,
     load_causal_lm,
     load_frozen_teacher,
-    load_tokenizer,
-    resolve_model_path,
 )
 from opd_local.packing import pack_sequences, split_by_token_budget
 from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
+from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler
 from opd_local.scoring import autocast_for, score_completions
 from opd_local.sync import parity_probe, push_weights
@@ -64,14 +62,9 @@ def train(cfg: Config) -> Path:
     )
 
     # ---- set-up: everything that can refuse the run does so before step 0 ----
-    student_path = resolve_model_path(cfg.model.student, cfg.model)
-    teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
-    tokenizer = load_tokenizer(student_path, cfg.model)
-    check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, cfg.model))
-    train_rows, heldout_rows = load_train_and_heldout(cfg.data)
-    groups, overlong = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    heldout_groups, _ = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    stream = GroupStream(groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    inputs = load_run_inputs(cfg)
+    student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
+    stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     student = load_causal_lm(student_path, cfg.model, dtype, ctx.device)
@@ -94,13 +87,13 @@ def train(cfg: Config) -> Path:
         push_weights(sampler, student)  # the engine starts from the checkpoint's weights too
     evaluator = None
     if cfg.eval.every > 0 and ctx.is_main:
-        evaluator = Evaluator(cfg, run_dir, heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget)
+        evaluator = Evaluator(cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget)
         generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
         evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
 
     for step in tqdm(range(start_step, cfg.run.steps), desc="opd", initial=start_step, total=cfg.run.steps, disable=not ctx.is_main):
-        metrics: dict[str, float] = {"data/overlong_rows_dropped": len(overlong)} if step == 0 else {}
+        metrics: dict[str, float] = {"data/overlong_rows_dropped": len(inputs.overlong_rows)} if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
         step_start = time.perf_counter()

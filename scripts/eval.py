@@ -13,9 +13,10 @@ import torch
 
 from opd_local import dist
 from opd_local.config import micro_batch_tokens, parse_config
-from opd_local.data import GroupStream, load_train_and_heldout, tokenize_groups
+from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
-from opd_local.models import check_same_tokenizer, load_causal_lm, load_frozen_teacher, load_tokenizer, resolve_model_path
+from opd_local.models import FrozenTeacher, load_causal_lm, load_frozen_teacher
+from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler
 
 
@@ -24,19 +25,14 @@ def main() -> None:
     ctx = dist.init_distributed(cfg.run.device)
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    student_path = resolve_model_path(cfg.model.student, cfg.model)
-    teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
-    tokenizer = load_tokenizer(student_path, cfg.model)
-    check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, cfg.model))
-    train_rows, heldout_rows = load_train_and_heldout(cfg.data)
-    train_groups, _ = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    heldout_groups, _ = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    first_train = GroupStream(train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
+    inputs = load_run_inputs(cfg)
+    student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
+    first_train = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
 
     student = load_causal_lm(student_path, cfg.model, torch.float32, ctx.device)
-    teacher = load_frozen_teacher(teacher_path, cfg.model, torch.float32, ctx.device)
+    teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, torch.float32, ctx.device))
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
-    evaluator = Evaluator(cfg, out_dir, heldout_groups, first_train, tokenizer, micro_batch_tokens(cfg.optim, ctx.device.type))
+    evaluator = Evaluator(cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, micro_batch_tokens(cfg.optim, ctx.device.type))
     evaluator.prepare(
         teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher, teacher_path
     )

@@ -119,3 +119,23 @@ def test_trace_cache_is_reused_not_regenerated(tiny_teacher_dir, tokenizer, tmp_
     assert first == second and first[0].teacher_final_correct and first[0].span is not None
     build_teacher_traces(groups, max_tokens=32, **kwargs)  # a different setting is a different cache
     assert calls == [1, 1]
+
+
+def test_eval_script_scores_a_checkpoint_against_a_teacher(tiny_model_dir, tiny_teacher_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable, "scripts/eval.py", "--student", tiny_model_dir, "--teacher", tiny_teacher_dir,
+        "--sampler", "hf", "--max_heldout_rows", "3", "--eval.train_rows", "2", "--eval.max_trace_tokens", "8",
+        "--eval.greedy_max_tokens", "8", "--out_dir", str(out),
+    ]
+    subprocess.run(cmd, check=True, timeout=600)
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    assert {"eval/trace_gap", "eval/trace_gap_train", "eval/student_greedy_accuracy", "eval/teacher_final_accuracy"} <= set(metrics)
+    records = [json.loads(line) for line in (out / "trace_eval.jsonl").read_text().splitlines()]
+    assert sorted(r["split"] for r in records) == ["heldout"] * 3 + ["train"] * 2
+    # two different random models: the student is far from the teacher on the teacher's own text
+    assert metrics["eval/trace_gap"] > 0.1
