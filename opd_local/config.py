@@ -66,7 +66,9 @@ class RolloutConfig:
     max_tokens: int = knob(128, "completion length cap")
     gpu_memory_utilization: float = knob(0.3, "vLLM on GPU: fraction of GPU memory for the engine")
     kv_cache_gib: int = knob(1, "vLLM on CPU: KV-cache size in GiB")
-    enforce_eager: bool = knob(True, "vLLM: skip torch.compile/graph capture (start-up in seconds instead of minutes)")
+    enforce_eager: str = knob(
+        "auto", "vLLM without torch.compile/CUDA graphs: auto (eager on CPU, where compiling costs minutes; graphs on GPU), true, false"
+    )
     max_model_len: int = knob(1024, "vLLM context length (prompt + completion)")
     sleep_during_train: bool = knob(True, "vLLM on GPU: free the KV cache while the trainer runs")
 

