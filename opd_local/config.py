@@ -32,6 +32,9 @@ BUNDLED_GSM8K = "bundled:gsm8k"
 class ModelConfig:
     student: str = knob(EMBEDDED_MODEL, "student: Hugging Face id, local directory, or the embedded SmolLM2")
     teacher: str = knob("", "frozen teacher; empty means the student's starting weights")
+    teacher_context: str = knob(
+        "privileged", "what the teacher sees: privileged (the worked solution too) or plain (the student's prompt: self-distillation)"
+    )
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
     dtype: str = knob("auto", "trainer weights: auto (fp32 on CPU, fp32 master + bf16 autocast on CUDA), float32, bfloat16")
     attn_implementation: str = knob("sdpa", "transformers attention backend: sdpa, eager, flash_attention_2")
