@@ -14,7 +14,7 @@ from opd_local.metrics import read_metrics
 from opd_local.models import load_causal_lm
 from opd_local.packing import pack_sequences
 from opd_local.rollouts import Rollout
-from opd_local.scoring import score_completions
+from opd_local.scoring import packed_token_logprobs, score_completions
 
 DESIGN_STEP_KEYS = {
     "opd/sampled_reverse_kl",
@@ -100,34 +100,39 @@ def _rollouts(student, tokenizer, teacher_shift: float):
 
 
 def test_loss_gradient_is_closed_form_at_rollout_weights(tiny_model_dir, tokenizer):
-    """At theta = theta_rollout, grad(loss) = sum_t lambda*(rollout_lp_t - teacher_lp_t)/N * grad(student_lp_t)."""
-    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    """At theta = theta_rollout, grad(loss) = sum_t lambda*(rollout_lp_t - teacher_lp_t)/N * grad(student_lp_t).
+
+    In float64, so that the two paths' different summation orders cannot hide a real difference.
+    """
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float64, torch.device("cpu"))
     rollouts = _rollouts(student, tokenizer, teacher_shift=0.7)
     loss_cfg = LossConfig(kl_coef=1.5)
     batch = pack_sequences([r.group.student_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
-    rollout_lp = torch.cat([r.rollout_lp for r in rollouts])
-    teacher_lp = torch.cat([r.teacher_lp for r in rollouts])
+    with torch.no_grad():  # theta_rollout exactly: the same packed forward, in float64
+        rollout_lp = packed_token_logprobs(student, batch)
+    teacher_lp = rollout_lp + 0.7 * torch.randn_like(rollout_lp)
     n_active = float(batch.num_active)
 
     loss, student_lp = opd_micro_batch_loss(student, batch, teacher_lp, rollout_lp, loss_cfg, n_active, 1.0)
-    torch.testing.assert_close(student_lp, rollout_lp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(student_lp, rollout_lp, atol=1e-12, rtol=0)
     expected_loss = -loss_cfg.kl_coef * (teacher_lp - rollout_lp).sum() / n_active
-    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-12, rtol=1e-10)
     loss.backward()
     fused = {n: p.grad.clone() for n, p in student.named_parameters()}
 
     # Independent path: plain HF logits + log_softmax, weighted by the closed-form coefficient.
     student.zero_grad()
     logits = student(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
-    lp = torch.log_softmax(logits.float(), -1)[batch.logit_positions, batch.targets]
+    lp = torch.log_softmax(logits, -1)[batch.logit_positions, batch.targets]
     coefficient = loss_cfg.kl_coef * (rollout_lp - teacher_lp) / n_active
     (coefficient * lp).sum().backward()
     for name, param in student.named_parameters():
-        torch.testing.assert_close(fused[name], param.grad, atol=1e-6, rtol=1e-3, msg=name)
+        torch.testing.assert_close(fused[name], param.grad, atol=1e-12, rtol=1e-8, msg=name)
 
 
 def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tokenizer):
-    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    # float64, so that summation order cannot hide a real difference between the two layouts
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float64, torch.device("cpu"))
     rollouts = _rollouts(student, tokenizer, teacher_shift=0.5)
     grads = []
     for budget in (100_000, 1):  # one packed micro-batch vs one sequence per micro-batch
@@ -140,7 +145,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tokenizer):
         assert stats["rollout/trainer_lp_mismatch"] < 1e-4
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-7, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-12, rtol=1e-9, msg=name)
 
 
 def test_mismatched_teacher_tokenizer_is_refused(tiny_model_dir, tmp_path, tokenizer):
