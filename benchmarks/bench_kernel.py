@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import os
 import platform
@@ -127,17 +128,16 @@ def grad_step(forward, inputs):
     return step
 
 
+
+@functools.cache
+def compile_once(fn):
+    """torch.compile each eager baseline once per run, whichever table uses it."""
+    return torch.compile(fn, dynamic=False)
+
 def candidates(op, x):
     """[(name, builder)] for one op; a builder returns a step or raises ImportError ("not installed")."""
     import kernels
     from kernels import divergence, linear_logprob, logprob, reference
-
-    compiled = {}
-
-    def compile_once(fn):
-        if fn not in compiled:
-            compiled[fn] = torch.compile(fn, dynamic=False)
-        return compiled[fn]
 
     opd_kw = lambda: dict(normalizer=float(x["n"]))  # noqa: E731
     if op == "logprob":
@@ -393,13 +393,6 @@ def cpu_candidates(op, x):
     chunked torch reference (`kernels.reference`), so the GPU table's separate "chunked torch" row is this row.
     """
     import kernels
-
-    compiled = {}
-
-    def compile_once(fn):
-        if fn not in compiled:
-            compiled[fn] = torch.compile(fn, dynamic=False)
-        return compiled[fn]
 
     opd_kw = lambda: dict(normalizer=float(x["n"]))  # noqa: E731
     if op == "logprob":

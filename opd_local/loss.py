@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from opd_local.config import LossConfig
-from opd_local.models import final_hidden_states, lm_head_weight
+from opd_local.models import active_hidden_and_head
 from opd_local.packing import PackedBatch
 
 
@@ -27,12 +27,10 @@ def opd_micro_batch_loss(
     """(loss share of this micro-batch, student_lp [N_active]); `normalizer` is the step's N_active."""
     if loss_cfg.objective != "sampled_rkl":
         raise ValueError(f"loss.objective={loss_cfg.objective!r} is not available; use sampled_rkl")
-    hidden = final_hidden_states(student, batch.input_ids, batch.position_ids)[0]  # [T, H]
-    active_hidden = hidden.index_select(0, batch.logit_positions)  # [N_active, H]
-    weight = lm_head_weight(student)
+    active_hidden, weight = active_hidden_and_head(student, batch)
     return kernels.linear_opd_loss(
         active_hidden,
-        weight.to(active_hidden.dtype),
+        weight,
         batch.targets,
         teacher_lp,
         rollout_lp,

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
 
@@ -211,6 +211,13 @@ def final_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tens
     """
     out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
+
+
+def active_hidden_and_head(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states at the packed batch's active positions `[N_active, H]`, and the lm_head weight in their dtype."""
+    hidden = final_hidden_states(model, batch.input_ids, batch.position_ids)[0]  # [T, H]
+    active_hidden = hidden.index_select(0, batch.logit_positions)
+    return active_hidden, lm_head_weight(model).to(active_hidden.dtype)
 
 
 def check_context_fits(cfg, student, teacher) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 import kernels
-from opd_local.models import final_hidden_states, lm_head_weight
+from opd_local.models import active_hidden_and_head
 from opd_local.packing import PackedBatch, pack_sequences, split_by_token_budget
 
 
@@ -27,11 +27,9 @@ def packed_token_logprobs(
     model, batch: PackedBatch, temperature: float = 1.0, chunk_tokens: int = 1024
 ) -> torch.Tensor:
     """`[N_active]` fp32 logprobs of `batch.targets`; differentiable if the model is."""
-    hidden = final_hidden_states(model, batch.input_ids, batch.position_ids)[0]  # [T, H]
-    active_hidden = hidden.index_select(0, batch.logit_positions)  # [N_active, H]
-    weight = lm_head_weight(model)
+    active_hidden, weight = active_hidden_and_head(model, batch)
     return kernels.linear_token_logprobs(
-        active_hidden, weight.to(active_hidden.dtype), batch.targets, temperature=temperature, chunk_tokens=chunk_tokens
+        active_hidden, weight, batch.targets, temperature=temperature, chunk_tokens=chunk_tokens
     )
 
 
