@@ -1,4 +1,4 @@
-"""Token log-probs, the fused OPD loss and reverse KL over packed [N, ...] tokens; imports nothing from opd_local.
+"""Token log-probs, the fused OPD loss and full-vocab divergences over packed [N, ...] tokens; imports nothing from opd_local.
 
 Each entry takes `backend="auto" | "triton" | "reference"`. "auto" (the default) runs the Triton op for CUDA
 tensors (fp64 excepted: it is for checks, and the reference keeps it exact) and the chunked torch reference
@@ -49,9 +49,18 @@ def _load_triton_ops() -> None:
     )
 
 
+# Ops with no Triton kernel: chunked torch on every device. Each chunk is two [C, H] x [H, V] matmuls
+# and a few [C, V] elementwise passes, so the matmuls dominate and run in cuBLAS on a GPU.
+_REFERENCE_ONLY = frozenset({"linear_divergence_loss"})
+
+
 def _impl(name: str, x: torch.Tensor, backend: str):
     if backend not in _BACKENDS:
         raise ValueError(f"kernels.{name}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if name in _REFERENCE_ONLY:
+        if backend == "triton":
+            raise ValueError(f"kernels.{name} has no Triton kernel; use backend='auto' or 'reference'")
+        return getattr(reference, name)
     if backend == "reference":
         return getattr(reference, name)
     if backend == "triton" or (x.is_cuda and x.dtype != torch.float64):
@@ -103,7 +112,16 @@ def topk_reverse_kl(student_logits, teacher_logits, k, temperature=1.0, *, backe
     return _impl("topk_reverse_kl", student_logits, backend)(student_logits, teacher_logits, k, temperature, **kwargs)
 
 
+def linear_divergence_loss(hidden, weight, teacher_hidden, teacher_weight, targets, *, backend="auto", **kwargs):
+    """Full-vocab full_rkl / topk_rkl / fkl / jsd from both sides' hidden states -> (loss, student_lp, D [N]);
+    see `reference.linear_divergence_loss`. Chunked torch on every device."""
+    return _impl("linear_divergence_loss", hidden, backend)(
+        hidden, weight, teacher_hidden, teacher_weight, targets, **kwargs
+    )
+
+
 __all__ = [
+    "linear_divergence_loss",
     "token_logprobs",
     "linear_token_logprobs",
     "opd_loss",

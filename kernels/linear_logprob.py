@@ -26,7 +26,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels.logprob import INTERPRET, _check_dtype, _check_targets, _online_lse_update, _opd_row
+from kernels.logprob import INTERPRET, _check_dtype, _check_targets, _normalizer_rows, _online_lse_update, _opd_row
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
 # (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not; not yet tuned on a GPU. tl.dot needs
@@ -84,7 +84,7 @@ def _dlogits_tile(x, is_target, lse, rest, scale, dtype: tl.constexpr, UPCAST: t
 def _linear_fwd_kernel(
     h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, N, V, H, inv_temp,
     lp_ptr, lse_ptr, rest_ptr,
-    teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr, loss_ptr, grad_ptr, kl_coef, log_ratio_cap,
+    teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr, stride_norm, loss_ptr, grad_ptr, kl_coef, log_ratio_cap,
     OPD: tl.constexpr, IMPORTANCE_RATIO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -114,7 +114,7 @@ def _linear_fwd_kernel(
         loss, grad = _opd_row(
             student_lp, tl.load(teacher_lp_ptr + rows, mask=row_ok, other=0.0),
             tl.load(rollout_lp_ptr + rows, mask=row_ok, other=0.0), kl_coef, log_ratio_cap,
-            tl.load(normalizer_ptr), IMPORTANCE_RATIO,
+            tl.load(normalizer_ptr + rows * stride_norm, mask=row_ok, other=1.0), IMPORTANCE_RATIO,
         )
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(grad_ptr + rows, grad, mask=row_ok)
@@ -219,13 +219,13 @@ def _forward(hidden, weight, targets, inv_temp, tiles, opd=None):
     lp, lse, rest = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
     loss_rows = grad = None
     if opd is None:
-        opd_args = (lp, lp, lp, lp, lp, 0.0, 0.0)  # unused pointers
+        opd_args = (lp, lp, lp, 0, lp, lp, 0.0, 0.0)  # unused pointers
         opd_flags = dict(OPD=False, IMPORTANCE_RATIO=False)
     else:
         teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio = opd
         loss_rows = torch.empty(n, dtype=torch.float32, device=device)
         grad = torch.empty(n, dtype=torch.float32, device=device)
-        opd_args = (teacher_lp, rollout_lp, normalizer, loss_rows, grad, kl_coef, log_ratio_cap)
+        opd_args = (teacher_lp, rollout_lp, normalizer, normalizer.stride(0), loss_rows, grad, kl_coef, log_ratio_cap)
         opd_flags = dict(OPD=True, IMPORTANCE_RATIO=importance_ratio)
     if n:
         _linear_fwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]),)](
@@ -329,7 +329,7 @@ class _LinearOPDLoss(torch.autograd.Function):
         kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, tiles = opts
         tiles = _tiles(tiles)
         inv_temp = 1.0 / temperature
-        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device).reshape(1)
+        normalizer = _normalizer_rows(normalizer, hidden.shape[0], hidden.device)
         opd = (teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio)
         student_lp, lse, rest, loss_rows, grad = _forward(hidden, weight, targets, inv_temp, tiles, opd)
         dhidden = dweight = None

@@ -127,7 +127,7 @@ def _logprob_bwd_kernel(
 
 @triton.jit
 def _opd_fwd_kernel(
-    logits_ptr, stride_row, targets_ptr, teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr,
+    logits_ptr, stride_row, targets_ptr, teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr, stride_norm,
     lp_ptr, loss_ptr, dlogits_ptr, dstride_row,
     V, inv_temp, kl_coef, log_ratio_cap,
     IMPORTANCE_RATIO: tl.constexpr, NEED_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -152,7 +152,7 @@ def _opd_fwd_kernel(
     student_lp = x_y - lse
     loss, grad = _opd_row(
         student_lp, tl.load(teacher_lp_ptr + row), tl.load(rollout_lp_ptr + row),
-        kl_coef, log_ratio_cap, tl.load(normalizer_ptr), IMPORTANCE_RATIO,
+        kl_coef, log_ratio_cap, tl.load(normalizer_ptr + row * stride_norm), IMPORTANCE_RATIO,
     )
     tl.store(lp_ptr + row, student_lp)
     tl.store(loss_ptr + row, loss)
@@ -181,6 +181,12 @@ def _check_targets(targets: torch.Tensor, v: int) -> None:
     # reference's gather raises. The check is asynchronous on CUDA: no host sync per call.
     if targets.numel():
         torch._assert_async(((targets >= 0) & (targets < v)).all(), f"targets must lie in [0, V={v})")
+
+
+def _normalizer_rows(normalizer, n: int, device: torch.device) -> torch.Tensor:
+    """fp32 [N] divisors on device: the step-wide count broadcast with stride 0, or per-token divisors."""
+    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=device)
+    return normalizer.reshape(1).expand(n) if normalizer.dim() == 0 else normalizer.contiguous()
 
 
 def _rowwise(x: torch.Tensor) -> torch.Tensor:
@@ -267,14 +273,14 @@ class _OPDLoss(torch.autograd.Function):
         kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, block_v = opts
         n, v = logits.shape
         device = logits.device
-        normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=device).reshape(1)
+        normalizer = _normalizer_rows(normalizer, n, device)
         student_lp = torch.empty(n, dtype=torch.float32, device=device)
         loss_rows = torch.empty(n, dtype=torch.float32, device=device)  # summed in torch: deterministic
         dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else None
         block, warps = _block_v(v, block_v)
         if n:
             _opd_fwd_kernel[(n,)](
-                logits, logits.stride(0), targets, teacher_lp, rollout_lp, normalizer,
+                logits, logits.stride(0), targets, teacher_lp, rollout_lp, normalizer, normalizer.stride(0),
                 student_lp, loss_rows, dlogits if need_grad else logits, dlogits.stride(0) if need_grad else 0,
                 v, 1.0 / temperature, kl_coef, log_ratio_cap,
                 IMPORTANCE_RATIO=importance_ratio, NEED_GRAD=need_grad, SINGLE_BLOCK=block >= v, BLOCK_V=block,

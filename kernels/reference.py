@@ -6,6 +6,8 @@ Inputs are packed over active tokens ([N, ...], N up to millions). Every op walk
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -58,19 +60,19 @@ def _opd_chunk(
     rollout_lp: torch.Tensor,
     kl_coef: float,
     log_ratio_cap: float,
-    normalizer: torch.Tensor,
+    normalizer: torch.Tensor,  # 0-d, or the chunk's per-token divisors
     importance_ratio: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss contribution of one chunk and d loss / d student_lp (DESIGN.md, step 6)."""
     advantage = kl_coef * (teacher_lp - rollout_lp)  # A_t, detached by construction
     if not importance_ratio:
         # REINFORCE form -sum(A * student_lp)/N: its value is reported with ratio = 1.
-        return -advantage.sum() / normalizer, -advantage / normalizer
+        return (-advantage / normalizer).sum(), -advantage / normalizer
     log_ratio = student_lp - rollout_lp
     ratio = torch.exp(torch.clamp(log_ratio, max=log_ratio_cap))
     # Above the cap the ratio is a constant, so those tokens carry no gradient.
     grad_student_lp = -(advantage / normalizer) * ratio * (log_ratio < log_ratio_cap)
-    return -(ratio * advantage).sum() / normalizer, grad_student_lp
+    return (-(ratio * advantage) / normalizer).sum(), grad_student_lp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +113,15 @@ def _check_opd(n: int, teacher_lp: torch.Tensor, rollout_lp: torch.Tensor, norma
     for name, lp in (("teacher_lp", teacher_lp), ("rollout_lp", rollout_lp)):
         if lp.dim() != 1 or lp.shape[0] != n:
             raise ValueError(f"{name} must have shape [N]=[{n}], got {list(lp.shape)}")
+    _check_normalizer(n, normalizer)
+
+
+def _check_normalizer(n: int, normalizer) -> None:
     if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError(f"normalizer must be a float or a 0-d tensor, got shape {list(normalizer.shape)}")
+        if normalizer.dim() != 0 and list(normalizer.shape) != [n]:
+            raise ValueError(
+                f"normalizer must be a float, a 0-d tensor or per-token divisors [N]=[{n}], got shape {list(normalizer.shape)}"
+            )
     elif not normalizer > 0:
         raise ValueError(f"normalizer (active tokens over the whole step) must be > 0, got {normalizer}")
 
@@ -121,6 +129,11 @@ def _check_opd(n: int, teacher_lp: torch.Tensor, rollout_lp: torch.Tensor, norma
 def _as_tensor(normalizer, acc: torch.dtype, device: torch.device) -> torch.Tensor:
     # A 0-d tensor stays on device: no host sync per micro-batch.
     return torch.as_tensor(normalizer, dtype=acc, device=device)
+
+
+def _rows(normalizer: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """The chunk's divisors: the one step-wide count, or per-token divisors (per-sequence normalisation)."""
+    return normalizer if normalizer.dim() == 0 else normalizer[s:e]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +228,20 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
 
 def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_tokens, need_dh, need_dw):
-    """dH [N, H] (hidden dtype) and dW [V, H] (fp32-accumulated, cast to weight dtype) by chunk.
+    """dH and dW of a loss on token log-probs; `grad_fn(s, e, x, lse)` gets a chunk's scaled logits and
+    log-sum-exp (recomputed when `lse` is None) and returns d loss / d student_lp for it."""
 
-    `lse` may be None, then it is computed from the recomputed logits; `grad_fn(s, e, x, lse)` gets a
-    chunk's scaled logits and log-sum-exp and returns d loss / d student_lp for it.
-    """
+    def dlogits_of_chunk(s, e, x):
+        lse_c = torch.logsumexp(x, dim=-1) if lse is None else lse[s:e]
+        return _chunk_dlogits(x, lse_c, targets[s:e], grad_fn(s, e, x, lse_c), temperature)
+
+    return _linear_chunks(hidden, weight, temperature, chunk_tokens, dlogits_of_chunk, need_dh, need_dw)
+
+
+def _linear_chunks(hidden, weight, temperature, chunk_tokens, dlogits_fn, need_dh, need_dw):
+    """Walk N in chunks: x = (H_c @ W^T) / T, dlogits = dlogits_fn(s, e, x), then dH_c = dlogits @ W and
+    dW += dlogits^T @ H_c. Returns dH [N, H] (hidden dtype) and dW [V, H] (summed in fp32, cast to the
+    weight dtype), None where not needed; dlogits_fn runs for every chunk either way."""
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     dhidden = torch.empty_like(hidden) if need_dh else None
@@ -228,8 +250,7 @@ def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_toke
         e = min(s + chunk_tokens, n)
         hidden_c = hidden[s:e]
         x = _scaled(hidden_c @ weight.T, temperature, acc)  # [C, V]
-        lse_c = torch.logsumexp(x, dim=-1) if lse is None else lse[s:e]
-        dlogits = _chunk_dlogits(x, lse_c, targets[s:e], grad_fn(s, e, x, lse_c), temperature).to(hidden.dtype)
+        dlogits = dlogits_fn(s, e, x).to(hidden.dtype)
         del x
         if need_dh:
             dhidden[s:e] = dlogits @ weight
@@ -298,7 +319,7 @@ class _OPDLoss(torch.autograd.Function):
             lp, lse = _chunk_logprobs(x, targets[s:e])
             student_lp[s:e] = lp
             loss_c, grad_lp = _opd_chunk(
-                lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, normalizer, importance_ratio
+                lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, _rows(normalizer, s, e), importance_ratio
             )
             loss += loss_c
             if need_grad:
@@ -333,7 +354,7 @@ class _LinearOPDLoss(torch.autograd.Function):
             lp = x.gather(1, targets[s:e, None]).squeeze(1) - lse
             student_lp[s:e] = lp
             loss_c, grad_lp = _opd_chunk(
-                lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, normalizer, importance_ratio
+                lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, _rows(normalizer, s, e), importance_ratio
             )
             loss += loss_c
             return grad_lp
@@ -376,7 +397,8 @@ def opd_loss(
 
     A = kl_coef * (teacher_lp - rollout_lp); loss = -sum(exp(min(student_lp - rollout_lp, cap)) * A) / normalizer,
     or with importance_ratio=False the REINFORCE form (value -sum(A)/normalizer, gradient of -sum(A*student_lp)).
-    `normalizer` counts active tokens over the whole step (all micro-batches and ranks), not N.
+    `normalizer` counts active tokens over the whole step (all micro-batches and ranks), not N; a [N] tensor
+    instead divides each token by its own count (per-sequence normalisation: sequence length x sequences).
     The gradient is computed during forward; backward only scales it (see `_scale_grad`).
     """
     _check_logits(logits)
@@ -566,3 +588,141 @@ def topk_reverse_kl(
     if not 1 <= int(k) <= v:
         raise ValueError(f"k must be in [1, V={v}], got {k}")
     return _ReverseKL.apply(student_logits, teacher_logits.detach(), int(k), float(temperature), int(chunk_tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_divergence_loss: full-vocabulary objectives against the teacher's hidden states
+# ---------------------------------------------------------------------------------------------
+
+DIVERGENCES = ("full_rkl", "topk_rkl", "fkl", "jsd")
+
+
+def _chunk_forward_kl(xs: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(p_t || p_s) [C], its gradient in xs [C, V]) = (sum p_t (log p_t - log p_s), p_s - p_t)."""
+    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
+    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    p_t = torch.exp(logp_t)
+    kl = torch.where(p_t > 0, p_t * (logp_t - logp_s), 0.0).sum(dim=-1)
+    return kl, torch.exp(logp_s) - p_t
+
+
+def _chunk_jsd(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised JSD and its gradient in xs, with M = beta p_t + (1 - beta) p_s:
+
+    JSD_beta = beta KL(p_t || M) + (1 - beta) KL(p_s || M). The terms from M's own dependence on p_s
+    cancel, leaving d JSD / d xs = (1 - beta) p_s (ell - KL(p_s || M)), ell = log p_s - log M.
+    """
+    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
+    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
+    p_s, p_t = torch.exp(logp_s), torch.exp(logp_t)
+    ell = logp_s - log_m
+    kl_s = torch.where(p_s > 0, p_s * ell, 0.0).sum(dim=-1)
+    kl_t = torch.where(p_t > 0, p_t * (logp_t - log_m), 0.0).sum(dim=-1)
+    grad = torch.where(p_s > 0, (1.0 - beta) * p_s * (ell - kl_s[:, None]), 0.0)
+    return beta * kl_t + (1.0 - beta) * kl_s, grad
+
+
+def _chunk_divergence(objective: str, xs: torch.Tensor, xt: torch.Tensor, k: int, beta: float):
+    """(divergence [C], its gradient in the scaled student logits xs [C, V]) for one chunk."""
+    if objective == "full_rkl":
+        kl, grad, _ = _chunk_reverse_kl(xs, xt, None)
+        return kl, grad
+    if objective == "topk_rkl":
+        threshold = torch.topk(xs, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        kl, grad, _ = _chunk_reverse_kl(xs, xt, xs >= threshold)
+        return kl, grad
+    if objective == "fkl":
+        return _chunk_forward_kl(xs, xt)
+    return _chunk_jsd(xs, xt, beta)
+
+
+def _check_divergence(objective, hidden, weight, teacher_hidden, teacher_weight, k, beta) -> None:
+    if objective not in DIVERGENCES:
+        raise ValueError(f"objective must be one of {DIVERGENCES}, got {objective!r}")
+    _check_linear(hidden, weight)
+    _check_linear(teacher_hidden, teacher_weight)
+    if teacher_hidden.shape[0] != hidden.shape[0]:
+        raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} rows but hidden has {hidden.shape[0]}")
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"teacher vocab {teacher_weight.shape[0]} != student vocab {weight.shape[0]}")
+    if objective == "topk_rkl" and not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"k must be in [1, V={weight.shape[0]}], got {k}")
+    if objective == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd beta must be in (0, 1) (its limits are fkl and full_rkl up to scale), got {beta}")
+
+
+class _LinearDivergenceLoss(torch.autograd.Function):
+    """Per chunk: both sides' logits from hidden states, the divergence, dH_c and the fp32 dW sum, all in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, opts, need_dh, need_dw):
+        objective, k, beta, scale, normalizer, temperature, chunk_tokens = opts
+        acc = _acc_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        normalizer = _as_tensor(normalizer, acc, hidden.device)
+        student_lp = torch.empty(n, dtype=acc, device=hidden.device)
+        divergence = torch.empty(n, dtype=acc, device=hidden.device)
+
+        def dlogits_of_chunk(s, e, xs):
+            lse = torch.logsumexp(xs, dim=-1)
+            student_lp[s:e] = xs.gather(1, targets[s:e, None]).squeeze(1) - lse
+            # The teacher at T = 1, the student at the sampling temperature: the distributions that
+            # sampled_rkl compares one sampled token at a time.
+            xt = (teacher_hidden[s:e] @ teacher_weight.T).to(acc)
+            value, grad = _chunk_divergence(objective, xs, xt, k, beta)
+            divergence[s:e] = value
+            return grad.mul_((scale / _rows(normalizer, s, e) / temperature).reshape(-1, 1))
+
+        dhidden, dweight = _linear_chunks(
+            hidden, weight, temperature, chunk_tokens, dlogits_of_chunk, need_dh, need_dw
+        )
+        loss = (scale * divergence / normalizer).sum()
+        ctx.save_for_backward(dhidden, dweight)
+        ctx.mark_non_differentiable(student_lp, divergence)
+        return loss, student_lp, divergence
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_student_lp, _grad_divergence):
+        dhidden, dweight = ctx.saved_tensors
+        return _scale_grad(dhidden, grad_loss), _scale_grad(dweight, grad_loss), None, None, None, None, None, None
+
+
+def linear_divergence_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    objective: str,
+    normalizer: float | torch.Tensor,
+    scale: float = 1.0,
+    k: int = 64,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A full-vocabulary divergence between student and teacher, per active token, on hidden states.
+
+    -> (loss = scale * sum(D_t / normalizer_t), student_lp [N] of `targets`, D [N]), fp32; neither side's
+    [N, V] logits exist at once: each chunk rebuilds both from hidden [N, H] @ weight[V, H]^T and
+    teacher_hidden [N, H'] @ teacher_weight[V, H']^T. Student logits are divided by `temperature`,
+    the teacher's are not. D is one of
+      full_rkl  KL(p_s || p_t);
+      topk_rkl  the same on the student's top-k tokens (ties kept) plus one tail bucket;
+      fkl       KL(p_t || p_s);
+      jsd       beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = beta p_t + (1 - beta) p_s.
+    The teacher is frozen; dH and dW are computed in forward (as in `linear_opd_loss`).
+    """
+    _check_divergence(objective, hidden, weight, teacher_hidden, teacher_weight, int(k), float(beta))
+    n = hidden.shape[0]
+    _check_common(n, targets, temperature, chunk_tokens)
+    _check_normalizer(n, normalizer)
+    opts = (objective, int(k), float(beta), float(scale), normalizer, float(temperature), int(chunk_tokens))
+    need_dh = torch.is_grad_enabled() and hidden.requires_grad
+    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    return _LinearDivergenceLoss.apply(
+        hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), targets, opts, need_dh, need_dw
+    )

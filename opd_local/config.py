@@ -35,6 +35,12 @@ class ModelConfig:
     teacher_context: str = knob(
         "privileged", "what the teacher sees: privileged (the worked solution too) or plain (the student's prompt: self-distillation)"
     )
+    teacher_weights: str = knob(
+        "auto",
+        "which weights score: initial (a frozen copy of the student's starting weights), separate (model.teacher, "
+        "another model with the same tokenizer), base_adapter_off (LoRA: the student's base with the adapter off, no "
+        "second copy), auto (separate when model.teacher is set, else base_adapter_off under LoRA, else initial)",
+    )
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
     dtype: str = knob("auto", "trainer weights: auto (fp32 on CPU, fp32 master + bf16 autocast on CUDA), float32, bfloat16")
     attn_implementation: str = knob("sdpa", "transformers attention backend: sdpa, eager, flash_attention_2")
@@ -78,10 +84,21 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = knob("sampled_rkl", "token objective: sampled_rkl")
-    kl_coef: float = knob(1.0, "lambda: scale of the advantage teacher_lp - rollout_lp")
-    log_ratio_cap: float = knob(2.0, "cap on student_lp - rollout_lp inside the importance ratio")
-    importance_ratio: bool = knob(True, "weight tokens by exp(student_lp - rollout_lp); off means ratio = 1 in value")
+    objective: str = knob(
+        "sampled_rkl",
+        "token objective: sampled_rkl (sampled-token reverse KL with IS ratio), full_rkl, topk_rkl, fkl (forward KL), "
+        "jsd (generalised JSD); all but sampled_rkl use the full vocabulary from the teacher's hidden states",
+    )
+    kl_coef: float = knob(1.0, "lambda: scale of the advantage teacher_lp - rollout_lp (of the divergence, for the others)")
+    log_ratio_cap: float = knob(2.0, "sampled_rkl: cap on student_lp - rollout_lp inside the importance ratio")
+    importance_ratio: bool = knob(
+        True, "sampled_rkl: weight tokens by exp(student_lp - rollout_lp); off means ratio = 1 in value"
+    )
+    normalize: str = knob(
+        "token", "token (divide by the step's active tokens) or sequence (mean over completions of per-token means)"
+    )
+    topk: int = knob(64, "topk_rkl: the student's top-k tokens kept; the rest is one tail bucket")
+    jsd_beta: float = knob(0.5, "jsd: beta in M = beta p_teacher + (1 - beta) p_student")
     chunk_tokens: int = knob(1024, "tokens per chunk in the chunked loss (bounds the [chunk, V] fp32 buffer)")
 
 

@@ -23,7 +23,7 @@ from opd_local.checkpoint import (
 from opd_local.config import Config, micro_batch_tokens, save_yaml
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
-from opd_local.loss import opd_micro_batch_loss
+from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
 from opd_local.metrics import MetricsLogger, drop_records_from
 from opd_local.models import (
     FrozenTeacher,
@@ -32,6 +32,7 @@ from opd_local.models import (
     is_peft_model,
     load_causal_lm,
     load_frozen_teacher,
+    lm_head_weight,
 )
 from opd_local.packing import pack_sequences, split_by_token_budget
 from opd_local.report import write_report
@@ -71,11 +72,13 @@ def train(cfg: Config) -> Path:
     if cfg.model.lora_rank > 0:
         student = apply_lora(student, cfg.model)
     student.train()
-    if cfg.model.lora_rank > 0 and teacher_path == student_path:
+    if inputs.teacher_weights == "base_adapter_off":
         teacher = FrozenTeacher(student, adapter_off=True)  # the base weights, without a second copy
     else:
         teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device))
     check_context_fits(cfg, student, teacher.model)
+    # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
+    teacher_head = lm_head_weight(teacher.model).detach() if needs_teacher_hidden(cfg.loss) else None
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
     optimizer, scheduler = build_optimizer(student, cfg)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
@@ -119,20 +122,24 @@ def train(cfg: Config) -> Path:
         rollouts = build_rollouts(step_groups, completions)
         scorable = [r for r in rollouts if r.kept]
         with teacher.scope():
-            teacher_lps = score_completions(
+            teacher_scores = score_completions(
                 teacher.model,
                 [r.group.teacher_prompt_ids for r in scorable],
                 [r.completion_ids for r in scorable],
                 micro_batch_tokens=token_budget,
                 chunk_tokens=cfg.loss.chunk_tokens,
+                return_hidden=needs_teacher_hidden(cfg.loss),
             )
-        attach_teacher_scores(rollouts, teacher_lps)
+        if needs_teacher_hidden(cfg.loss):
+            attach_teacher_scores(rollouts, *teacher_scores)
+        else:
+            attach_teacher_scores(rollouts, teacher_scores)
         kept = [r for r in rollouts if r.kept]
         metrics["time/score"] = time.perf_counter() - t
 
         # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
         t = time.perf_counter()
-        metrics.update(train_on_rollouts(student, optimizer, kept, cfg))
+        metrics.update(train_on_rollouts(student, optimizer, kept, cfg, teacher_head))
         scheduler.step()
         metrics["time/train"] = time.perf_counter() - t
 
@@ -178,10 +185,10 @@ def build_optimizer(student, cfg: Config):
     return optimizer, scheduler
 
 
-def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config) -> dict[str, float]:
+def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teacher_head=None) -> dict[str, float]:
     """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
-    local = torch.tensor([sum(len(r.completion_ids) for r in kept)], dtype=torch.float64)
-    n_active = float(dist.all_reduce_sum(local)[0])
+    local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
+    n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
     sum_abs_mismatch = 0.0
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
@@ -193,9 +200,12 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config) -> d
         batch = batch.to(device)
         rollout_lp = torch.cat([r.rollout_lp for r in members]).to(device)
         teacher_lp = torch.cat([r.teacher_lp for r in members]).to(device)
+        teacher_hidden = torch.cat([r.teacher_hidden for r in members]) if teacher_head is not None else None
+        divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
         with autocast_for(device):
             loss, student_lp = opd_micro_batch_loss(
-                student, batch, teacher_lp, rollout_lp, cfg.loss, n_active, cfg.rollout.temperature
+                student, batch, teacher_lp, rollout_lp, cfg.loss, divisors, cfg.rollout.temperature,
+                teacher_hidden, teacher_head,
             )
         loss.backward()
         loss_total += loss.detach().double().cpu()

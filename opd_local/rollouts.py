@@ -29,6 +29,7 @@ class Rollout:
     rollout_lp: torch.Tensor  # [C] fp32
     finish_reason: str
     teacher_lp: torch.Tensor | None = None  # [C] fp32, filled by the teacher
+    teacher_hidden: torch.Tensor | None = None  # [C, H], full-vocabulary objectives only
     drop_reason: str | None = None
 
     @property
@@ -71,13 +72,19 @@ def build_rollouts(groups: list[PromptGroup], completions: list[list[Completion]
     return rollouts
 
 
-def attach_teacher_scores(rollouts: list[Rollout], teacher_lps: list[torch.Tensor]) -> None:
-    """Store the teacher's logprobs on the kept rollouts (in order) and drop unusable ones."""
+def attach_teacher_scores(
+    rollouts: list[Rollout], teacher_lps: list[torch.Tensor], teacher_hiddens: list[torch.Tensor] | None = None
+) -> None:
+    """Store the teacher's logprobs (and hidden states) on the kept rollouts, in order, and drop unusable ones.
+
+    The logprobs come from the same hidden states, so a non-finite hidden state shows up in them.
+    """
     kept = [r for r in rollouts if r.kept]
     if len(kept) != len(teacher_lps):
         raise RuntimeError(f"teacher returned {len(teacher_lps)} score vectors for {len(kept)} rollouts")
-    for rollout, teacher_lp in zip(kept, teacher_lps):
+    for i, (rollout, teacher_lp) in enumerate(zip(kept, teacher_lps)):
         rollout.teacher_lp = teacher_lp
+        rollout.teacher_hidden = None if teacher_hiddens is None else teacher_hiddens[i]
         rollout.drop_reason = _logprob_problem(teacher_lp, len(rollout.completion_ids), "teacher_lp")
 
 

@@ -37,3 +37,23 @@ def test_plain_teacher_run_trains(tiny_model_dir, tmp_path):
     # and the rollout engine compute the same distribution, so the sampled reverse KL is ~0
     assert abs(records[0]["opd/sampled_reverse_kl"]) < 1e-4
     assert records[1]["opd/active_tokens"] > 0
+
+
+def test_teacher_weights_resolve_and_contradictions_are_refused():
+    import pytest
+
+    from opd_local.config import ModelConfig
+    from opd_local.run_inputs import resolve_teacher_weights
+
+    assert resolve_teacher_weights(ModelConfig()) == "initial"
+    assert resolve_teacher_weights(ModelConfig(lora_rank=4)) == "base_adapter_off"
+    assert resolve_teacher_weights(ModelConfig(teacher="some/model", lora_rank=4)) == "separate"
+    assert resolve_teacher_weights(ModelConfig(teacher_weights="initial", lora_rank=4)) == "initial"
+    with pytest.raises(ValueError, match="needs model.teacher"):
+        resolve_teacher_weights(ModelConfig(teacher_weights="separate"))
+    with pytest.raises(ValueError, match="needs a LoRA student"):
+        resolve_teacher_weights(ModelConfig(teacher_weights="base_adapter_off"))
+    with pytest.raises(ValueError, match="but model.teacher is set"):
+        resolve_teacher_weights(ModelConfig(teacher_weights="initial", teacher="some/model"))
+    with pytest.raises(ValueError, match="choose auto"):
+        resolve_teacher_weights(ModelConfig(teacher_weights="frozen"))

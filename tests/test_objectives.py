@@ -1,0 +1,204 @@
+"""The loss objectives: every divergence's value and gradient against float64 math, full_rkl against the
+exact KL, sampled_rkl converging to full_rkl in expectation, and per-sequence normalisation.
+
+Inputs are fresh random draws each run; the seed is printed (shown on failure), OPD_TEST_SEED replays one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from opd_local.config import LossConfig
+from opd_local.loss import check_loss_config, token_divisors
+
+V = 211  # odd and prime: no chunk divides it
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    seed = int(os.environ.get("OPD_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(seed)
+    print(f"OPD_TEST_SEED={seed}")
+    yield
+
+
+def divergence64(objective, student_logits, teacher_logits, k=None, beta=0.5):
+    """The objective per row, written from its definition in float64 (differentiable in student_logits)."""
+    logp_s = torch.log_softmax(student_logits, dim=-1)
+    logp_t = torch.log_softmax(teacher_logits, dim=-1)
+    p_s, p_t = logp_s.exp(), logp_t.exp()
+    if objective == "full_rkl":
+        return (p_s * (logp_s - logp_t)).sum(-1)
+    if objective == "fkl":
+        return (p_t * (logp_t - logp_s)).sum(-1)
+    if objective == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        return beta * (p_t * (logp_t - m.log())).sum(-1) + (1 - beta) * (p_s * (logp_s - m.log())).sum(-1)
+    # topk_rkl: the student's top-k tokens (held fixed) and one tail bucket on each side
+    threshold = torch.topk(student_logits.detach(), k, dim=-1).values[:, -1:]
+    support = student_logits.detach() >= threshold
+    head = torch.where(support, p_s * (logp_s - logp_t), 0.0).sum(-1)
+    tail_s = torch.where(support, 0.0, p_s).sum(-1)
+    tail_t = torch.where(support, 0.0, p_t).sum(-1)
+    return head + tail_s * (tail_s.log() - tail_t.log())
+
+
+def linear_inputs(n, h, dtype=torch.float32):
+    hidden = torch.randn(n, h).to(dtype).requires_grad_(True)
+    weight = (0.4 * torch.randn(V, h)).to(dtype).requires_grad_(True)
+    teacher_hidden = torch.randn(n, h + 3).to(dtype)  # the teacher's width need not match the student's
+    teacher_weight = (0.4 * torch.randn(V, h + 3)).to(dtype)
+    targets = torch.randint(0, V, (n,))
+    return hidden, weight, teacher_hidden, teacher_weight, targets
+
+
+@pytest.mark.parametrize("objective", ["full_rkl", "topk_rkl", "fkl", "jsd"])
+@pytest.mark.parametrize("per_token_normalizer", [False, True])
+def test_divergence_value_and_gradient_equal_float64(objective, per_token_normalizer):
+    n, h, chunk, temperature, scale, k, beta = 29, 24, 8, 0.8, 1.3, 17, 0.3
+    hidden, weight, teacher_hidden, teacher_weight, targets = linear_inputs(n, h)
+    normalizer = torch.rand(n) * 50 + 10 if per_token_normalizer else 77.0
+    loss, student_lp, divergence = kernels.linear_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_weight, targets, objective=objective, normalizer=normalizer,
+        scale=scale, k=k, beta=beta, temperature=temperature, chunk_tokens=chunk,
+    )
+    dhidden, dweight = torch.autograd.grad(loss, (hidden, weight))
+
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    student_logits = h64 @ w64.T / temperature
+    teacher_logits = teacher_hidden.double() @ teacher_weight.double().T  # the teacher at T = 1
+    expect_d = divergence64(objective, student_logits, teacher_logits, k=k, beta=beta)
+    norm64 = normalizer.double() if per_token_normalizer else normalizer
+    expect_loss = (scale * expect_d / norm64).sum()
+    expect_dh, expect_dw = torch.autograd.grad(expect_loss, (h64, w64))
+    expect_lp = torch.log_softmax(student_logits.detach(), -1).gather(1, targets[:, None]).squeeze(1)
+
+    tol = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(divergence.double(), expect_d.detach(), **tol)
+    torch.testing.assert_close(loss.double(), expect_loss.detach(), **tol)
+    torch.testing.assert_close(student_lp.double(), expect_lp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(dhidden.double(), expect_dh, atol=2e-5 * expect_dh.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(dweight.double(), expect_dw, atol=2e-5 * expect_dw.abs().max().item(), rtol=1e-4)
+
+
+def test_full_rkl_is_the_exact_kl_and_topk_with_k_equal_v_is_full_rkl():
+    n, h = 13, 16
+    hidden, weight, teacher_hidden, teacher_weight, targets = linear_inputs(n, h, torch.float64)
+    common = dict(normalizer=1.0, chunk_tokens=5)
+    _, _, full = kernels.linear_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_weight, targets, objective="full_rkl", **common
+    )
+    student = torch.distributions.Categorical(logits=hidden.detach() @ weight.detach().T)
+    teacher = torch.distributions.Categorical(logits=teacher_hidden @ teacher_weight.T)
+    torch.testing.assert_close(full, torch.distributions.kl_divergence(student, teacher), atol=1e-12, rtol=1e-10)
+    _, _, topk_all = kernels.linear_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_weight, targets, objective="topk_rkl", k=V, **common
+    )
+    torch.testing.assert_close(topk_all, full, atol=1e-12, rtol=1e-10)
+    _, _, fkl = kernels.linear_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_weight, targets, objective="fkl", **common
+    )
+    torch.testing.assert_close(fkl, torch.distributions.kl_divergence(teacher, student), atol=1e-12, rtol=1e-10)
+
+
+def test_divergences_of_identical_distributions_are_zero_with_zero_gradient():
+    n, h = 9, 16
+    hidden, weight, _, _, targets = linear_inputs(n, h, torch.float64)
+    for objective in reference.DIVERGENCES:
+        loss, _, divergence = kernels.linear_divergence_loss(
+            hidden, weight, hidden.detach(), weight.detach(), targets, objective=objective, normalizer=float(n), k=5
+        )
+        dhidden, dweight = torch.autograd.grad(loss, (hidden, weight))
+        assert divergence.abs().max() < 1e-12, objective
+        assert dhidden.abs().max() < 1e-12 and dweight.abs().max() < 1e-12, objective
+
+
+def test_sampled_rkl_averages_to_full_rkl_value_and_gradient():
+    """E_{y ~ p_s}[sampled loss] = KL(p_s || p_t) and, at ratio 1, E[its gradient] = the gradient of KL.
+
+    Monte Carlo over M samples per position; the tolerance is 5 standard errors of each mean, measured
+    from the samples themselves (a false failure has probability below 1e-5 per compared entry).
+    """
+    n, v, m = 3, 12, 40_000
+    student_logits = 1.5 * torch.randn(n, v, dtype=torch.float64)
+    teacher_logits = 1.5 * torch.randn(n, v, dtype=torch.float64)
+    z = student_logits.clone().requires_grad_(True)
+    full = divergence64("full_rkl", z, teacher_logits)
+    (exact_grad,) = torch.autograd.grad(full.sum(), z)
+
+    samples = torch.multinomial(torch.softmax(student_logits, -1), m, replacement=True)  # [n, m]
+    logits = student_logits.repeat_interleave(m, 0).requires_grad_(True)  # [n*m, v], one row per sample
+    targets = samples.reshape(-1)
+    with torch.no_grad():
+        rollout_lp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+        teacher_lp = torch.log_softmax(teacher_logits, -1).repeat_interleave(m, 0).gather(1, targets[:, None]).squeeze(1)
+    # One loss per sample (normaliser 1), so per-sample values and gradients give their own spread.
+    _, student_lp = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, normalizer=1.0, backend="reference")
+    torch.testing.assert_close(student_lp, rollout_lp, atol=1e-12, rtol=0)
+    per_sample_value = (rollout_lp - teacher_lp).reshape(n, m)
+    loss, _ = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, normalizer=float(m), backend="reference")
+    (grad,) = torch.autograd.grad(loss, logits)
+    per_sample_grad = grad.reshape(n, m, v) * m
+
+    value_mean, value_se = per_sample_value.mean(1), per_sample_value.std(1) / math.sqrt(m)
+    assert ((value_mean - full.detach()).abs() <= 5 * value_se).all(), (value_mean, full)
+    grad_mean, grad_se = per_sample_grad.mean(1), per_sample_grad.std(1) / math.sqrt(m)
+    assert ((grad_mean - exact_grad).abs() <= 5 * grad_se + 1e-12).all()
+    # ...and the check has power: the forward-KL gradient p_s - p_t, a plausible wrong answer, fails it.
+    fkl_grad = torch.softmax(student_logits, -1) - torch.softmax(teacher_logits, -1)
+    assert ((grad_mean - fkl_grad).abs() > 5 * grad_se).any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_sampled_rkl_per_token_normalizer_equals_float64(backend):
+    n, h = 23, 32
+    hidden, weight, _, _, targets = linear_inputs(n, h)
+    with torch.no_grad():
+        base_lp = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1)
+    rollout_lp = (base_lp - 0.3 * torch.rand(n, dtype=torch.float64)).float()
+    teacher_lp = rollout_lp + torch.randn(n)
+    lengths = [5, 11, 7]
+    divisors = token_divisors(lengths, LossConfig(normalize="sequence"), float(n), 3.0)
+    options = dict(backend=backend, tiles=(16, 32, 16, 1)) if backend == "triton" else dict(chunk_tokens=6)
+    loss, _ = kernels.linear_opd_loss(
+        hidden, weight, targets, teacher_lp, rollout_lp, normalizer=divisors, log_ratio_cap=0.5, **options
+    )
+    dhidden, dweight = torch.autograd.grad(loss, (hidden, weight))
+
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    student_lp = torch.log_softmax(h64 @ w64.T, -1).gather(1, targets[:, None]).squeeze(1)
+    ratio = torch.exp(torch.clamp(student_lp - rollout_lp.double(), max=0.5))
+    per_token = -ratio * (teacher_lp.double() - rollout_lp.double())
+    # The mean over the 3 sequences of each sequence's token mean.
+    expect = torch.stack([chunk.mean() for chunk in torch.split(per_token, lengths)]).mean()
+    expect_dh, expect_dw = torch.autograd.grad(expect, (h64, w64))
+    torch.testing.assert_close(loss.double(), expect.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dhidden.double(), expect_dh, atol=1e-5 * expect_dh.abs().max().item(), rtol=1e-3)
+    torch.testing.assert_close(dweight.double(), expect_dw, atol=1e-5 * expect_dw.abs().max().item(), rtol=1e-3)
+
+
+def test_bad_objective_settings_are_refused():
+    with pytest.raises(ValueError, match="loss.objective"):
+        check_loss_config(LossConfig(objective="kl"))
+    with pytest.raises(ValueError, match="loss.normalize"):
+        check_loss_config(LossConfig(normalize="batch"))
+    with pytest.raises(ValueError, match="jsd_beta"):
+        check_loss_config(LossConfig(objective="jsd", jsd_beta=1.0))
+    hidden, weight, teacher_hidden, teacher_weight, targets = linear_inputs(4, 8)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        kernels.linear_divergence_loss(
+            hidden, weight, teacher_hidden, teacher_weight, targets, objective="fkl", normalizer=4.0, backend="triton"
+        )
+    with pytest.raises(ValueError, match="teacher_hidden has 3 rows"):
+        kernels.linear_divergence_loss(
+            hidden, weight, teacher_hidden[:3], teacher_weight, targets, objective="fkl", normalizer=4.0
+        )
