@@ -15,12 +15,11 @@ import time
 
 import torch
 
-from opd_local.config import Config
-from opd_local.data import load_rows, tokenize_groups
-from opd_local.models import load_causal_lm, load_tokenizer, resolve_model_path
+from opd_local.models import load_causal_lm
 from opd_local.sampler import HFSampler
 from opd_local.sync import push_weights
 from opd_local.vllm_sampler import VLLMSampler
+from workload import add_workload_args, load_workload
 
 
 def time_generate(sampler, prompts, args) -> tuple[float, int]:
@@ -41,20 +40,10 @@ def time_push(sampler, student, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=Config().model.student)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--max_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_workload_args(parser, samples=4)
     args = parser.parse_args()
-
-    cfg = Config()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model_path(args.model, cfg.model)
-    tokenizer = load_tokenizer(path, cfg.model)
-    rows = load_rows(cfg.data.train, cfg.data.train_split, max_rows=args.groups)
-    groups, _ = tokenize_groups(rows, tokenizer, cfg.data.max_prompt_tokens)
-    prompts = [g.student_prompt_ids for g in groups]
+    work = load_workload(args)
+    cfg, device, path, tokenizer, prompts = work.cfg, work.device, work.model_path, work.tokenizer, work.prompts
     student = load_causal_lm(path, cfg.model, torch.float32, device)
 
     results = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -16,6 +17,15 @@ if not torch.cuda.is_available():
 
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
 from opd_local.models import resolve_model_path
+
+
+@pytest.fixture
+def random_seed() -> int:
+    """A fresh torch seed per test, printed (pytest shows it on failure); OPD_TEST_SEED replays one."""
+    seed = int(os.environ.get("OPD_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(seed)
+    print(f"OPD_TEST_SEED={seed}")
+    return seed
 
 
 def pytest_configure(config):

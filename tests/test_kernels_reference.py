@@ -5,8 +5,6 @@ Inputs are fresh random draws each run; the seed is printed (shown on failure), 
 
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
@@ -17,12 +15,7 @@ from kernels import reference
 V = 1001  # odd, so no chunk or tile divides it
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    seed = int(os.environ.get("OPD_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(seed)
-    print(f"OPD_TEST_SEED={seed}")
-    yield
+pytestmark = pytest.mark.usefixtures("random_seed")
 
 
 # --- float64 unchunked oracles ------------------------------------------------------------------

@@ -20,7 +20,6 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-import random  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
@@ -53,10 +52,7 @@ pytestmark = [
 def _seed(request):
     if RERUN_IN_FRESH_PROCESS and request.node.originalname != "test_in_a_fresh_interpreter_process":
         pytest.skip("triton was imported before TRITON_INTERPRET=1: run by test_in_a_fresh_interpreter_process")
-    seed = int(os.environ.get("OPD_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(seed)
-    print(f"OPD_TEST_SEED={seed}")
-    yield
+    request.getfixturevalue("random_seed")
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,6 @@ Inputs are fresh random draws each run; the seed is printed (shown on failure), 
 from __future__ import annotations
 
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -21,12 +19,7 @@ from opd_local.loss import check_loss_config, token_divisors
 V = 211  # odd and prime: no chunk divides it
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    seed = int(os.environ.get("OPD_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(seed)
-    print(f"OPD_TEST_SEED={seed}")
-    yield
+pytestmark = pytest.mark.usefixtures("random_seed")
 
 
 def divergence64(objective, student_logits, teacher_logits, k=None, beta=0.5):
