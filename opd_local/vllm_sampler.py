@@ -96,13 +96,15 @@ class VLLMSampler(Sampler):
         return Completion(token_ids, logprobs, str(sample.finish_reason))
 
     def push_weights(self, named_tensors):
-        tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
+        # Consumed as the engine loads them, so a sharded trainer gathers one layer at a time
+        # instead of holding a second full copy of the weights.
+        tensors = ((name, tensor.detach()) for name, tensor in named_tensors)
         if self.asleep:
             # Level-2 sleep discarded the old weights; bring back the buffers only, then fill them.
             self.llm.wake_up(tags=["weights"])
 
         def reload(worker):
-            worker.reload_weights(weights_iterator=iter(tensors), is_checkpoint_format=True)
+            worker.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
 
         self.llm.collective_rpc(reload)
         if self.asleep:
