@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from opd_local import dist
+from opd_local import dist, parallel
+from opd_local.models import is_peft_model
 
 
 def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
@@ -40,10 +41,38 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
     return target
 
 
+def save_final_model(student, tokenizer, target: Path, ctx, replica) -> None:
+    """The trained student, LoRA merged, as a `save_pretrained` directory written by rank 0.
+
+    A sharded student is gathered into rank 0's host memory and loaded into `replica()`, a fresh
+    CPU copy built the way the run built the student, which is then merged and saved.
+    """
+    module = parallel.unwrap(student)
+    if parallel.is_sharded(student):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        parallel.reshard(student)
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if ctx.is_main:
+            module = replica()
+            module.load_state_dict(full)
+    if ctx.is_main:
+        # Training is over, so the adapter can be folded into the base weights in place.
+        save_pretrained_atomic(module.merge_and_unload() if is_peft_model(module) else module, tokenizer, target)
+
+
 # ---------------------------------------------------------------- resumable training state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+SHARDED = "sharded"
+
+
+def _sharded_state(module, optimizer) -> dict:
+    """Weights and optimizer state keyed by parameter name, as this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
 
 
 def _rng_state() -> dict:
@@ -66,7 +95,10 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
     Every rank writes its RNG state; the main rank writes the weights (all of them, adapters
     included: safetensors, tied tensors handled), optimizer and scheduler state and the run's
     progress (data cursor, counters), then renames the directory into place and moves `latest`.
+    A sharded student's weights and optimizer state go to `sharded/` instead, each rank writing
+    its own shards (torch.distributed.checkpoint), so nothing is gathered onto one rank.
     """
+    module = parallel.unwrap(student)
     root = Path(run_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
@@ -75,9 +107,16 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         tmp.mkdir(parents=True)
     dist.barrier()
     torch.save(_rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
+    if parallel.is_sharded(student):
+        import torch.distributed.checkpoint as dcp
+
+        parallel.reshard(student)
+        dcp.save(_sharded_state(module, optimizer), checkpoint_id=tmp / SHARDED)
     if ctx.is_main:
-        save_model(student, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        if not parallel.is_sharded(student):
+            save_model(module, str(tmp / "model.safetensors"))
+        optimizer_state = {} if parallel.is_sharded(student) else {"optimizer": optimizer.state_dict()}
+        torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}))
     dist.barrier()
     if ctx.is_main:
@@ -105,10 +144,26 @@ def read_progress(checkpoint: Path) -> dict:
 
 def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved progress."""
-    load_model(student, str(checkpoint / "model.safetensors"), device=str(next(student.parameters()).device))
+    module = parallel.unwrap(student)
+    sharded_dir = Path(checkpoint) / SHARDED
+    if sharded_dir.exists():
+        # Works for any layout: each rank reads the pieces its own parameters need.
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        parallel.reshard(student)
+        state = _sharded_state(module, optimizer)
+        dcp.load(state, checkpoint_id=sharded_dir)
+        set_model_state_dict(module, state["model"])
+        set_optimizer_state_dict(module, optimizer, state["optimizer"])
+    elif parallel.is_sharded(student):
+        raise RuntimeError(f"{checkpoint} holds whole weights, not shards: resume with the run.parallel it was written with")
+    else:
+        load_model(module, str(checkpoint / "model.safetensors"), device=str(next(module.parameters()).device))
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = checkpoint / f"rng_rank{ctx.rank}.pt"
     if not rng_file.exists():

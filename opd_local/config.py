@@ -41,6 +41,13 @@ class ModelConfig:
         "another model with the same tokenizer), base_adapter_off (LoRA: the student's base with the adapter off, no "
         "second copy), auto (separate when model.teacher is set, else base_adapter_off under LoRA, else initial)",
     )
+    teacher_placement: str = knob(
+        "auto",
+        "where a frozen teacher model lives: auto (shard when the student is sharded, else replica), replica (whole on "
+        "every rank's device), shard (FSDP2 over the ranks), cpu (decoder layers in host memory, each moved to the GPU "
+        "for its own forward, by accelerate), disk (the same from memory-mapped files under model.teacher_offload_dir)",
+    )
+    teacher_offload_dir: str = knob("", "teacher_placement=disk: where the layers are written; empty means OUT_DIR/teacher-offload")
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
     dtype: str = knob("auto", "trainer weights: auto (fp32 on CPU, fp32 master + bf16 autocast on CUDA), float32, bfloat16")
     attn_implementation: str = knob("sdpa", "transformers attention backend: sdpa, eager, flash_attention_2")
@@ -152,6 +159,16 @@ class RunConfig:
     keep_checkpoints: int = knob(2, "resumable checkpoints kept (oldest deleted first)")
     resume: str = knob("", "continue the run in this directory from its latest checkpoint, with its saved config")
     device: str = knob("auto", "auto (cuda when available), cpu, cuda")
+    parallel: str = knob(
+        "auto",
+        "data parallelism under torchrun: auto (ddp up to run.ddp_max_params student parameters, fsdp above), "
+        "ddp (a full replica per rank), fsdp (FSDP2: weights, gradients and optimizer state sharded over the ranks); "
+        "a single process always trains the whole model",
+    )
+    ddp_max_params: int = knob(1_000_000_000, "run.parallel=auto: the largest student, in parameters, trained as DDP replicas")
+    reshard_after_forward: bool = knob(
+        True, "fsdp: free each layer's gathered weights after its forward and gather them again for the backward (false: more memory, fewer all-gathers)"
+    )
     wandb: bool = knob(False, "also log to Weights & Biases (needs wandb installed)")
     wandb_project: str = knob("opd-local", "Weights & Biases project, used when run.wandb is on")
 

@@ -37,7 +37,8 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # Step counters and metrics are CPU tensors, which NCCL cannot reduce: they go through gloo.
+        torch_dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -50,26 +51,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_reduce_gradients(model: torch.nn.Module) -> None:
-    """Sum gradients over ranks.
-
-    The loss is already divided by the step's global active-token count, so the sum (not the
-    mean) is the gradient of the global loss: the update does not depend on the rank count.
-    """
+def all_reduce_max(value: int) -> int:
+    """The largest `value` over ranks; itself in a single process."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return
-    grads = []
-    for param in model.parameters():
-        if param.requires_grad:
-            if param.grad is None:  # a rank whose rollouts were all dropped still joins the sum
-                param.grad = torch.zeros_like(param)
-            grads.append(param.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t[0])
 
 
 def shard_for_rank(items: list, ctx: DistContext) -> list:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from opd_local.data import PromptGroup, extract_final_answer, normalize_answer
-from opd_local.models import FrozenTeacher, engine_weights
+from opd_local import parallel
+from opd_local.models import FrozenTeacher
 from opd_local.sampler import HFSampler, Sampler
-from opd_local.scoring import score_completions
 from opd_local.sync import push_weights
 
 TRACE_CACHE = "trace_cache.json"
@@ -116,13 +116,13 @@ def teacher_greedy(sampler: Sampler, teacher: FrozenTeacher, student, eos_token_
     weights (fast decoding), and the student's go back in right after; otherwise transformers
     `generate` runs on the teacher itself.
     """
-    with teacher.scope():
-        teacher_shapes = {n: t.shape for n, t in engine_weights(teacher.model)}
-    if teacher_shapes != {n: t.shape for n, t in engine_weights(student)}:
+    if parallel.engine_weight_shapes(teacher.model) != parallel.engine_weight_shapes(student):
 
         def generate_with_transformers(prompts, max_tokens):
             with teacher.scope():
-                return HFSampler(teacher.model, eos_token_id, pad_token_id).greedy(prompts, max_tokens)
+                return parallel.call(
+                    teacher.model, lambda model: HFSampler(model, eos_token_id, pad_token_id).greedy(prompts, max_tokens)
+                )
 
         return generate_with_transformers
 
@@ -163,6 +163,7 @@ def build_teacher_traces(
     max_tokens: int,
     micro_batch_tokens: int,
     cache_dir: Path | None,
+    write_cache: bool = True,
 ) -> list[TeacherTrace]:
     """Teacher traces and scores for every eval row, from the cache when it matches."""
     key = _cache_key(groups_by_split, teacher_name, max_tokens)
@@ -176,7 +177,7 @@ def build_teacher_traces(
     completions = generate_greedy([g.teacher_prompt_ids for _, g in flat], max_tokens)
     keep = [(split, g, c) for (split, g), c in zip(flat, completions) if c.token_ids]
     with teacher.scope():
-        teacher_lps = score_completions(
+        teacher_lps = parallel.score(
             teacher.model,
             [g.teacher_prompt_ids for _, g, _ in keep],
             [c.token_ids for _, _, c in keep],
@@ -196,7 +197,7 @@ def build_teacher_traces(
                 teacher_final_correct=answers_match(tokenizer.decode(completion.token_ids, skip_special_tokens=True), answer),
             )
         )
-    if cache_path is not None:
+    if cache_path is not None and write_cache:
         tmp = cache_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "traces": [asdict(t) for t in traces]}))
         tmp.replace(cache_path)
@@ -205,7 +206,7 @@ def build_teacher_traces(
 
 def evaluate_traces(student, traces: list[TeacherTrace], micro_batch_tokens: int) -> tuple[dict[str, float], list[dict]]:
     """Token-weighted trace gaps per split, and one record per row."""
-    student_lps = score_completions(
+    student_lps = parallel.score(
         student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces], micro_batch_tokens=micro_batch_tokens
     )
     totals: dict[str, list[float]] = {}
@@ -251,8 +252,13 @@ def teacher_final_accuracy(traces: list[TeacherTrace], split: str = "heldout") -
 class Evaluator:
     """The run's evaluation: held-out rows (never trained on) and the first training rows."""
 
-    def __init__(self, cfg, run_dir: Path, heldout: list[PromptGroup], train: list[PromptGroup], tokenizer, micro_batch_tokens: int):
+    def __init__(
+        self, cfg, run_dir: Path, heldout: list[PromptGroup], train: list[PromptGroup], tokenizer, micro_batch_tokens: int,
+        write: bool = True,
+    ):
+        """`write=False` on the other ranks when every rank evaluates (a sharded model): rank 0 writes."""
         self.cfg = cfg
+        self.write = write
         self.run_dir = Path(run_dir)
         self.groups_by_split = {"heldout": heldout, "train": train}
         self.tokenizer = tokenizer
@@ -272,6 +278,7 @@ class Evaluator:
             max_tokens=self.cfg.eval.max_trace_tokens,
             micro_batch_tokens=self.micro_batch_tokens,
             cache_dir=self.run_dir,
+            write_cache=self.write,
         )
 
     def run(self, step: int, student, sampler: Sampler) -> dict[str, float]:
@@ -283,8 +290,9 @@ class Evaluator:
             metrics["eval/student_greedy_accuracy"] = greedy_accuracy(
                 sampler, self.groups_by_split["heldout"], self.tokenizer, self.cfg.eval.greedy_max_tokens
             )
-        with open(self.run_dir / TRACE_RECORDS, "a") as f:
-            for record in records:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.write:
+            with open(self.run_dir / TRACE_RECORDS, "a") as f:
+                for record in records:
+                    f.write(json.dumps({"step": step, **record}) + "\n")
         metrics["time/eval"] = time.perf_counter() - start
         return metrics

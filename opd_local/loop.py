@@ -6,18 +6,19 @@ forward + fused loss → AdamW → push weights into the engine → parity probe
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from opd_local import dist
+from opd_local import dist, parallel
 from opd_local.checkpoint import (
     latest_checkpoint,
     load_training_state,
     read_progress,
-    save_pretrained_atomic,
+    save_final_model,
     save_training_state,
 )
 from opd_local.config import Config, micro_batch_tokens, save_yaml
@@ -27,19 +28,16 @@ from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_div
 from opd_local.metrics import MetricsLogger, drop_records_from
 from opd_local.models import (
     FrozenTeacher,
-    apply_lora,
     check_context_fits,
-    is_peft_model,
-    load_causal_lm,
     load_frozen_teacher,
-    lm_head_weight,
+    load_student,
 )
 from opd_local.packing import pack_sequences, split_by_token_budget
 from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler
-from opd_local.scoring import autocast_for, score_completions
+from opd_local.scoring import autocast_for
 from opd_local.sync import parity_probe, push_weights
 
 
@@ -68,17 +66,19 @@ def train(cfg: Config) -> Path:
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    student = load_causal_lm(student_path, cfg.model, dtype, ctx.device)
-    if cfg.model.lora_rank > 0:
-        student = apply_lora(student, cfg.model)
-    student.train()
+    student = load_student(student_path, cfg.model, dtype, cfg.run.seed)
+    layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
+    student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward).train()
     if inputs.teacher_weights == "base_adapter_off":
         teacher = FrozenTeacher(student, adapter_off=True)  # the base weights, without a second copy
     else:
-        teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, dtype, ctx.device))
+        placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
+        offload_dir = f"{cfg.model.teacher_offload_dir or run_dir / 'teacher-offload'}/rank{ctx.rank}"
+        frozen = load_frozen_teacher(teacher_path, cfg.model, dtype, torch.device("cpu"))
+        teacher = FrozenTeacher(parallel.place_teacher(frozen, placement, ctx.device, offload_dir, cfg.run.reshard_after_forward))
     check_context_fits(cfg, student, teacher.model)
     # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
-    teacher_head = lm_head_weight(teacher.model).detach() if needs_teacher_hidden(cfg.loss) else None
+    teacher_head = parallel.full_lm_head(teacher.model) if needs_teacher_hidden(cfg.loss) else None
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
     optimizer, scheduler = build_optimizer(student, cfg)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
@@ -89,8 +89,11 @@ def train(cfg: Config) -> Path:
         cumulative = progress["cumulative"]
         push_weights(sampler, student)  # the engine starts from the checkpoint's weights too
     evaluator = None
-    if cfg.eval.every > 0 and ctx.is_main:
-        evaluator = Evaluator(cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget)
+    # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
+    if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
+        evaluator = Evaluator(
+            cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget, write=ctx.is_main
+        )
         generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
         evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
@@ -122,7 +125,7 @@ def train(cfg: Config) -> Path:
         rollouts = build_rollouts(step_groups, completions)
         scorable = [r for r in rollouts if r.kept]
         with teacher.scope():
-            teacher_scores = score_completions(
+            teacher_scores = parallel.score(
                 teacher.model,
                 [r.group.teacher_prompt_ids for r in scorable],
                 [r.completion_ids for r in scorable],
@@ -160,10 +163,9 @@ def train(cfg: Config) -> Path:
 
     if evaluator is not None:  # the end point of every eval curve
         logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
-    if cfg.run.save_final and ctx.is_main:
-        # Training is over, so the adapter can be folded into the base weights in place.
-        export = student.merge_and_unload() if is_peft_model(student) else student
-        save_pretrained_atomic(export, tokenizer, run_dir / "final")
+    if cfg.run.save_final:
+        replica = functools.partial(load_student, student_path, cfg.model, dtype, cfg.run.seed)
+        save_final_model(student, tokenizer, run_dir / "final", ctx, replica)
     logger.close()
     sampler.close()
     if ctx.is_main:
@@ -189,34 +191,35 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teac
     """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
     n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
+    student = parallel.as_distributed(student)
     sum_abs_mismatch = 0.0
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
+    if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
+        return {"optim/skipped": 1.0}
     loss_total = torch.zeros((), dtype=torch.float64)
     lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
-    for indices in split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)):
-        members = [kept[i] for i in indices]
-        batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members])
-        batch = batch.to(device)
-        rollout_lp = torch.cat([r.rollout_lp for r in members]).to(device)
-        teacher_lp = torch.cat([r.teacher_lp for r in members]).to(device)
-        teacher_hidden = torch.cat([r.teacher_hidden for r in members]) if teacher_head is not None else None
+    micro_batches = split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)) if kept else []
+    # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
+    # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
+    passes = dist.all_reduce_max(len(micro_batches))
+    for i in range(passes):
+        members = [kept[j] for j in micro_batches[i]] if i < len(micro_batches) else []
+        batch, teacher_lp, rollout_lp, teacher_hidden = _pack_rollouts(members, device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
-        with autocast_for(device):
-            loss, student_lp = opd_micro_batch_loss(
-                student, batch, teacher_lp, rollout_lp, cfg.loss, divisors, cfg.rollout.temperature,
-                teacher_hidden, teacher_head,
-            )
-        loss.backward()
-        loss_total += loss.detach().double().cpu()
-        sum_abs_mismatch += float((student_lp.detach() - rollout_lp).abs().sum())
-    dist.all_reduce_gradients(student)
-    if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
-        optimizer.zero_grad(set_to_none=True)
-        return {"optim/skipped": 1.0}
+        with parallel.gradient_sync(student, enabled=i == passes - 1):
+            with autocast_for(device):
+                loss, student_lp = student(
+                    opd_micro_batch_loss, batch, teacher_lp, rollout_lp, cfg.loss, divisors, cfg.rollout.temperature,
+                    teacher_hidden, teacher_head,
+                )
+            (loss if members else 0.0 * loss).backward()
+        if members:
+            loss_total += loss.detach().double().cpu()
+            sum_abs_mismatch += float((student_lp.detach() - rollout_lp).abs().sum())
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = parallel.clip_grad_norm_(params, max_norm)
     optimizer.step()
     totals = dist.all_reduce_sum(torch.tensor([float(loss_total), sum_abs_mismatch], dtype=torch.float64))
     return {
@@ -225,3 +228,20 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teac
         "optim/grad_norm": float(grad_norm),
         "optim/skipped": 0.0,
     }
+
+
+def _pack_rollouts(members: list[Rollout], device: torch.device, teacher_head):
+    """The packed micro-batch and its per-token teacher_lp, rollout_lp and teacher hidden states.
+
+    No members (an idle pass) gives one placeholder token, so that the pass still runs every layer.
+    """
+    if not members:
+        batch = pack_sequences([[0]], [[0]]).to(device)
+        zero = torch.zeros(1, device=device)
+        hidden = None if teacher_head is None else torch.zeros(1, teacher_head.shape[1], device=device)
+        return batch, zero, zero, hidden
+    batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members]).to(device)
+    teacher_lp = torch.cat([r.teacher_lp for r in members]).to(device)
+    rollout_lp = torch.cat([r.rollout_lp for r in members]).to(device)
+    teacher_hidden = torch.cat([r.teacher_hidden for r in members]) if teacher_head is not None else None
+    return batch, teacher_lp, rollout_lp, teacher_hidden

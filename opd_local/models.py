@@ -133,27 +133,40 @@ def apply_lora(model, cfg: ModelConfig):
     return get_peft_model(model, lora_config)
 
 
+def load_student(path: str, cfg: ModelConfig, dtype: torch.dtype, seed: int):
+    """The student on the CPU, with its LoRA adapter if any (data parallelism then places it)."""
+    student = load_causal_lm(path, cfg, dtype, torch.device("cpu"))
+    if cfg.lora_rank == 0:
+        return student
+    # Seeded: every rank must start from the same adapter (FSDP2 shards each rank's own copy).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return apply_lora(student, cfg)
+
+
 def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def engine_weights(model):
+def engine_weights(model, only=None):
     """`(name, tensor)` pairs in the plain checkpoint layout an inference engine loads.
 
     For a PEFT model the LoRA deltas are added to the base weights (PEFT's own `get_delta_weight`)
     without touching the trained model, unless the adapter is disabled at the time. Tied weights
-    appear under every name.
+    appear under every name. `only(name)` picks parameters by their name in the base model, so a
+    sharded model can be read one gathered layer at a time.
     """
     if not is_peft_model(model):
         for name, param in model.named_parameters(remove_duplicate=False):
-            yield name, param.detach()
+            if only is None or only(name):
+                yield name, param.detach()
         return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
     lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
     for name, param in base.named_parameters(remove_duplicate=False):
-        if ".lora_" in name:
+        if ".lora_" in name or (only is not None and not only(name)):
             continue
         if ".base_layer." not in name:
             yield name, param.detach()
@@ -166,6 +179,16 @@ def engine_weights(model):
                 if adapter in layer.lora_A:
                     weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
         yield f"{module_name}.{leaf}", weight
+
+
+def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of `engine_weights(model)`, read without touching the values (so no gathering)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    return {
+        name.replace(".base_layer.", "."): tuple(param.shape)
+        for name, param in base.named_parameters(remove_duplicate=False)
+        if ".lora_" not in name
+    }
 
 
 class FrozenTeacher:

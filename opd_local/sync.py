@@ -10,28 +10,30 @@ import time
 
 import torch
 
-from opd_local.models import engine_weights
+from opd_local import parallel
 from opd_local.sampler import Sampler
-from opd_local.scoring import score_completions
 
 
 class StaleWeightsError(RuntimeError):
     pass
 
 
-def push_weights(sampler: Sampler, student: torch.nn.Module) -> float:
-    """Push the student's weights (LoRA merged) into the engine; returns the seconds it took."""
+def push_weights(sampler: Sampler, student) -> float:
+    """Push the student's full weights (LoRA merged) into the engine; returns the seconds it took.
+
+    A sharded student is gathered layer by layer, so every rank pushes (each into its own engine).
+    """
     start = time.perf_counter()
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
-    sampler.push_weights(engine_weights(student))
+    sampler.push_weights(parallel.engine_weights(student))
     return time.perf_counter() - start
 
 
-def parity_probe(sampler: Sampler, student: torch.nn.Module, probe_ids: list[int], threshold: float) -> dict[str, float]:
+def parity_probe(sampler: Sampler, student, probe_ids: list[int], threshold: float) -> dict[str, float]:
     """Engine vs trainer |Δlogprob| on `probe_ids[1:]`; raises when the max exceeds `threshold`."""
     engine_lp = torch.tensor(sampler.score(probe_ids), dtype=torch.float32)
-    (trainer_lp,) = score_completions(student, [probe_ids[:1]], [probe_ids[1:]], micro_batch_tokens=len(probe_ids))
+    (trainer_lp,) = parallel.score(student, [probe_ids[:1]], [probe_ids[1:]], micro_batch_tokens=len(probe_ids))
     delta = (engine_lp - trainer_lp).abs()
     max_abs, mean_abs = float(delta.max()), float(delta.mean())
     if not max_abs <= threshold:  # also catches NaN

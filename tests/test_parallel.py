@@ -1,0 +1,52 @@
+"""Placement choices, and a teacher offloaded by accelerate scoring and pushing exactly like the plain one."""
+
+import pytest
+import torch
+
+from opd_local import parallel
+from opd_local.config import ModelConfig
+from opd_local.models import engine_weights, load_frozen_teacher
+
+CPU = torch.device("cpu")
+
+
+def test_layout_resolution():
+    assert parallel.resolve_layout("auto", 10**9, 10**9, 8) == "ddp"
+    assert parallel.resolve_layout("auto", 10**9 + 1, 10**9, 8) == "fsdp"
+    assert parallel.resolve_layout("fsdp", 10, 10**9, 2) == "fsdp"
+    assert parallel.resolve_layout("fsdp", 10, 10**9, 1) == "none"  # one process trains the whole model
+    with pytest.raises(ValueError, match="run.parallel=none with 2 ranks"):
+        parallel.resolve_layout("none", 10, 10**9, 2)
+    with pytest.raises(ValueError, match="choose one of"):
+        parallel.resolve_layout("zero3", 10, 10**9, 2)
+
+
+def test_teacher_placement_resolution():
+    assert parallel.resolve_teacher_placement("auto", "fsdp", CPU) == "shard"
+    assert parallel.resolve_teacher_placement("auto", "ddp", CPU) == "replica"
+    with pytest.raises(ValueError, match="needs a sharded student"):
+        parallel.resolve_teacher_placement("shard", "ddp", CPU)
+    with pytest.raises(ValueError, match="from a GPU"):
+        parallel.resolve_teacher_placement("cpu", "none", CPU)
+
+
+def test_offloaded_teacher_scores_and_pushes_like_the_plain_one(tiny_teacher_dir, tokenizer, tmp_path):
+    """Layers on disk (the CPU stand-in for host memory: the same accelerate hooks, one layer loaded at a time)."""
+    plain = load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU)
+    offloaded = parallel.place_teacher(
+        load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU), "disk", CPU, str(tmp_path / "offload")
+    )
+    assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())  # nothing resident
+    assert offloaded.lm_head.weight.device == CPU  # read directly by the scoring pass, so kept in place
+    prompts = [tokenizer("Tom has 3 apples.")["input_ids"], tokenizer("2+2?")["input_ids"]]
+    completions = [tokenizer(" He buys 5 more: 8.")["input_ids"], tokenizer(" 4")["input_ids"]]
+    want = parallel.score(plain, prompts, completions, micro_batch_tokens=16)  # two micro-batches
+    got = parallel.score(offloaded, prompts, completions, micro_batch_tokens=16)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    plain_weights = dict(engine_weights(plain))
+    pushed = dict(parallel.engine_weights(offloaded))
+    assert pushed.keys() == plain_weights.keys()
+    for name, weight in plain_weights.items():
+        assert torch.equal(pushed[name], weight), name
+    assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())  # offloaded again
