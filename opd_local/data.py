@@ -44,7 +44,15 @@ class PrivilegedRow:
 class PromptGroup:
     row: PrivilegedRow
     student_prompt_ids: list[int]
-    teacher_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]  # the privileged prompt
+
+    def training_teacher_prompt(self, teacher_context: str) -> list[int]:
+        """What the teacher sees when it scores a rollout: the privileged prompt, or (plain) the student's own.
+
+        Evaluation always uses the privileged prompt, so that plain and privileged runs are measured
+        against the same teacher traces.
+        """
+        return self.student_prompt_ids if teacher_context == "plain" else self.teacher_prompt_ids
 
 
 # ---------------------------------------------------------------- answers

@@ -127,7 +127,9 @@ def train(cfg: Config) -> Path:
         with teacher.scope():
             teacher_scores = parallel.score(
                 teacher.model,
-                [r.group.teacher_prompt_ids for r in scorable],
+                # plain: the control, the teacher on the student's own prompt; the gain over it is what
+                # the privileged context adds.
+                [r.group.training_teacher_prompt(cfg.model.teacher_context) for r in scorable],
                 [r.completion_ids for r in scorable],
                 micro_batch_tokens=token_budget,
                 chunk_tokens=cfg.loss.chunk_tokens,

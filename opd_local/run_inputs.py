@@ -53,9 +53,4 @@ def load_run_inputs(cfg: Config) -> RunInputs:
     heldout_groups, _ = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
     if cfg.model.teacher_context not in ("privileged", "plain"):
         raise ValueError(f"model.teacher_context={cfg.model.teacher_context!r}; choose privileged or plain")
-    if cfg.model.teacher_context == "plain":
-        # The control: the teacher scores (and writes its eval traces) from the student's own prompt,
-        # so any gain over it is what the privileged context adds.
-        for group in train_groups + heldout_groups:
-            group.teacher_prompt_ids = list(group.student_prompt_ids)
     return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, overlong, teacher_weights)

@@ -14,15 +14,15 @@ def _inputs(tiny_model_dir, context):
 
 
 def test_plain_and_privileged_teacher_inputs_differ_for_the_same_row(tiny_model_dir):
-    privileged = _inputs(tiny_model_dir, "privileged")
-    plain = _inputs(tiny_model_dir, "plain")
-    for a, b in zip(privileged.train_groups + privileged.heldout_groups, plain.train_groups + plain.heldout_groups):
-        assert a.row == b.row and a.student_prompt_ids == b.student_prompt_ids
-        assert b.teacher_prompt_ids == b.student_prompt_ids  # plain: the teacher sees what the student sees
-        assert len(a.teacher_prompt_ids) > len(a.student_prompt_ids)
-        solution = privileged.tokenizer.decode(a.teacher_prompt_ids)
-        assert a.row.privileged.splitlines()[0] in solution
-        assert a.row.privileged.splitlines()[0] not in privileged.tokenizer.decode(b.teacher_prompt_ids)
+    inputs = _inputs(tiny_model_dir, "plain")
+    for group in inputs.train_groups + inputs.heldout_groups:
+        plain = group.training_teacher_prompt("plain")
+        privileged = group.training_teacher_prompt("privileged")
+        assert plain == group.student_prompt_ids  # plain: the teacher sees what the student sees
+        assert privileged == group.teacher_prompt_ids and len(privileged) > len(plain)
+        solution_line = group.row.privileged.splitlines()[0]
+        assert solution_line in inputs.tokenizer.decode(privileged)
+        assert solution_line not in inputs.tokenizer.decode(plain)
 
 
 def test_plain_teacher_run_trains(tiny_model_dir, tmp_path):
@@ -32,11 +32,16 @@ def test_plain_teacher_run_trains(tiny_model_dir, tmp_path):
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "plain")
     cfg.model.teacher_context = "plain"
+    cfg.eval.every = 2
+    cfg.eval.train_rows = 1
+    cfg.eval.max_trace_tokens = cfg.eval.greedy_max_tokens = 8
     records = read_metrics(train(cfg))
     # teacher = the student's starting weights on the student's own prompt: at step 0 the teacher
     # and the rollout engine compute the same distribution, so the sampled reverse KL is ~0
     assert abs(records[0]["opd/sampled_reverse_kl"]) < 1e-4
     assert records[1]["opd/active_tokens"] > 0
+    # ...while the evaluation still measures the gap to the privileged teacher's traces, which is not 0
+    assert abs(records[0]["eval/trace_gap"]) > 1e-3
 
 
 def test_teacher_weights_resolve_and_contradictions_are_refused():
