@@ -155,7 +155,7 @@ def format_minutes(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def _total(records: list[dict], total_key: str, per_step_key: str) -> float:
+def run_total(records: list[dict], total_key: str, per_step_key: str) -> float:
     """The cumulative key of the last record, else the sum of the per-step key."""
     if records and total_key in records[-1]:
         return to_float(records[-1][total_key])
@@ -173,8 +173,8 @@ def summary_table(run_dir: str | Path) -> str:
         change = percent_change(first and first[1], last and last[1])
         lines.append(f"| `{key}` | {start} | {end} | {change} |")
 
-    groups = [_total(records, f"groups/{kind}_total", f"groups/{kind}") for kind in ("sampled", "filtered", "failed")]
-    active = _total(records, "opd/active_tokens_total", "opd/active_tokens")
+    groups = [run_total(records, f"groups/{kind}_total", f"groups/{kind}") for kind in ("sampled", "filtered", "failed")]
+    active = run_total(records, "opd/active_tokens_total", "opd/active_tokens")
     wall = sum(v for key in ("time/step", "time/eval") for v in series(records, key)[1] if math.isfinite(v))
     lines += [
         "",

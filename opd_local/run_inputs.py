@@ -42,6 +42,9 @@ def resolve_teacher_weights(model_cfg: ModelConfig) -> str:
 
 
 def load_run_inputs(cfg: Config) -> RunInputs:
+    # Config checks first: they cost nothing, unlike the loads below.
+    if cfg.model.teacher_context not in ("privileged", "plain"):
+        raise ValueError(f"model.teacher_context={cfg.model.teacher_context!r}; choose privileged or plain")
     teacher_weights = resolve_teacher_weights(cfg.model)
     check_loss_config(cfg.loss)
     student_path = resolve_model_path(cfg.model.student, cfg.model)
@@ -51,6 +54,4 @@ def load_run_inputs(cfg: Config) -> RunInputs:
     train_rows, heldout_rows = load_train_and_heldout(cfg.data)
     train_groups, overlong = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
     heldout_groups, _ = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    if cfg.model.teacher_context not in ("privileged", "plain"):
-        raise ValueError(f"model.teacher_context={cfg.model.teacher_context!r}; choose privileged or plain")
     return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, overlong, teacher_weights)

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from opd_local.config import Config, apply_overrides, save_yaml
 from opd_local.metrics import read_metrics
-from opd_local.report import series, to_float
+from opd_local.report import run_total, series, to_float
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
 GAP_DROP = 0.2  # "steps and time to a 20% gap reduction"
@@ -197,7 +197,7 @@ def run_summary(run_dir: Path) -> dict[str, float]:
         "greedy_accuracy_end": accuracy[-1] if accuracy else math.nan,
         "steps_to_20pct": math.nan,
         "seconds_to_20pct": math.nan,
-        "active_tokens": sum(to_float(r.get("opd/active_tokens", 0)) for r in records),
+        "active_tokens": run_total(records, "opd/active_tokens_total", "opd/active_tokens"),
         "wall_seconds": json.loads((run_dir / "done.json").read_text())["wall_seconds"],
     }
     if points and points[0][1] > 0:
@@ -206,10 +206,9 @@ def run_summary(run_dir: Path) -> dict[str, float]:
         if reached is not None:
             summary["steps_to_20pct"] = reached
             # Training time up to that eval, plus every eval up to and including it.
-            summary["seconds_to_20pct"] = sum(
-                to_float(r.get("time/step", 0)) * (r["step"] < reached) + to_float(r.get("time/eval", 0)) * (r["step"] <= reached)
-                for r in records
-            )
+            training = sum(to_float(r.get("time/step", 0)) for r in records if r["step"] < reached)
+            evals = sum(to_float(r.get("time/eval", 0)) for r in records if r["step"] <= reached)
+            summary["seconds_to_20pct"] = training + evals
     return summary
 
 
