@@ -6,7 +6,9 @@ forward + fused loss → AdamW → push weights into the engine → parity probe
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
 import time
 from pathlib import Path
 
@@ -69,13 +71,14 @@ def train(cfg: Config) -> Path:
     student = load_student(student_path, cfg.model, dtype, cfg.run.seed)
     layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward).train()
+    offload_dir = None
     if inputs.teacher_weights == "base_adapter_off":
         teacher = FrozenTeacher(student, adapter_off=True)  # the base weights, without a second copy
     else:
         placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
-        offload_dir = f"{cfg.model.teacher_offload_dir or run_dir / 'teacher-offload'}/rank{ctx.rank}"
+        offload_dir = Path(cfg.model.teacher_offload_dir or run_dir / "teacher-offload") / f"rank{ctx.rank}"
         frozen = load_frozen_teacher(teacher_path, cfg.model, dtype, torch.device("cpu"))
-        teacher = FrozenTeacher(parallel.place_teacher(frozen, placement, ctx.device, offload_dir, cfg.run.reshard_after_forward))
+        teacher = FrozenTeacher(parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward))
     check_context_fits(cfg, student, teacher.model)
     # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
     teacher_head = parallel.full_lm_head(teacher.model) if needs_teacher_hidden(cfg.loss) else None
@@ -170,6 +173,11 @@ def train(cfg: Config) -> Path:
         save_final_model(student, tokenizer, run_dir / "final", ctx, replica)
     logger.close()
     sampler.close()
+    if offload_dir is not None and offload_dir.exists():
+        # Copies of frozen weights that nothing resumes from: a disk-placed 8B teacher is 16 GB per rank.
+        shutil.rmtree(offload_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the shared parent, once the last rank's folder is gone
+            offload_dir.parent.rmdir()
     if ctx.is_main:
         tqdm.write(write_report(run_dir))
     dist.barrier()

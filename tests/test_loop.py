@@ -180,3 +180,18 @@ def test_full_vocabulary_objectives_train(tiny_model_dir, tmp_path, context, obj
     else:
         assert records[0]["opd/loss"] > 1e-4 and records[0]["optim/grad_norm"] > 0
     assert all(r["sync/parity_max_abs"] < 1e-3 for r in records)
+
+
+def test_disk_placed_teacher_scores_like_a_resident_one_and_leaves_no_files(tiny_model_dir, tmp_path):
+    records = {}
+    for placement in ("replica", "disk"):
+        cfg = tiny_config(tiny_model_dir, tmp_path / placement)
+        cfg.model.teacher_placement = placement
+        cfg.run.steps = 1
+        cfg.run.save_final = False
+        run_dir = train(cfg)
+        (records[placement],) = read_metrics(run_dir)
+        assert not (run_dir / "teacher-offload").exists()
+    # Same seed, same rollouts: the teacher's placement must not change its scores.
+    assert records["disk"]["opd/active_tokens"] == records["replica"]["opd/active_tokens"]
+    assert records["disk"]["opd/sampled_reverse_kl"] == pytest.approx(records["replica"]["opd/sampled_reverse_kl"], abs=1e-5)
