@@ -115,8 +115,37 @@ def is_done(run_dir: Path) -> bool:
     return (run_dir / "done.json").exists()
 
 
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def _read_attempts(run_dir: Path) -> list[dict]:
+    """Every launch of this run: its start (epoch seconds) and wall seconds once known.
+
+    An attempt killed together with the sweep never recorded its seconds; it is taken to have ended
+    at the last write to its train.log, which it appended to until it died.
+    """
+    path = run_dir / ATTEMPTS_FILE
+    attempts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    log = run_dir / "train.log"
+    for attempt in attempts:
+        if attempt["seconds"] is None:
+            last_write = log.stat().st_mtime if log.exists() else attempt["start"]
+            attempt["seconds"] = max(last_write - attempt["start"], 0.0)
+    return attempts
+
+
+def _write_attempts(run_dir: Path, attempts: list[dict]) -> None:
+    tmp = run_dir / (ATTEMPTS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(a) + "\n" for a in attempts))
+    os.replace(tmp, run_dir / ATTEMPTS_FILE)
+
+
 def run_one(grid: Grid, variant: Variant, seed: int, run_dir: Path, env: dict | None = None) -> float:
-    """Train one (variant, seed) in a child process; returns its wall seconds. Resumes a killed run."""
+    """Train one (variant, seed) in a child process; resumes a killed run.
+
+    Returns the run's wall seconds over all its attempts, the killed ones included, so a resumed run
+    is not reported as faster than it was.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "sweep_config.yaml"
     save_yaml(variant_config(grid, variant, seed, run_dir), config_path)
@@ -125,15 +154,20 @@ def run_one(grid: Grid, variant: Variant, seed: int, run_dir: Path, env: dict | 
         command += ["--resume", str(run_dir)]
     else:
         command += ["--config", str(config_path)]
+    attempts = _read_attempts(run_dir)
+    attempts.append({"start": time.time(), "seconds": None})
+    _write_attempts(run_dir, attempts)
     start = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    seconds = time.perf_counter() - start
+    attempts[-1]["seconds"] = time.perf_counter() - start
+    _write_attempts(run_dir, attempts)
     if result.returncode != 0:
         raise RuntimeError(f"{variant.name} seed {seed} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
+    seconds = sum(a["seconds"] for a in attempts)
     # Written last, after the run's own files: its presence means the run is complete.
     tmp = run_dir / "done.json.tmp"
-    tmp.write_text(json.dumps({"variant": variant.name, "seed": seed, "wall_seconds": seconds}))
+    tmp.write_text(json.dumps({"variant": variant.name, "seed": seed, "wall_seconds": seconds, "attempts": len(attempts)}))
     os.replace(tmp, run_dir / "done.json")
     return seconds
 

@@ -80,14 +80,21 @@ def test_sweep_restart_runs_only_unfinished_variants(tmp_path, tiny_model_dir):
 
     # A run killed before it finished: no done.json, so only it runs again.
     killed = grid.variants[1].runs[0]
+    first_attempt = json.loads((killed / "done.json").read_text())["wall_seconds"]
     (killed / "done.json").unlink()
+    # ... and a launch before that which died with the sweep: it logged for 50 s and recorded nothing.
+    log_end = (killed / "train.log").stat().st_mtime
+    with open(killed / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"start": log_end - 50.0, "seconds": None}) + "\n")
     messages.clear()
     run_sweep(load_grid(write_grid(tmp_path, base, {"loss.objective": ["sampled_rkl", "full_rkl"]}, [0])), log=messages.append)
     assert messages[0].startswith("1 of 2 runs to do")
     finished = grid.variants[0].runs[0]
     assert (finished / "done.json").stat().st_mtime_ns == done[finished]
     assert (finished / "metrics.jsonl").read_text() == metrics[finished]
-    assert (killed / "done.json").exists()
+    resumed = json.loads((killed / "done.json").read_text())
+    assert resumed["attempts"] == 3
+    assert resumed["wall_seconds"] > first_attempt + 50.0  # the killed launches count towards the run's time
 
     table = write_results(grid)
     assert "not run yet" not in table and (grid.out_dir / "trace_gap.png").stat().st_size > 0
