@@ -182,7 +182,7 @@ def build_teacher_traces(
             [g.teacher_prompt_ids for _, g, _ in keep],
             [c.token_ids for _, _, c in keep],
             micro_batch_tokens=micro_batch_tokens,
-        )
+        ).logprobs
     traces = []
     for (split, group, completion), teacher_lp in zip(keep, teacher_lps):
         answer = group.row.answer
@@ -208,7 +208,7 @@ def evaluate_traces(student, traces: list[TeacherTrace], micro_batch_tokens: int
     """Token-weighted trace gaps per split, and one record per row."""
     student_lps = parallel.score(
         student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces], micro_batch_tokens=micro_batch_tokens
-    )
+    ).logprobs
     totals: dict[str, list[float]] = {}
     records = []
     for trace, student_lp in zip(traces, student_lps):

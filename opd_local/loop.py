@@ -138,10 +138,7 @@ def train(cfg: Config) -> Path:
                 chunk_tokens=cfg.loss.chunk_tokens,
                 return_hidden=needs_teacher_hidden(cfg.loss),
             )
-        if needs_teacher_hidden(cfg.loss):
-            attach_teacher_scores(rollouts, *teacher_scores)
-        else:
-            attach_teacher_scores(rollouts, teacher_scores)
+        attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
         kept = [r for r in rollouts if r.kept]
         metrics["time/score"] = time.perf_counter() - t
 

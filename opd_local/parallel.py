@@ -21,7 +21,7 @@ from torch import nn
 
 from opd_local import dist, models
 from opd_local.packing import split_by_token_budget
-from opd_local.scoring import score_completions
+from opd_local.scoring import CompletionScores, score_completions
 
 LAYOUTS = ("auto", "none", "ddp", "fsdp")
 TEACHER_PLACEMENTS = ("auto", "replica", "shard", "cpu", "disk")
@@ -235,7 +235,7 @@ def call(model, fn, *args, **kwargs):
     return fn(unwrap(model), *args, **kwargs)
 
 
-def score(model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, **kwargs):
+def score(model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, **kwargs) -> CompletionScores:
     """`scoring.score_completions` on a plain, replicated or sharded model.
 
     Sharded, each rank scores its own sequences in micro-batches, and ranks with fewer run one-token
@@ -261,16 +261,15 @@ def score(model, prompts: list[list[int]], completions: list[list[int]], *, micr
     return _reassemble(parts, len(prompts), kwargs.get("return_hidden", False))
 
 
-def _reassemble(parts, n: int, with_hidden: bool):
+def _reassemble(parts: list[tuple[list[int], CompletionScores]], n: int, with_hidden: bool) -> CompletionScores:
     scores: list = [None] * n
     hiddens: list = [None] * n
     for indices, out in parts:
-        lps, hs = out if with_hidden else (out, None)
         for j, i in enumerate(indices):
-            scores[i] = lps[j]
+            scores[i] = out.logprobs[j]
             if with_hidden:
-                hiddens[i] = hs[j]
-    return (scores, hiddens) if with_hidden else scores
+                hiddens[i] = out.hiddens[j]
+    return CompletionScores(scores, hiddens if with_hidden else None)
 
 
 def _fsdp_groups(model: DistributedModel) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:

@@ -33,7 +33,7 @@ def push_weights(sampler: Sampler, student) -> float:
 def parity_probe(sampler: Sampler, student, probe_ids: list[int], threshold: float) -> dict[str, float]:
     """Engine vs trainer |Δlogprob| on `probe_ids[1:]`; raises when the max exceeds `threshold`."""
     engine_lp = torch.tensor(sampler.score(probe_ids), dtype=torch.float32)
-    (trainer_lp,) = parallel.score(student, [probe_ids[:1]], [probe_ids[1:]], micro_batch_tokens=len(probe_ids))
+    (trainer_lp,) = parallel.score(student, [probe_ids[:1]], [probe_ids[1:]], micro_batch_tokens=len(probe_ids)).logprobs
     delta = (engine_lp - trainer_lp).abs()
     max_abs, mean_abs = float(delta.max()), float(delta.mean())
     if not max_abs <= threshold:  # also catches NaN

@@ -74,7 +74,7 @@ def test_eval_gaps_are_token_weighted_across_rows(tiny_model_dir, tokenizer):
     traces = []
     for row_id, split, length, offset, span in [("a", "heldout", 4, 1.0, (2, 4)), ("b", "heldout", 2, 4.0, (0, 1)), ("c", "train", 3, -1.0, None)]:
         ids = torch.randint(0, len(tokenizer), (length,)).tolist()
-        (own,) = score_completions(student, [prompt], [ids], micro_batch_tokens=4096)
+        (own,) = score_completions(student, [prompt], [ids], micro_batch_tokens=4096).logprobs
         traces.append(TeacherTrace(row_id, split, prompt, ids, (own + offset).tolist(), span, True))
     metrics, records = evaluate_traces(student, traces, micro_batch_tokens=4096)
     assert metrics["eval/trace_gap"] == pytest.approx((4 * 1.0 + 2 * 4.0) / 6, abs=1e-4)  # not the row mean 2.5

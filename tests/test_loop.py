@@ -92,7 +92,7 @@ def _rollouts(student, tokenizer, teacher_shift: float):
     for i, (text, length) in enumerate([("2+2?", 9), ("Name a colour.", 5), ("Count to three.", 14)]):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
         completion = torch.randint(0, len(tokenizer), (length,), generator=g).tolist()
-        (own_lp,) = score_completions(student, [prompt], [completion], micro_batch_tokens=10_000)
+        (own_lp,) = score_completions(student, [prompt], [completion], micro_batch_tokens=10_000).logprobs
         teacher_lp = own_lp + teacher_shift * torch.randn(length, generator=g)
         row = PrivilegedRow(f"r{i}", ({"role": "user", "content": text},), ({"role": "user", "content": text},), None, None)
         rollouts.append(Rollout(i, PromptGroup(row, prompt, prompt), completion, own_lp, "length", teacher_lp))

@@ -49,8 +49,8 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
     teacher = FrozenTeacher(student, adapter_off=True)
     prompt, completion = probe[:5], probe[5:]
     with teacher.scope():
-        (teacher_lp,) = score_completions(teacher.model, [prompt], [completion], micro_batch_tokens=4096)
-    (base_lp,) = score_completions(base, [prompt], [completion], micro_batch_tokens=4096)
-    (student_lp,) = score_completions(student, [prompt], [completion], micro_batch_tokens=4096)
+        (teacher_lp,) = score_completions(teacher.model, [prompt], [completion], micro_batch_tokens=4096).logprobs
+    (base_lp,) = score_completions(base, [prompt], [completion], micro_batch_tokens=4096).logprobs
+    (student_lp,) = score_completions(student, [prompt], [completion], micro_batch_tokens=4096).logprobs
     torch.testing.assert_close(teacher_lp, base_lp, atol=1e-6, rtol=0)
     assert (student_lp - base_lp).abs().max() > 1e-4  # the adapter is back on outside the scope

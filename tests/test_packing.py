@@ -33,8 +33,8 @@ def _sequences(tokenizer):
 def test_packed_logprobs_equal_unpacked(request, tokenizer, model_fixture):
     model = load_causal_lm(request.getfixturevalue(model_fixture), ModelConfig(), torch.float32, torch.device("cpu"))
     prompts, completions = _sequences(tokenizer)
-    packed = score_completions(model, prompts, completions, micro_batch_tokens=10_000)
-    one_by_one = score_completions(model, prompts, completions, micro_batch_tokens=1)
+    packed = score_completions(model, prompts, completions, micro_batch_tokens=10_000).logprobs
+    one_by_one = score_completions(model, prompts, completions, micro_batch_tokens=1).logprobs
     for p, c, lp_packed, lp_single in zip(prompts, completions, packed, one_by_one):
         reference = _reference_logprobs(model, p, c)
         assert lp_packed.shape == (len(c),)

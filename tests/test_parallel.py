@@ -40,8 +40,8 @@ def test_offloaded_teacher_scores_and_pushes_like_the_plain_one(tiny_teacher_dir
     assert offloaded.lm_head.weight.device == CPU  # read directly by the scoring pass, so kept in place
     prompts = [tokenizer("Tom has 3 apples.")["input_ids"], tokenizer("2+2?")["input_ids"]]
     completions = [tokenizer(" He buys 5 more: 8.")["input_ids"], tokenizer(" 4")["input_ids"]]
-    want = parallel.score(plain, prompts, completions, micro_batch_tokens=16)  # two micro-batches
-    got = parallel.score(offloaded, prompts, completions, micro_batch_tokens=16)
+    want = parallel.score(plain, prompts, completions, micro_batch_tokens=16).logprobs  # two micro-batches
+    got = parallel.score(offloaded, prompts, completions, micro_batch_tokens=16).logprobs
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, atol=0, rtol=0)
     plain_weights = dict(engine_weights(plain))

@@ -61,7 +61,7 @@ def test_rollout_logprobs_match_trainer(engine, student, tokenizer, temperature)
             flat_prompts.append(prompt)
             completions.append(completion.token_ids)
             rollout_lps.append(torch.tensor(completion.logprobs))
-    trainer_lps = score_completions(student, flat_prompts, completions, micro_batch_tokens=4096, temperature=temperature)
+    trainer_lps = score_completions(student, flat_prompts, completions, micro_batch_tokens=4096, temperature=temperature).logprobs
     for rollout_lp, trainer_lp in zip(rollout_lps, trainer_lps):
         torch.testing.assert_close(rollout_lp, trainer_lp, atol=LOGPROB_ATOL, rtol=0)
     # same seed, same samples: rollouts are reproducible
