@@ -68,11 +68,31 @@ LATEST = "latest"
 SHARDED = "sharded"
 
 
-def _sharded_state(module, optimizer) -> dict:
-    """Weights and optimizer state keyed by parameter name, as this rank's shards."""
+def _tied_aliases(module) -> dict[str, str]:
+    """Second names of a parameter registered twice (tied embeddings) -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _sharded_state(module, optimizer) -> tuple[dict, list]:
+    """This rank's shards of the weights and of the optimizer's tensors, keyed by parameter name,
+    and the optimizer's param_groups (numbers and names only, saved with the scheduler).
+
+    A tied weight appears once: safetensors refuses two names for one storage.
+    """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
+    model = get_model_state_dict(module)
+    for alias in _tied_aliases(module):
+        model.pop(alias, None)
+    optim = get_optimizer_state_dict(module, optimizer)
+    return {"model": model, "optimizer": optim["state"]}, optim["param_groups"]
 
 
 def _rng_state() -> dict:
@@ -111,11 +131,15 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         import torch.distributed.checkpoint as dcp
 
         parallel.reshard(student)
-        dcp.save(_sharded_state(module, optimizer), checkpoint_id=tmp / SHARDED)
+        tensors, param_groups = _sharded_state(module, optimizer)
+        # safetensors shards that carry their offsets in the JSON header: resuming unpickles nothing.
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+        optimizer_state = {"param_groups": param_groups}
+    else:
+        optimizer_state = {"optimizer": optimizer.state_dict()}
     if ctx.is_main:
         if not parallel.is_sharded(student):
             save_model(module, str(tmp / "model.safetensors"))
-        optimizer_state = {} if parallel.is_sharded(student) else {"optimizer": optimizer.state_dict()}
         torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}))
     dist.barrier()
@@ -146,23 +170,24 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved progress."""
     module = parallel.unwrap(student)
     sharded_dir = Path(checkpoint) / SHARDED
+    # weights_only: a checkpoint is data, never code.
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
     if sharded_dir.exists():
         # Works for any layout: each rank reads the pieces its own parameters need.
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         parallel.reshard(student)
-        state = _sharded_state(module, optimizer)
-        dcp.load(state, checkpoint_id=sharded_dir)
-        set_model_state_dict(module, state["model"])
-        set_optimizer_state_dict(module, optimizer, state["optimizer"])
+        tensors, _ = _sharded_state(module, optimizer)
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)))
+        for alias, name in _tied_aliases(module).items():
+            tensors["model"][alias] = tensors["model"][name]
+        set_model_state_dict(module, tensors["model"])
+        set_optimizer_state_dict(module, optimizer, {"state": tensors["optimizer"], "param_groups": state["param_groups"]})
     elif parallel.is_sharded(student):
         raise RuntimeError(f"{checkpoint} holds whole weights, not shards: resume with the run.parallel it was written with")
     else:
         load_model(module, str(checkpoint / "model.safetensors"), device=str(next(module.parameters()).device))
-    # weights_only: a checkpoint is data, never code.
-    state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
-    if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = checkpoint / f"rng_rank{ctx.rank}.pt"

@@ -59,7 +59,7 @@ def tokenizer(embedded_model_dir):
     return load_tokenizer(embedded_model_dir, ModelConfig())
 
 
-def save_tiny_llama(path, tokenizer, seed: int, num_layers: int = 2) -> str:
+def save_tiny_llama(path, tokenizer, seed: int, num_layers: int = 2, tied: bool = False) -> str:
     """A random-init LLaMA with SmolLM2's vocabulary and chat template, small enough for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,7 +72,7 @@ def save_tiny_llama(path, tokenizer, seed: int, num_layers: int = 2) -> str:
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import save_tiny_llama
+
 COMMON = [
     "--sampler", "hf", "--steps", "2", "--groups_per_step", "4", "--samples_per_group", "2", "--max_tokens", "10",
     "--max_train_rows", "16", "--max_heldout_rows", "2", "--micro_batch_tokens", "700",
@@ -69,12 +71,23 @@ def test_two_ranks_match_one_rank(one_rank, tiny_model_dir, tmp_path, layout):
         torch.testing.assert_close(two_weights[name], weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_sharded_lora_run_resumes_from_its_shards(tiny_model_dir, tmp_path):
-    """LoRA under FSDP2, then a resume from the step-1 checkpoint (each rank reads its own shards) redoes step 2 exactly."""
+@pytest.mark.parametrize("variant", ["lora", "tied-full"])
+def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path, variant):
+    """Under FSDP2, a resume from the step-1 checkpoint (each rank reads its own shards) redoes step 2 exactly.
+
+    LoRA, and a full fine-tune of a model with tied embeddings (one storage, two names).
+    """
     full = tmp_path / "full"
-    lora = ["--lora_rank", "4", "--lora_alpha", "8", "--eval.every", "0", "--parallel", "fsdp", "--save_every", "1"]
-    records, weights = _run(tiny_model_dir, full, 2, *lora)
+    flags = ["--eval.every", "0", "--parallel", "fsdp", "--save_every", "1"]
+    if variant == "lora":
+        flags += ["--lora_rank", "4", "--lora_alpha", "8"]
+        student = tiny_model_dir
+    else:
+        student = save_tiny_llama(tmp_path / "tied", tokenizer, seed=3, tied=True)
+    records, weights = _run(student, full, 2, *flags)
     assert all(r["sync/parity_max_abs"] < 1e-4 for r in records)  # the engines got the merged weights
+    shards = list((full / "checkpoints" / "step-000001" / "sharded").iterdir())
+    assert shards and all(f.suffix == ".safetensors" for f in shards)  # nothing to unpickle on resume
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
