@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -190,8 +191,19 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
         load_model(module, str(checkpoint / "model.safetensors"), device=str(next(module.parameters()).device))
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = checkpoint / f"rng_rank{ctx.rank}.pt"
-    if not rng_file.exists():
-        raise RuntimeError(f"{checkpoint} has no RNG state for rank {ctx.rank}: resume with the same number of ranks")
-    _set_rng_state(torch.load(rng_file, weights_only=True))
-    return read_progress(checkpoint)
+    progress = read_progress(checkpoint)
+    saved_ranks = len(list(Path(checkpoint).glob("rng_rank*.pt")))
+    if saved_ranks == ctx.world_size:
+        _set_rng_state(torch.load(checkpoint / f"rng_rank{ctx.rank}.pt", weights_only=True))
+    else:
+        # Rollouts are seeded per group and step, and the data cursor is global, so only what draws
+        # from the global RNG (LoRA dropout) differs from a run that kept its rank count.
+        if ctx.is_main:
+            warnings.warn(
+                f"{checkpoint} was written by {saved_ranks} ranks and is resumed by {ctx.world_size}: "
+                "the RNG is reseeded per rank, so dropout draws differ from an uninterrupted run"
+            )
+        seed = 1_000_003 * progress["step"] + ctx.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+    return progress

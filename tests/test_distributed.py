@@ -104,3 +104,26 @@ def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path
     assert again.keys() == weights.keys()
     for name in weights:
         assert torch.equal(again[name], weights[name]), name
+
+
+@pytest.mark.parametrize("layout,before,after", [("ddp", 2, 1), ("fsdp", 2, 1), ("ddp", 1, 2)])
+def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tmp_path, layout, before, after):
+    """A run checkpointed by `before` ranks goes on with `after` (fewer GPUs after a failure, or more)
+    and ends where the uninterrupted run ends, to the layouts' float32 tolerance: rollouts and the
+    data cursor do not depend on the rank count, and sharded weights and AdamW state are re-split on load."""
+    full = tmp_path / "full"
+    records, weights = _run(tiny_model_dir, full, before, "--eval.every", "0", "--parallel", layout, "--save_every", "1")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step-000002")
+    (resumed / "checkpoints" / "latest").write_text("step-000001")
+    _torchrun(after, "--resume", str(resumed))
+    again_records = _records(resumed)
+    assert [r["step"] for r in again_records] == [0, 1]
+    assert again_records[1]["opd/active_tokens"] == records[1]["opd/active_tokens"]
+    assert abs(again_records[1]["opd/loss"] - records[1]["opd/loss"]) < 1e-5
+    again = load_file(str(resumed / "final" / "model.safetensors"))
+    assert again.keys() == weights.keys()
+    for name, weight in weights.items():
+        torch.testing.assert_close(again[name], weight, atol=1e-6, rtol=1e-5, msg=name)
