@@ -81,6 +81,20 @@ def _tied_aliases(module) -> dict[str, str]:
     return aliases
 
 
+def _by_name(module, optimizer_state: dict) -> dict:
+    """A plain `optimizer.state_dict()` (parameters numbered in the order the optimizer was given
+    them: the trainable ones, in module order) keyed by parameter name instead."""
+    names = [name for name, param in module.named_parameters() if param.requires_grad]
+    numbered = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    if len(numbered) != len(names):
+        raise RuntimeError(f"the checkpoint's optimizer holds {len(numbered)} parameters, this student trains {len(names)}")
+    name_of = dict(zip(numbered, names))
+    return {
+        "state": {name_of[i]: value for i, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]} for group in optimizer_state["param_groups"]],
+    }
+
+
 def _sharded_state(module, optimizer) -> tuple[dict, list]:
     """This rank's shards of the weights and of the optimizer's tensors, keyed by parameter name,
     and the optimizer's param_groups (numbers and names only, saved with the scheduler).
@@ -186,7 +200,17 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
         set_model_state_dict(module, tensors["model"])
         set_optimizer_state_dict(module, optimizer, {"state": tensors["optimizer"], "param_groups": state["param_groups"]})
     elif parallel.is_sharded(student):
-        raise RuntimeError(f"{checkpoint} holds whole weights, not shards: resume with the run.parallel it was written with")
+        # Whole weights from DDP or one process, split here: every rank reads the file and keeps its shards.
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+        parallel.reshard(student)
+        whole = StateDictOptions(full_state_dict=True)
+        weights = load_file(str(checkpoint / "model.safetensors"))
+        for alias, name in _tied_aliases(module).items():
+            weights.setdefault(alias, weights[name])
+        set_model_state_dict(module, weights, options=whole)
+        set_optimizer_state_dict(module, optimizer, _by_name(module, state["optimizer"]), options=whole)
     else:
         load_model(module, str(checkpoint / "model.safetensors"), device=str(next(module.parameters()).device))
         optimizer.load_state_dict(state["optimizer"])

@@ -106,7 +106,7 @@ def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path
         assert torch.equal(again[name], weights[name]), name
 
 
-@pytest.mark.parametrize("layout,before,after", [("ddp", 2, 1), ("fsdp", 2, 1), ("ddp", 1, 2)])
+@pytest.mark.parametrize("layout,before,after", [("ddp", 2, 1), ("fsdp", 2, 1), ("ddp", 1, 2), ("fsdp", 1, 2)])
 def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tmp_path, layout, before, after):
     """A run checkpointed by `before` ranks goes on with `after` (fewer GPUs after a failure, or more)
     and ends where the uninterrupted run ends, to the layouts' float32 tolerance: rollouts and the
