@@ -4,9 +4,10 @@
 
 Both pipelines run the step of DESIGN.md on the same model, prompts and (for scoring and training)
 the same sampled completions:
-- opd-local: in-process vLLM sampling; the teacher and the student over packed rows (no padding)
-  with the fused-linear kernels, so no [tokens, vocab] logits are held; the weight push into vLLM;
-  also the step with the full-vocabulary `full_rkl` objective;
+- opd-local: in-process vLLM sampling; the teacher runs each privileged prompt once and scores the
+  group's completions on its KV cache (also timed packed, one prompt copy per completion); the
+  student over packed rows (no padding); the fused-linear kernels, so no [tokens, vocab] logits are
+  held; the weight push into vLLM; also the step with the full-vocabulary `full_rkl` objective;
 - stock: transformers `generate`; padded batches with an attention mask, full logits and
   `log_softmax`; the same loss; a `load_state_dict` copy into the generating model.
 Prints the median seconds per stage, the ratios stock / opd-local, and peak memory on CUDA.
@@ -110,12 +111,15 @@ def main() -> None:
     teacher_prompts = [r.group.teacher_prompt_ids for r in kept]
     completion_ids = [r.completion_ids for r in kept]
 
-    def score(return_hidden=False):
+    def score(return_hidden=False, shared_prefix=cfg.model.teacher_shared_prefix):
         return score_completions(
-            teacher, teacher_prompts, completion_ids, micro_batch_tokens=budget, return_hidden=return_hidden
+            teacher, teacher_prompts, completion_ids, micro_batch_tokens=budget, return_hidden=return_hidden,
+            shared_prefix=shared_prefix,
         )
 
     seconds["opd-local"]["score"] = median_seconds(score, args.repeats)
+    # The same scoring with every completion packed behind its own copy of the privileged prompt.
+    packed_score_seconds = median_seconds(lambda: score(shared_prefix=False), args.repeats)
     seconds["opd-local full_rkl"]["score"] = median_seconds(lambda: score(True), args.repeats)
     attach_teacher_scores(rollouts, *score(True))
     for name, objective in (("opd-local", "sampled_rkl"), ("opd-local full_rkl", "full_rkl")):
@@ -163,6 +167,10 @@ def main() -> None:
         f"sampling throughput: vllm {sampled_tokens['vllm'] / seconds['opd-local']['sample']:.1f} tok/s, "
         f"generate {sampled_tokens['generate'] / seconds['stock']['sample']:.1f} tok/s "
         f"({sampled_tokens['vllm']} and {sampled_tokens['generate']} tokens)"
+    )
+    print(
+        f"teacher scoring: prompt run once per group {seconds['opd-local']['score']:.3f} s, packed with each "
+        f"completion {packed_score_seconds:.3f} s ({packed_score_seconds / seconds['opd-local']['score']:.2f}x)"
     )
     ours, theirs = seconds["opd-local"], seconds["stock"]
     ratios = ", ".join(f"{s} {theirs[s] / ours[s]:.2f}x" for s in stages)

@@ -48,6 +48,11 @@ class ModelConfig:
         "for its own forward, by accelerate), disk (the same from memory-mapped files under model.teacher_offload_dir)",
     )
     teacher_offload_dir: str = knob("", "teacher_placement=disk: where the layers are written; empty means OUT_DIR/teacher-offload")
+    teacher_shared_prefix: bool = knob(
+        True,
+        "teacher scoring: each privileged prompt runs once and its KV cache serves the group's K completions "
+        "(a sharded teacher always packs every completion with its own copy of the prompt)",
+    )
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
     dtype: str = knob("auto", "trainer weights: auto (fp32 on CPU, fp32 master + bf16 autocast on CUDA), float32, bfloat16")
     attn_implementation: str = knob("sdpa", "transformers attention backend: sdpa, eager, flash_attention_2")

@@ -137,6 +137,7 @@ def train(cfg: Config) -> Path:
                 micro_batch_tokens=token_budget,
                 chunk_tokens=cfg.loss.chunk_tokens,
                 return_hidden=needs_teacher_hidden(cfg.loss),
+                shared_prefix=cfg.model.teacher_shared_prefix,
             )
         attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
         kept = [r for r in rollouts if r.kept]

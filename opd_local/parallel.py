@@ -235,14 +235,19 @@ def call(model, fn, *args, **kwargs):
     return fn(unwrap(model), *args, **kwargs)
 
 
-def score(model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, **kwargs) -> CompletionScores:
+def score(
+    model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, shared_prefix: bool = False, **kwargs
+) -> CompletionScores:
     """`scoring.score_completions` on a plain, replicated or sharded model.
 
-    Sharded, each rank scores its own sequences in micro-batches, and ranks with fewer run one-token
-    passes so that every rank makes the same number of forwards (each gathers every layer).
+    `shared_prefix` applies to an unsharded model only. Sharded, each rank scores its own sequences
+    in packed micro-batches, and ranks with fewer run one-token passes so that every rank makes the
+    same number of forwards (each gathers every layer).
     """
     if not is_sharded(model):
-        return score_completions(unwrap(model), prompts, completions, micro_batch_tokens=micro_batch_tokens, **kwargs)
+        return score_completions(
+            unwrap(model), prompts, completions, micro_batch_tokens=micro_batch_tokens, shared_prefix=shared_prefix, **kwargs
+        )
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     batches = split_by_token_budget(lengths, micro_batch_tokens) if prompts else []
     rounds = dist.all_reduce_max(len(batches))

@@ -1,4 +1,5 @@
-"""Per-token logprobs of completions under a model, from packed forwards.
+"""Per-token logprobs of completions under a model, from packed forwards or from one forward per
+shared prompt whose KV cache the completions reuse.
 
 Used for teacher scoring (step 4), the trainer side of the parity probe and evaluation.
 The logprobs come from the final hidden states and the lm_head weight through
@@ -8,12 +9,13 @@ The logprobs come from the final hidden states and the lm_head weight through
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import NamedTuple
 
 import torch
 
 import kernels
-from opd_local.models import active_hidden_and_head
+from opd_local.models import active_hidden_and_head, lm_head_weight
 from opd_local.packing import PackedBatch, pack_sequences, split_by_token_budget
 
 
@@ -31,19 +33,14 @@ class CompletionScores(NamedTuple):
     hiddens: list[torch.Tensor] | None  # [C, H] final hidden states on the model's device, when asked for
 
 
-def _active_logprobs(model, batch: PackedBatch, temperature: float, chunk_tokens: int):
-    active_hidden, weight = active_hidden_and_head(model, batch)
-    logprobs = kernels.linear_token_logprobs(
-        active_hidden, weight, batch.targets, temperature=temperature, chunk_tokens=chunk_tokens
-    )
-    return logprobs, active_hidden
-
-
 def packed_token_logprobs(
     model, batch: PackedBatch, temperature: float = 1.0, chunk_tokens: int = 1024
 ) -> torch.Tensor:
     """`[N_active]` fp32 logprobs of `batch.targets`; differentiable if the model is."""
-    return _active_logprobs(model, batch, temperature, chunk_tokens)[0]
+    active_hidden, weight = active_hidden_and_head(model, batch)
+    return kernels.linear_token_logprobs(
+        active_hidden, weight, batch.targets, temperature=temperature, chunk_tokens=chunk_tokens
+    )
 
 
 @torch.no_grad()
@@ -56,24 +53,84 @@ def score_completions(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     return_hidden: bool = False,
+    shared_prefix: bool = False,
 ) -> CompletionScores:
-    """Logprob of every completion token given its own prompt, from packed forwards.
+    """Logprob of every completion token given its own prompt.
 
     With `return_hidden`, also the final hidden states that predict those tokens: what the
     full-vocabulary objectives need to rebuild the teacher's logits chunk by chunk, H floats per
     token instead of V.
+
+    Packed by default. With `shared_prefix`, each distinct prompt runs once and the completions
+    that share it (a group's K samples) run on its KV cache: packing recomputes the prompt K times,
+    which dominates when it is long, as a privileged teacher's prompt with the worked solution is.
     """
     device = next(model.parameters()).device
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    make_batches = _shared_prefix_batches if shared_prefix else _packed_batches
     scores: list = [None] * len(prompts)
     hiddens: list = [None] * len(prompts)
+    for indices, active_hidden, targets in make_batches(model, prompts, completions, micro_batch_tokens, device):
+        weight = lm_head_weight(model).to(active_hidden.dtype)
+        with autocast_for(device):
+            logprobs = kernels.linear_token_logprobs(
+                active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
+            )
+        lengths = [len(completions[i]) for i in indices]
+        for i, seq_lp in zip(indices, torch.split(logprobs.float().cpu(), lengths)):
+            scores[i] = seq_lp
+        if return_hidden:
+            for i, seq_hidden in zip(indices, torch.split(active_hidden, lengths)):
+                hiddens[i] = seq_hidden.clone()  # a view would keep the whole micro-batch alive
+    return CompletionScores(scores, hiddens if return_hidden else None)
+
+
+def _packed_batches(model, prompts, completions, micro_batch_tokens: int, device):
+    """(indices, hidden states `[N, H]` that predict their completion tokens, those tokens) per packed forward."""
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     for indices in split_by_token_budget(lengths, micro_batch_tokens):
         batch = pack_sequences([prompts[i] for i in indices], [completions[i] for i in indices]).to(device)
         with autocast_for(device):
-            logprobs, active_hidden = _active_logprobs(model, batch, temperature, chunk_tokens)
-        for i, seq_lp in zip(indices, torch.split(logprobs.float().cpu(), batch.completion_lengths)):
-            scores[i] = seq_lp
-        if return_hidden:
-            for i, seq_hidden in zip(indices, torch.split(active_hidden, batch.completion_lengths)):
-                hiddens[i] = seq_hidden.clone()  # a view would keep the whole micro-batch alive
-    return CompletionScores(scores, hiddens if return_hidden else None)
+            active_hidden, _ = active_hidden_and_head(model, batch)
+        yield indices, active_hidden, batch.targets
+
+
+def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int, device):
+    """The same, one forward per prompt and then its completions as a right-padded batch on its
+    KV cache: padding sits after every real token, so causal attention never reads it."""
+    decoder = model.get_decoder()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    for prompt, members in by_prompt.items():
+        prefix = len(prompt) - 1  # the last prompt token predicts the first completion token
+        prefix_cache = None
+        if prefix > 0:
+            with autocast_for(device):
+                prefix_cache = decoder(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True).past_key_values
+        budget = max(micro_batch_tokens - prefix, 1)
+        for part in split_by_token_budget([len(completions[i]) for i in members], budget):
+            indices = [members[j] for j in part]
+            rows = [[prompt[-1], *completions[i][:-1]] for i in indices]
+            width = max(len(r) for r in rows)
+            input_ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+            attention_mask = torch.zeros(len(rows), prefix + width, dtype=torch.long, device=device)
+            attention_mask[:, :prefix] = 1
+            for k, row in enumerate(rows):
+                input_ids[k, : len(row)] = torch.tensor(row, device=device)
+                attention_mask[k, prefix : prefix + len(row)] = 1
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)  # the forward appends to it
+                cache.batch_repeat_interleave(len(rows))
+            position_ids = torch.arange(prefix, prefix + width, device=device).expand(len(rows), -1)
+            with autocast_for(device):
+                hidden = decoder(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                ).last_hidden_state
+            active_hidden = torch.cat([hidden[k, : len(completions[i])] for k, i in enumerate(indices)])
+            targets = torch.tensor([t for i in indices for t in completions[i]], device=device)
+            yield indices, active_hidden, targets

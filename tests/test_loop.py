@@ -195,3 +195,16 @@ def test_disk_placed_teacher_scores_like_a_resident_one_and_leaves_no_files(tiny
     # Same seed, same rollouts: the teacher's placement must not change its scores.
     assert records["disk"]["opd/active_tokens"] == records["replica"]["opd/active_tokens"]
     assert records["disk"]["opd/sampled_reverse_kl"] == pytest.approx(records["replica"]["opd/sampled_reverse_kl"], abs=1e-5)
+
+
+def test_teacher_shared_prefix_scores_like_packing(tiny_model_dir, tmp_path):
+    records = {}
+    for shared in (True, False):
+        cfg = tiny_config(tiny_model_dir, tmp_path / str(shared))
+        cfg.model.teacher_shared_prefix = shared
+        cfg.run.steps = 1
+        cfg.run.save_final = False
+        (records[shared],) = read_metrics(train(cfg))
+    assert records[True]["opd/active_tokens"] == records[False]["opd/active_tokens"]
+    for key in ("opd/sampled_reverse_kl", "opd/loss"):
+        assert records[True][key] == pytest.approx(records[False][key], abs=1e-5), key

@@ -42,6 +42,25 @@ def test_packed_logprobs_equal_unpacked(request, tokenizer, model_fixture):
         torch.testing.assert_close(lp_packed, lp_single, atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("budget", [10_000, 40])  # 40: a group's completions split over several batches
+def test_shared_prefix_scoring_equals_packed(tokenizer, tiny_model_dir, budget):
+    """Groups of 3, 1 and 2 completions of uneven length (one of a single token), interleaved as a
+    step's rollouts are: each prompt's KV cache reused by its group gives the packed logprobs and hidden states."""
+    model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    group_prompts, _ = _sequences(tokenizer)
+    g = torch.Generator().manual_seed(7)
+    order = [0, 1, 0, 2, 0, 2]
+    prompts = [group_prompts[k] for k in order]
+    completions = [torch.randint(0, len(tokenizer), (n,), generator=g).tolist() for n in (9, 4, 1, 12, 5, 3)]
+    kwargs = dict(temperature=0.7, return_hidden=True)
+    packed = score_completions(model, prompts, completions, micro_batch_tokens=10_000, **kwargs)
+    shared = score_completions(model, prompts, completions, micro_batch_tokens=budget, shared_prefix=True, **kwargs)
+    for c, lp_packed, lp_shared, h_packed, h_shared in zip(completions, packed.logprobs, shared.logprobs, packed.hiddens, shared.hiddens):
+        assert lp_shared.shape == (len(c),) and h_shared.shape == h_packed.shape
+        torch.testing.assert_close(lp_shared, lp_packed, atol=2e-5, rtol=0)
+        torch.testing.assert_close(h_shared, h_packed, atol=2e-5, rtol=1e-5)
+
+
 def test_packed_batch_layout():
     batch = pack_sequences([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]])
     assert batch.input_ids.tolist() == [[5, 6, 7, 9, 10, 8, 11, 12, 13]]
