@@ -81,6 +81,12 @@ def _tied_aliases(module) -> dict[str, str]:
     return aliases
 
 
+def _fill_tied_names(module, weights: dict) -> None:
+    """Both names of every tied weight, from whichever one was saved (safetensors keeps just one)."""
+    for alias, name in _tied_aliases(module).items():
+        weights[name] = weights[alias] = weights[name] if name in weights else weights[alias]
+
+
 def _by_name(module, optimizer_state: dict) -> dict:
     """A plain `optimizer.state_dict()` (parameters numbered in the order the optimizer was given
     them: the trainable ones, in module order) keyed by parameter name instead."""
@@ -187,30 +193,28 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
     sharded_dir = Path(checkpoint) / SHARDED
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
-    if sharded_dir.exists():
-        # Works for any layout: each rank reads the pieces its own parameters need.
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        parallel.reshard(student)
-        tensors, _ = _sharded_state(module, optimizer)
-        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)))
-        for alias, name in _tied_aliases(module).items():
-            tensors["model"][alias] = tensors["model"][name]
-        set_model_state_dict(module, tensors["model"])
-        set_optimizer_state_dict(module, optimizer, {"state": tensors["optimizer"], "param_groups": state["param_groups"]})
-    elif parallel.is_sharded(student):
-        # Whole weights from DDP or one process, split here: every rank reads the file and keeps its shards.
-        from safetensors.torch import load_file
+    if sharded_dir.exists() or parallel.is_sharded(student):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
         parallel.reshard(student)
-        whole = StateDictOptions(full_state_dict=True)
-        weights = load_file(str(checkpoint / "model.safetensors"))
-        for alias, name in _tied_aliases(module).items():
-            weights.setdefault(alias, weights[name])
-        set_model_state_dict(module, weights, options=whole)
-        set_optimizer_state_dict(module, optimizer, _by_name(module, state["optimizer"]), options=whole)
+        if sharded_dir.exists():
+            # Works for any layout: each rank reads the pieces its own parameters need.
+            import torch.distributed.checkpoint as dcp
+
+            tensors, _ = _sharded_state(module, optimizer)
+            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)))
+            weights, optimizer_state = tensors["model"], {"state": tensors["optimizer"], "param_groups": state["param_groups"]}
+            options = StateDictOptions()
+        else:
+            # Whole weights from DDP or one process, split here: every rank reads the file and keeps its shards.
+            from safetensors.torch import load_file
+
+            weights = load_file(str(checkpoint / "model.safetensors"))
+            optimizer_state = _by_name(module, state["optimizer"])
+            options = StateDictOptions(full_state_dict=True)
+        _fill_tied_names(module, weights)
+        set_model_state_dict(module, weights, options=options)
+        set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
     else:
         load_model(module, str(checkpoint / "model.safetensors"), device=str(next(module.parameters()).device))
         optimizer.load_state_dict(state["optimizer"])

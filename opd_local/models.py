@@ -236,10 +236,15 @@ def final_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tens
     return out.last_hidden_state
 
 
-def active_hidden_and_head(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states at the packed batch's active positions `[N_active, H]`, and the lm_head weight in their dtype."""
+def active_hidden_states(model, batch) -> torch.Tensor:
+    """Hidden states at the packed batch's active positions, `[N_active, H]`."""
     hidden = final_hidden_states(model, batch.input_ids, batch.position_ids)[0]  # [T, H]
-    active_hidden = hidden.index_select(0, batch.logit_positions)
+    return hidden.index_select(0, batch.logit_positions)
+
+
+def active_hidden_and_head(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`active_hidden_states`, and the lm_head weight in their dtype."""
+    active_hidden = active_hidden_states(model, batch)
     return active_hidden, lm_head_weight(model).to(active_hidden.dtype)
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 import kernels
-from opd_local.models import active_hidden_and_head, lm_head_weight
+from opd_local.models import active_hidden_and_head, active_hidden_states, lm_head_weight
 from opd_local.packing import PackedBatch, pack_sequences, split_by_token_budget
 
 
@@ -69,8 +69,10 @@ def score_completions(
     make_batches = _shared_prefix_batches if shared_prefix else _packed_batches
     scores: list = [None] * len(prompts)
     hiddens: list = [None] * len(prompts)
+    weight = lm_head_weight(model)
     for indices, active_hidden, targets in make_batches(model, prompts, completions, micro_batch_tokens, device):
-        weight = lm_head_weight(model).to(active_hidden.dtype)
+        if weight.dtype != active_hidden.dtype:  # bf16 under autocast: cast the head once, not per batch
+            weight = weight.to(active_hidden.dtype)
         with autocast_for(device):
             logprobs = kernels.linear_token_logprobs(
                 active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
@@ -90,7 +92,7 @@ def _packed_batches(model, prompts, completions, micro_batch_tokens: int, device
     for indices in split_by_token_budget(lengths, micro_batch_tokens):
         batch = pack_sequences([prompts[i] for i in indices], [completions[i] for i in indices]).to(device)
         with autocast_for(device):
-            active_hidden, _ = active_hidden_and_head(model, batch)
+            active_hidden = active_hidden_states(model, batch)
         yield indices, active_hidden, batch.targets
 
 

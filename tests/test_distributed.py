@@ -106,13 +106,17 @@ def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path
         assert torch.equal(again[name], weights[name]), name
 
 
-@pytest.mark.parametrize("layout,before,after", [("ddp", 2, 1), ("fsdp", 2, 1), ("ddp", 1, 2), ("fsdp", 1, 2)])
-def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tmp_path, layout, before, after):
+@pytest.mark.parametrize(
+    "layout,before,after,tied", [("ddp", 2, 1, False), ("fsdp", 2, 1, False), ("ddp", 1, 2, False), ("fsdp", 1, 2, False), ("fsdp", 1, 2, True)]
+)
+def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tokenizer, tmp_path, layout, before, after, tied):
     """A run checkpointed by `before` ranks goes on with `after` (fewer GPUs after a failure, or more)
     and ends where the uninterrupted run ends, to the layouts' float32 tolerance: rollouts and the
-    data cursor do not depend on the rank count, and sharded weights and AdamW state are re-split on load."""
+    data cursor do not depend on the rank count, and sharded weights and AdamW state are re-split on load.
+    Tied: the whole-weights file holds one of the tied weight's two names, which FSDP2 must fill in."""
+    student = save_tiny_llama(tmp_path / "tied", tokenizer, seed=3, tied=True) if tied else tiny_model_dir
     full = tmp_path / "full"
-    records, weights = _run(tiny_model_dir, full, before, "--eval.every", "0", "--parallel", layout, "--save_every", "1")
+    records, weights = _run(student, full, before, "--eval.every", "0", "--parallel", layout, "--save_every", "1")
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "final")
