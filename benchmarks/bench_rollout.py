@@ -1,9 +1,12 @@
-"""Rollout throughput: in-process vLLM against transformers `generate`, same prompts, same model.
+"""Rollout throughput: in-process vLLM against transformers `generate`, each in bf16 and fp32, same
+prompts, same model.
 
-    python benchmarks/bench_rollout.py [--groups 4] [--samples 4] [--max_tokens 128] [--repeats 3]
+    python benchmarks/bench_rollout.py [--groups 4] [--samples 4] [--max_tokens 128] [--repeats 3] [--engines ...]
 
-Prints generated tokens/s for each engine, their ratio, and the in-place weight-push time.
-Both engines sample K completions per prompt at temperature 1 with logprobs, as the trainer does.
+Prints generated tokens/s for each engine, the ratios, and the in-place weight-push time (from the
+trainer's fp32 master weights). Every engine samples K completions per prompt at temperature 1 with
+logprobs, as the trainer does. bf16 is what `--dtype auto` gives the engine on a device that
+multiplies in bf16 natively; on one that does not, the bf16 rows are emulated and slow.
 """
 
 from __future__ import annotations
@@ -41,17 +44,21 @@ def time_push(sampler, student, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(parser, samples=4)
+    parser.add_argument("--engines", nargs="+", default=["vllm_bf16", "vllm_fp32", "hf_bf16", "hf_fp32"])
     args = parser.parse_args()
     work = load_workload(args)
     cfg, device, path, tokenizer, prompts = work.cfg, work.device, work.model_path, work.tokenizer, work.prompts
     student = load_causal_lm(path, cfg.model, torch.float32, device)
+    candidates = {
+        "vllm_bf16": lambda: VLLMSampler(path, cfg, device, torch.bfloat16),
+        "vllm_fp32": lambda: VLLMSampler(path, cfg, device, torch.float32),
+        "hf_bf16": lambda: HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.bfloat16),
+        "hf_fp32": lambda: HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, torch.float32),
+    }
 
     results = {}
-    for name, build in (
-        ("vllm", lambda: VLLMSampler(path, cfg, device)),
-        ("hf_generate", lambda: HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)),
-    ):
-        sampler = build()
+    for name in args.engines:
+        sampler = candidates[name]()
         sampler.generate(prompts[:1], n=1, temperature=1.0, max_tokens=8, seed=0)  # warm-up
         seconds, tokens = time_generate(sampler, prompts, args)
         results[name] = {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds, "push_s": time_push(sampler, student, args.repeats)}
@@ -64,7 +71,9 @@ def main() -> None:
     print(f"{'engine':<12} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'push s':>7}")
     for name, r in results.items():
         print(f"{name:<12} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tok_s']:>8.1f} {r['push_s']:>7.3f}")
-    print(f"vllm / hf_generate throughput: {results['vllm']['tok_s'] / results['hf_generate']['tok_s']:.2f}x")
+    for a, b in (("vllm_bf16", "vllm_fp32"), ("hf_bf16", "hf_fp32"), ("vllm_fp32", "hf_fp32"), ("vllm_bf16", "hf_bf16")):
+        if a in results and b in results:
+            print(f"{a} / {b} throughput: {results[a]['tok_s'] / results[b]['tok_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py [--groups 4] [--samples 2] [--max_tokens 128] [--repeats 3]
 
-Both pipelines run the step of DESIGN.md on the same model, prompts and (for scoring and training)
+Both pipelines run the step of docs/design.md on the same model, prompts and (for scoring and training)
 the same sampled completions:
 - opd-local: in-process vLLM sampling; the teacher runs each privileged prompt once and scores the
   group's completions on its KV cache (also timed packed, one prompt copy per completion); the
@@ -23,12 +23,13 @@ import time
 
 import torch
 
-from opd_local.config import Config
+from opd_local.config import Config, micro_batch_tokens
 from opd_local.loop import build_optimizer, train_on_rollouts
 from opd_local.models import lm_head_weight, load_causal_lm
 from opd_local.rollouts import attach_teacher_scores, build_rollouts
 from opd_local.sampler import HFSampler
-from opd_local.scoring import autocast_for, score_completions
+from opd_local.precision import resolve_precision
+from opd_local.scoring import score_completions
 from opd_local.sync import push_weights
 from opd_local.vllm_sampler import VLLMSampler
 from workload import add_workload_args, load_workload
@@ -52,9 +53,9 @@ def padded_token_logprobs(model, prompts, completions) -> list[torch.Tensor]:
     return out
 
 
-def stock_train_step(student, optimizer, prompts, completions, teacher_lps, rollout_lps, cfg: Config) -> None:
+def stock_train_step(student, optimizer, prompts, completions, teacher_lps, rollout_lps, cfg: Config, policy) -> None:
     optimizer.zero_grad(set_to_none=True)
-    with autocast_for(next(student.parameters()).device):
+    with policy.autocast():
         student_lp = torch.cat(padded_token_logprobs(student, prompts, completions))
     rollout_lp = torch.cat(rollout_lps).to(student_lp.device)
     advantage = cfg.loss.kl_coef * (torch.cat(teacher_lps).to(student_lp.device) - rollout_lp)
@@ -81,100 +82,143 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workload_args(parser, samples=2)
-    args = parser.parse_args()
-    work = load_workload(args)
-    cfg, device, path, tokenizer, groups, prompts = (
-        work.cfg, work.device, work.model_path, work.tokenizer, work.groups, work.prompts
-    )
-    student = load_causal_lm(path, cfg.model, torch.float32, device)
-    teacher = load_causal_lm(path, cfg.model, torch.float32, device).eval().requires_grad_(False)
-    budget = cfg.optim.micro_batch_tokens or (1024 if device.type == "cpu" else 16384)
-    cfg.optim.micro_batch_tokens = budget
+def opd_local_stages(work, args, policy, completions_from=None):
+    """One opd-local step under `policy`, stage by stage: {pipeline: {stage: median s}}, the rollouts
+    scored and trained on (sampled here unless `completions_from` gives them), and extra figures."""
+    cfg, device, path, groups, prompts = work.cfg, work.device, work.model_path, work.groups, work.prompts
+    tag = "" if policy.compute == torch.float32 else " bf16"
+    seconds = {f"opd-local{tag}": {}, f"opd-local{tag} full_rkl": {}}
+    (main_row, full_row) = seconds.values()
+    student = load_causal_lm(path, cfg.model, policy.master, device)
+    teacher = load_causal_lm(path, cfg.model, policy.teacher, device).eval().requires_grad_(False)
     sample_kw = dict(n=args.samples, temperature=1.0, max_tokens=args.max_tokens)
-    seconds: dict[str, dict[str, float]] = {"opd-local": {}, "opd-local full_rkl": {}, "stock": {}}
-    sampled_tokens: dict[str, int] = {}
-
-    def count(completion_groups, engine_name):  # the same seed each repeat, so the same count
-        sampled_tokens[engine_name] = sum(len(c.token_ids) for g in completion_groups for c in g)
-
-    # ---- opd-local: vLLM in process, packed fused scoring and training, in-place push ----
-    engine = VLLMSampler(path, cfg, device)
+    engine = VLLMSampler(path, cfg, device, policy.engine)
     engine.generate(prompts[:1], n=1, temperature=1.0, max_tokens=8, seed=0)  # warm-up
-    completions = engine.generate(prompts, seed=0, **sample_kw)
-    seconds["opd-local"]["sample"] = median_seconds(lambda: count(engine.generate(prompts, seed=1, **sample_kw), "vllm"), args.repeats)
+    completions = completions_from or engine.generate(prompts, seed=0, **sample_kw)
+    sampled = {}
+    main_row["sample"] = median_seconds(
+        lambda: sampled.update(tokens=sum(len(c.token_ids) for g in engine.generate(prompts, seed=1, **sample_kw) for c in g)),
+        args.repeats,
+    )
     rollouts = build_rollouts(groups, completions)
     kept = [r for r in rollouts if r.kept]
-    tokens = sum(len(r.completion_ids) for r in kept)
     teacher_prompts = [r.group.teacher_prompt_ids for r in kept]
     completion_ids = [r.completion_ids for r in kept]
 
     def score(return_hidden=False, shared_prefix=cfg.model.teacher_shared_prefix):
         return score_completions(
-            teacher, teacher_prompts, completion_ids, micro_batch_tokens=budget, return_hidden=return_hidden,
-            shared_prefix=shared_prefix,
+            teacher, teacher_prompts, completion_ids, micro_batch_tokens=cfg.optim.micro_batch_tokens,
+            return_hidden=return_hidden, shared_prefix=shared_prefix, compute_dtype=policy.compute,
         )
 
-    seconds["opd-local"]["score"] = median_seconds(score, args.repeats)
+    main_row["score"] = median_seconds(score, args.repeats)
     # The same scoring with every completion packed behind its own copy of the privileged prompt.
-    packed_score_seconds = median_seconds(lambda: score(shared_prefix=False), args.repeats)
-    seconds["opd-local full_rkl"]["score"] = median_seconds(lambda: score(True), args.repeats)
+    packed_score = median_seconds(lambda: score(shared_prefix=False), args.repeats)
+    full_row["score"] = median_seconds(lambda: score(True), args.repeats)
     attach_teacher_scores(rollouts, *score(True))
-    for name, objective in (("opd-local", "sampled_rkl"), ("opd-local full_rkl", "full_rkl")):
+    for row, objective in ((main_row, "sampled_rkl"), (full_row, "full_rkl")):
         trained = copy.deepcopy(student)
         optimizer, _ = build_optimizer(trained, cfg)
         cfg.loss.objective = objective
         head = lm_head_weight(teacher).detach() if objective == "full_rkl" else None
-        seconds[name]["train"] = median_seconds(lambda: train_on_rollouts(trained, optimizer, kept, cfg, head), args.repeats)
-        seconds[name]["push"] = median_seconds(lambda: push_weights(engine, trained), args.repeats)
-        seconds[name]["sample"] = seconds["opd-local"]["sample"]
+        row["train"] = median_seconds(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy, head), args.repeats)
+        row["push"] = median_seconds(lambda: push_weights(engine, trained), args.repeats)
+        row["sample"] = main_row["sample"]
         del trained, optimizer
     cfg.loss.objective = "sampled_rkl"
     engine.close()
+    extras = {"sampled_tokens": sampled["tokens"], "packed_score": packed_score, "policy": policy.describe()}
+    return seconds, completions, kept, extras
 
-    # ---- stock: transformers generate, padded full-logit scoring and training, state-dict copy ----
-    stock = HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+def stock_stages(work, args, policy, kept) -> dict[str, float]:
+    """The same step from stock transformers parts under `policy`, on the same rollouts."""
+    cfg, device, path, tokenizer, prompts = work.cfg, work.device, work.model_path, work.tokenizer, work.prompts
+    student = load_causal_lm(path, cfg.model, policy.master, device)
+    teacher = load_causal_lm(path, cfg.model, policy.teacher, device).eval().requires_grad_(False)
+    sample_kw = dict(n=args.samples, temperature=1.0, max_tokens=args.max_tokens)
+    row, sampled = {}, {}
+    stock = HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, policy.engine)
     stock.generate(prompts[:1], n=1, temperature=1.0, max_tokens=8, seed=0)
-    seconds["stock"]["sample"] = median_seconds(lambda: count(stock.generate(prompts, seed=1, **sample_kw), "generate"), args.repeats)
-    student_prompts = [r.group.student_prompt_ids for r in kept]
-    with torch.no_grad():
-        seconds["stock"]["score"] = median_seconds(
-            lambda: padded_token_logprobs(teacher, teacher_prompts, completion_ids), args.repeats
-        )
-    trained = copy.deepcopy(student)
-    optimizer, _ = build_optimizer(trained, cfg)
-    teacher_lps = [r.teacher_lp for r in kept]
-    rollout_lps = [r.rollout_lp for r in kept]
-    seconds["stock"]["train"] = median_seconds(
-        lambda: stock_train_step(trained, optimizer, student_prompts, completion_ids, teacher_lps, rollout_lps, cfg),
+    row["sample"] = median_seconds(
+        lambda: sampled.update(tokens=sum(len(c.token_ids) for g in stock.generate(prompts, seed=1, **sample_kw) for c in g)),
         args.repeats,
     )
-    seconds["stock"]["push"] = median_seconds(lambda: stock.model.load_state_dict(trained.state_dict()), args.repeats)
+    teacher_prompts = [r.group.teacher_prompt_ids for r in kept]
+    student_prompts = [r.group.student_prompt_ids for r in kept]
+    completion_ids = [r.completion_ids for r in kept]
+    with torch.no_grad(), policy.autocast():
+        row["score"] = median_seconds(lambda: padded_token_logprobs(teacher, teacher_prompts, completion_ids), args.repeats)
+    optimizer, _ = build_optimizer(student, cfg)
+    teacher_lps = [r.teacher_lp for r in kept]
+    rollout_lps = [r.rollout_lp for r in kept]
+    row["train"] = median_seconds(
+        lambda: stock_train_step(student, optimizer, student_prompts, completion_ids, teacher_lps, rollout_lps, cfg, policy),
+        args.repeats,
+    )
+    row["push"] = median_seconds(lambda: stock.model.load_state_dict(student.state_dict()), args.repeats)
+    return row, sampled["tokens"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(parser, samples=2)
+    parser.add_argument(
+        "--precisions", nargs="+", default=["auto", "float32"],
+        help="model.dtype settings to run opd-local under, side by side (the first one's rollouts are scored and trained on by all)",
+    )
+    parser.add_argument("--stock_precision", default="auto", help="model.dtype of the stock pipeline ('none' skips it)")
+    args = parser.parse_args()
+    work = load_workload(args)
+    cfg, device = work.cfg, work.device
+    cfg.optim.micro_batch_tokens = micro_batch_tokens(cfg.optim, device.type)
+    seconds: dict[str, dict[str, float]] = {}
+    extras = {}
+    completions = kept = None
+    for setting in args.precisions:
+        policy = resolve_precision(setting, device)
+        rows, completions, kept, extras[setting] = opd_local_stages(work, args, policy, completions)
+        seconds.update(rows)
+    if args.stock_precision != "none":
+        stock_policy = resolve_precision(args.stock_precision, device)
+        seconds["stock" + ("" if stock_policy.compute == torch.float32 else " bf16")], stock_tokens = stock_stages(
+            work, args, stock_policy, kept
+        )
+    tokens = sum(len(r.completion_ids) for r in kept)
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    print(f"device: {device_name}, torch threads {torch.get_num_threads()}, model {args.model}")
+    print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}")
     print(
         f"workload: {args.groups} prompts x {args.samples} samples, max_tokens {args.max_tokens}; scoring and training "
         f"on the same {len(kept)} completions ({tokens} tokens); median of {args.repeats}"
     )
+    for setting, extra in extras.items():
+        print(f"--dtype {setting}: {extra['policy']}")
     stages = ("sample", "score", "train", "push")
-    print(f"{'pipeline':<20}" + "".join(f"{s + ' s':>10}" for s in stages) + f"{'step s':>10}")
+    print(f"{'pipeline':<26}" + "".join(f"{s + ' s':>10}" for s in stages) + f"{'step s':>10}")
     for name, row in seconds.items():
-        print(f"{name:<20}" + "".join(f"{row[s]:>10.3f}" for s in stages) + f"{sum(row.values()):>10.3f}")
-    print(
-        f"sampling throughput: vllm {sampled_tokens['vllm'] / seconds['opd-local']['sample']:.1f} tok/s, "
-        f"generate {sampled_tokens['generate'] / seconds['stock']['sample']:.1f} tok/s "
-        f"({sampled_tokens['vllm']} and {sampled_tokens['generate']} tokens)"
-    )
-    print(
-        f"teacher scoring: prompt run once per group {seconds['opd-local']['score']:.3f} s, packed with each "
-        f"completion {packed_score_seconds:.3f} s ({packed_score_seconds / seconds['opd-local']['score']:.2f}x)"
-    )
-    ours, theirs = seconds["opd-local"], seconds["stock"]
-    ratios = ", ".join(f"{s} {theirs[s] / ours[s]:.2f}x" for s in stages)
-    print(f"stock / opd-local: {ratios}, step {sum(theirs.values()) / sum(ours.values()):.2f}x")
+        print(f"{name:<26}" + "".join(f"{row[s]:>10.3f}" for s in stages) + f"{sum(row.values()):>10.3f}")
+    names = list(seconds)
+    for setting, extra in extras.items():
+        row = seconds[names[0 if setting == args.precisions[0] else 2]] if len(args.precisions) > 1 else seconds[names[0]]
+        print(
+            f"--dtype {setting}: sampling {extra['sampled_tokens'] / row['sample']:.1f} tok/s; teacher scoring with the prompt "
+            f"run once per group {row['score']:.3f} s, packed with each completion {extra['packed_score']:.3f} s"
+        )
+
+    def ratio_line(slow: str, fast: str) -> str:
+        a, b = seconds[slow], seconds[fast]
+        per_stage = ", ".join(f"{s} {a[s] / b[s]:.2f}x" for s in stages)
+        return f"{slow} / {fast}: {per_stage}, step {sum(a.values()) / sum(b.values()):.2f}x"
+
+    if len(args.precisions) > 1:
+        print(ratio_line(names[2], names[0]))
+    stock_names = [n for n in names if n.startswith("stock")]
+    if stock_names:
+        same = next((n for n in names if not n.startswith("stock") and "full_rkl" not in n
+                     and (" bf16" in n) == (" bf16" in stock_names[0])), names[0])
+        print(ratio_line(stock_names[0], same))
+        print(f"sampling: stock generate {stock_tokens / seconds[stock_names[0]]['sample']:.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Triton fused-linear token log-probs and OPD loss on hidden [N, H] and lm_head weight [V, H] (DESIGN.md step 5).
+"""Triton fused-linear token log-probs and OPD loss on hidden [N, H] and lm_head weight [V, H] (docs/design.md, "The step", 5).
 
 [N, V] logits are never materialised: every kernel rebuilds [BLOCK_N, BLOCK_V] logit tiles with tl.dot
 (fp32 accumulation) and folds them at once.

@@ -1,4 +1,4 @@
-"""Triton token log-probs and the fused sampled-token OPD loss on logits [N, V] (DESIGN.md steps 5-6).
+"""Triton token log-probs and the fused sampled-token OPD loss on logits [N, V] (docs/design.md, "The step", 5-6).
 
 Math, per row i with x = logits[i] / T (fp32) and target y: lse = log sum_j exp(x_j) by an online
 log-sum-exp (running max from -inf, running sum), lp = x_y - lse, and d lp / d logits = (onehot - softmax) / T,

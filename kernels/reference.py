@@ -63,7 +63,7 @@ def _opd_chunk(
     normalizer: torch.Tensor,  # 0-d, or the chunk's per-token divisors
     importance_ratio: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss contribution of one chunk and d loss / d student_lp (DESIGN.md, step 6)."""
+    """Loss contribution of one chunk and d loss / d student_lp (docs/design.md, "The loss and its gradient")."""
     advantage = kl_coef * (teacher_lp - rollout_lp)  # A_t, detached by construction
     if not importance_ratio:
         # REINFORCE form -sum(A * student_lp)/N: its value is reported with ratio = 1.

@@ -54,7 +54,17 @@ class ModelConfig:
         "(a sharded teacher always packs every completion with its own copy of the prompt)",
     )
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
-    dtype: str = knob("auto", "trainer weights: auto (fp32 on CPU, fp32 master + bf16 autocast on CUDA), float32, bfloat16")
+    dtype: str = knob(
+        "auto",
+        "compute dtype: auto (bf16 where the device multiplies in bf16 natively: CUDA, CPUs with AMX-BF16 or "
+        "AVX512-BF16; fp32 elsewhere), float32 (fp32) or bfloat16 (bf16); the frozen teacher, the loss inputs and "
+        "the rollout engine follow it",
+    )
+    master_dtype: str = knob(
+        "float32",
+        "the student's trained weights, gradients and AdamW state: float32, or bfloat16 (half the memory; AdamW "
+        "steps below half a bf16 step of a weight are lost)",
+    )
     attn_implementation: str = knob("sdpa", "transformers attention backend: sdpa, eager, flash_attention_2")
     cache_dir: str = knob("", "where the embedded model is converted once; empty means ~/.cache/opd-local")
     lora_rank: int = knob(0, "PEFT LoRA rank on the student (0 = train every weight)")
@@ -138,7 +148,9 @@ def micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
 
 @dataclass
 class SyncConfig:
-    parity_threshold: float = knob(0.05, "max |engine lp - trainer lp| on the probe before the run stops")
+    parity_threshold: float = knob(
+        0.0, "max |engine lp - trainer lp| on the probe before the run stops; 0 = by the engine dtype (0.05 fp32, 1.5 bf16)"
+    )
     probe_text: str = knob(
         "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer: 3 + 5 = 8.\nFinal: 8",
         "fixed text scored by the engine and the trainer after every push",

@@ -1,4 +1,4 @@
-"""Teacher-trace evaluation and greedy exact match (DESIGN.md, "Teacher-trace eval").
+"""Teacher-trace evaluation and greedy exact match (docs/design.md, "Teacher-trace evaluation").
 
 The frozen teacher writes one greedy trace per row from its privileged prompt; the traces and the
 teacher's own logprobs on them are computed once per run and cached. Each evaluation scores the
@@ -142,11 +142,12 @@ def answers_match(completion_text: str, answer: str | None) -> bool:
     return answer is not None and predicted is not None and predicted == normalize_answer(answer)
 
 
-def _cache_key(groups_by_split: dict[str, list[PromptGroup]], teacher_name: str, max_tokens: int) -> str:
+def _cache_key(groups_by_split: dict[str, list[PromptGroup]], teacher_name: str, max_tokens: int, compute_dtype) -> str:
     payload = json.dumps(
         {
             "teacher": teacher_name,
             "max_tokens": max_tokens,
+            "compute_dtype": str(compute_dtype),  # bf16 and fp32 teachers decode and score differently
             "rows": {s: [[g.row.row_id, g.teacher_prompt_ids] for g in gs] for s, gs in groups_by_split.items()},
         }
     )
@@ -164,9 +165,10 @@ def build_teacher_traces(
     micro_batch_tokens: int,
     cache_dir: Path | None,
     write_cache: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[TeacherTrace]:
     """Teacher traces and scores for every eval row, from the cache when it matches."""
-    key = _cache_key(groups_by_split, teacher_name, max_tokens)
+    key = _cache_key(groups_by_split, teacher_name, max_tokens, compute_dtype)
     cache_path = Path(cache_dir) / TRACE_CACHE if cache_dir is not None else None
     if cache_path is not None and cache_path.exists():
         cached = json.loads(cache_path.read_text())
@@ -182,6 +184,7 @@ def build_teacher_traces(
             [g.teacher_prompt_ids for _, g, _ in keep],
             [c.token_ids for _, _, c in keep],
             micro_batch_tokens=micro_batch_tokens,
+            compute_dtype=compute_dtype,
         ).logprobs
     traces = []
     for (split, group, completion), teacher_lp in zip(keep, teacher_lps):
@@ -204,10 +207,13 @@ def build_teacher_traces(
     return traces
 
 
-def evaluate_traces(student, traces: list[TeacherTrace], micro_batch_tokens: int) -> tuple[dict[str, float], list[dict]]:
+def evaluate_traces(
+    student, traces: list[TeacherTrace], micro_batch_tokens: int, compute_dtype: torch.dtype | None = None
+) -> tuple[dict[str, float], list[dict]]:
     """Token-weighted trace gaps per split, and one record per row."""
     student_lps = parallel.score(
-        student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces], micro_batch_tokens=micro_batch_tokens
+        student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces],
+        micro_batch_tokens=micro_batch_tokens, compute_dtype=compute_dtype,
     ).logprobs
     totals: dict[str, list[float]] = {}
     records = []
@@ -254,10 +260,12 @@ class Evaluator:
 
     def __init__(
         self, cfg, run_dir: Path, heldout: list[PromptGroup], train: list[PromptGroup], tokenizer, micro_batch_tokens: int,
-        write: bool = True,
+        write: bool = True, compute_dtype: torch.dtype | None = None,
     ):
-        """`write=False` on the other ranks when every rank evaluates (a sharded model): rank 0 writes."""
+        """`write=False` on the other ranks when every rank evaluates (a sharded model): rank 0 writes.
+        `compute_dtype` is the precision policy's: both sides are scored as they train and run."""
         self.cfg = cfg
+        self.compute_dtype = compute_dtype
         self.write = write
         self.run_dir = Path(run_dir)
         self.groups_by_split = {"heldout": heldout, "train": train}
@@ -279,11 +287,12 @@ class Evaluator:
             micro_batch_tokens=self.micro_batch_tokens,
             cache_dir=self.run_dir,
             write_cache=self.write,
+            compute_dtype=self.compute_dtype,
         )
 
     def run(self, step: int, student, sampler: Sampler) -> dict[str, float]:
         start = time.perf_counter()
-        metrics, records = evaluate_traces(student, self.traces, self.micro_batch_tokens)
+        metrics, records = evaluate_traces(student, self.traces, self.micro_batch_tokens, self.compute_dtype)
         metrics["eval/teacher_final_accuracy"] = teacher_final_accuracy(self.traces)
         metrics["eval/trace_span_found"] = sum(t.span is not None for t in self.traces) / max(len(self.traces), 1)
         if self.cfg.eval.greedy_accuracy:

@@ -1,4 +1,4 @@
-"""The OPD training loop: one step of DESIGN.md top to bottom.
+"""The OPD training loop: one step of docs/design.md ("The step") top to bottom.
 
 data → sample (student prompt) → validate → teacher scores (privileged prompt) → packed student
 forward + fused loss → AdamW → push weights into the engine → parity probe → metrics.
@@ -35,16 +35,17 @@ from opd_local.models import (
     load_student,
 )
 from opd_local.packing import pack_sequences, split_by_token_budget
+from opd_local.precision import PrecisionPolicy, resolve_precision
 from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler
-from opd_local.scoring import autocast_for
-from opd_local.sync import parity_probe, push_weights
+from opd_local.sync import WeightSync
 
 
 def train(cfg: Config) -> Path:
     ctx = dist.init_distributed(cfg.run.device)
+    precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)  # refuses an unknown dtype before anything is written
     run_dir = Path(cfg.run.out_dir)
     checkpoint = latest_checkpoint(run_dir) if cfg.run.resume else None
     if cfg.run.resume and checkpoint is None:
@@ -67,39 +68,44 @@ def train(cfg: Config) -> Path:
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
 
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    student = load_student(student_path, cfg.model, dtype, cfg.run.seed)
+    if ctx.is_main:
+        tqdm.write(precision.describe())
+    student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
     layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
-    student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward).train()
+    student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
     offload_dir = None
     if inputs.teacher_weights == "base_adapter_off":
         teacher = FrozenTeacher(student, adapter_off=True)  # the base weights, without a second copy
     else:
         placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
         offload_dir = Path(cfg.model.teacher_offload_dir or run_dir / "teacher-offload") / f"rank{ctx.rank}"
-        frozen = load_frozen_teacher(teacher_path, cfg.model, dtype, torch.device("cpu"))
+        frozen = load_frozen_teacher(teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
         teacher = FrozenTeacher(parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward))
     check_context_fits(cfg, student, teacher.model)
     # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
     teacher_head = parallel.full_lm_head(teacher.model) if needs_teacher_hidden(cfg.loss) else None
-    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
+    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
     optimizer, scheduler = build_optimizer(student, cfg)
+    probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
+    weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
     cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
     if checkpoint:
         progress = load_training_state(checkpoint, student, optimizer, scheduler, ctx)
         stream.load_state_dict(progress["stream"])
         cumulative = progress["cumulative"]
-        push_weights(sampler, student)  # the engine starts from the checkpoint's weights too
+    # The engine starts from the trainer's weights (the checkpoint's on resume), proven before step 0;
+    # this also gives the movement check of step 9 its baseline.
+    weight_sync.push_and_check(sampler, student)
     evaluator = None
     # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
     if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
         evaluator = Evaluator(
-            cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget, write=ctx.is_main
+            cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget,
+            write=ctx.is_main, compute_dtype=precision.compute,
         )
         generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
         evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
-    probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
 
     for step in tqdm(range(start_step, cfg.run.steps), desc="opd", initial=start_step, total=cfg.run.steps, disable=not ctx.is_main):
         metrics: dict[str, float] = {"data/overlong_rows_dropped": len(inputs.overlong_rows)} if step == 0 else {}
@@ -138,6 +144,7 @@ def train(cfg: Config) -> Path:
                 chunk_tokens=cfg.loss.chunk_tokens,
                 return_hidden=needs_teacher_hidden(cfg.loss),
                 shared_prefix=cfg.model.teacher_shared_prefix,
+                compute_dtype=precision.compute,
             )
         attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
         kept = [r for r in rollouts if r.kept]
@@ -145,14 +152,13 @@ def train(cfg: Config) -> Path:
 
         # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
         t = time.perf_counter()
-        metrics.update(train_on_rollouts(student, optimizer, kept, cfg, teacher_head))
+        metrics.update(train_on_rollouts(student, optimizer, kept, cfg, precision, teacher_head))
         scheduler.step()
         metrics["time/train"] = time.perf_counter() - t
 
         # 8-9. push the new weights into the engine in place, then prove they arrived
         t = time.perf_counter()
-        metrics["sync/push_seconds"] = push_weights(sampler, student)
-        metrics.update(parity_probe(sampler, student, probe_ids, cfg.sync.parity_threshold))
+        metrics.update(weight_sync.push_and_check(sampler, student))
         metrics["time/push"] = time.perf_counter() - t
 
         # 10. metrics, reduced over ranks
@@ -167,7 +173,7 @@ def train(cfg: Config) -> Path:
     if evaluator is not None:  # the end point of every eval curve
         logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
     if cfg.run.save_final:
-        replica = functools.partial(load_student, student_path, cfg.model, dtype, cfg.run.seed)
+        replica = functools.partial(load_student, student_path, cfg.model, precision.master, cfg.run.seed)
         save_final_model(student, tokenizer, run_dir / "final", ctx, replica)
     logger.close()
     sampler.close()
@@ -195,7 +201,9 @@ def build_optimizer(student, cfg: Config):
     return optimizer, scheduler
 
 
-def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teacher_head=None) -> dict[str, float]:
+def train_on_rollouts(
+    student, optimizer, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, teacher_head=None
+) -> dict[str, float]:
     """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
     n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
@@ -216,10 +224,10 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teac
         batch, teacher_lp, rollout_lp, teacher_hidden = _pack_rollouts(members, device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
         with parallel.gradient_sync(student, enabled=i == passes - 1):
-            with autocast_for(device):
+            with precision.autocast():
                 loss, student_lp = student(
                     opd_micro_batch_loss, batch, teacher_lp, rollout_lp, cfg.loss, divisors, cfg.rollout.temperature,
-                    teacher_hidden, teacher_head,
+                    teacher_hidden, teacher_head, precision.compute,
                 )
             (loss if members else 0.0 * loss).backward()
         if members:

@@ -1,9 +1,9 @@
-"""The student side of the OPD loss (DESIGN.md steps 5-6) on one packed micro-batch.
+"""The student side of the OPD loss (docs/design.md, "The step", 5-6) on one packed micro-batch.
 
 The student's final hidden states at the active positions go straight into a fused `kernels`
 entry, which returns the loss and the per-token student logprob and has its gradient ready
 from the forward pass:
-- `sampled_rkl` (the default): the sampled-token loss of DESIGN.md step 6, from the teacher's
+- `sampled_rkl` (the default): the sampled-token loss of docs/design.md, "The loss and its gradient", from the teacher's
   logprob of each sampled token (`kernels.linear_opd_loss`);
 - `full_rkl`, `topk_rkl`, `fkl`, `jsd`: a divergence over the whole vocabulary at each active
   position, from the teacher's final hidden states there (`kernels.linear_divergence_loss`).
@@ -62,9 +62,10 @@ def opd_micro_batch_loss(
     temperature: float,
     teacher_hidden: torch.Tensor | None = None,  # [N_active, H_t], full-vocabulary objectives only
     teacher_head: torch.Tensor | None = None,  # [V, H_t]
+    compute_dtype: torch.dtype | None = None,  # the precision policy's loss-input dtype; None: the model's own
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss share of this micro-batch, student_lp [N_active])."""
-    active_hidden, weight = active_hidden_and_head(student, batch)
+    """(loss share of this micro-batch, student_lp [N_active]); runs under the caller's autocast."""
+    active_hidden, weight = active_hidden_and_head(student, batch, compute_dtype)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(active_hidden.device)
     if loss_cfg.objective == "sampled_rkl":

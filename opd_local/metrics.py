@@ -1,7 +1,7 @@
 """Per-step metrics: one JSONL line per step in the run directory, TensorBoard scalars beside it,
 optionally Weights & Biases, and a one-line console summary.
 
-Only the main rank writes; the metric names are DESIGN.md's and are part of the interface.
+Only the main rank writes; the metric names are those of docs/design.md, "Metrics", and are part of the interface.
 """
 
 from __future__ import annotations

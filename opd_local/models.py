@@ -242,10 +242,15 @@ def active_hidden_states(model, batch) -> torch.Tensor:
     return hidden.index_select(0, batch.logit_positions)
 
 
-def active_hidden_and_head(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`active_hidden_states`, and the lm_head weight in their dtype."""
+def active_hidden_and_head(model, batch, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`active_hidden_states` and the lm_head weight, both in `dtype` (default: the hidden states' own).
+
+    Under bf16 autocast the final norm leaves the hidden states fp32; casting both to bf16 here is
+    what lets the fused loss's matmuls run on bf16 units (it accumulates in fp32 either way).
+    """
     active_hidden = active_hidden_states(model, batch)
-    return active_hidden, lm_head_weight(model).to(active_hidden.dtype)
+    dtype = dtype or active_hidden.dtype
+    return active_hidden.to(dtype), lm_head_weight(model).to(dtype)
 
 
 def check_context_fits(cfg, student, teacher) -> None:

@@ -5,7 +5,7 @@ never built), so they bypass the model's own forward. Every use of the weights t
 through one wrapper forward, `ModelCall`: that is what DDP hooks its gradient sync on, and what
 makes FSDP2 gather the parameters no submodule forward touches (embeddings, final norm, lm_head).
 Gradients are summed over ranks, never averaged: the loss is already divided by the step's
-global active-token count (DESIGN.md step 6), so the sum is the gradient of the global loss.
+global active-token count (docs/design.md, "The loss and its gradient"), so the sum is the gradient of the global loss.
 """
 
 from __future__ import annotations
@@ -116,15 +116,19 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def _fully_shard(model: nn.Module, device: torch.device, reshard_after_forward: bool) -> nn.Module:
+def _fully_shard(
+    model: nn.Module, device: torch.device, reshard_after_forward: bool, compute_dtype: torch.dtype | None = None
+) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
-    # bf16 all-gathers and compute over fp32 shards, gradients reduced in fp32; CPU stays fp32 throughout.
+    # Gathers and compute in the precision policy's compute dtype over shards in their stored dtype,
+    # gradients reduced in fp32.
+    stored = next(model.parameters()).dtype
     mp_policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if device.type == "cuda"
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype is not None and compute_dtype != stored
         else MixedPrecisionPolicy()
     )
     for layer in decoder_layers(model):
@@ -148,8 +152,13 @@ def _sum_allreduce_hook(_state, bucket):
     return fut.then(lambda f: f.value()[0])
 
 
-def wrap_student(model: nn.Module, layout: str, device: torch.device, reshard_after_forward: bool = True) -> DistributedModel:
-    """The student wrapped for `layout` (from `resolve_layout`); parameters move to `device`."""
+def wrap_student(
+    model: nn.Module, layout: str, device: torch.device, reshard_after_forward: bool = True, compute_dtype: torch.dtype | None = None
+) -> DistributedModel:
+    """The student wrapped for `layout` (from `resolve_layout`); parameters move to `device`.
+
+    `compute_dtype` is what FSDP2 gathers the weights in; a replica runs under the caller's autocast.
+    """
     if layout == "none":
         return as_distributed(model.to(device))
     if layout == "ddp":
@@ -167,7 +176,7 @@ def wrap_student(model: nn.Module, layout: str, device: torch.device, reshard_af
         root.register_comm_hook(None, _sum_allreduce_hook)  # DDP's default divides by the world size
         return DistributedModel(model, root, "ddp")
     if layout == "fsdp":
-        return DistributedModel(model, _fully_shard(model, device, reshard_after_forward), "fsdp")
+        return DistributedModel(model, _fully_shard(model, device, reshard_after_forward, compute_dtype), "fsdp")
     raise ValueError(f"unknown layout {layout!r}")
 
 

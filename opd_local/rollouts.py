@@ -1,4 +1,4 @@
-"""Rollouts of one step, their validation (DESIGN.md step 3) and the group accounting.
+"""Rollouts of one step, their validation (docs/design.md, "The step", 3) and the group accounting.
 
 A completion with a missing, extra or non-finite logprob on an active token is dropped,
 never padded. Every drawn group ends up in exactly one of `sampled` (kept at least one

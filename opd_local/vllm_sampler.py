@@ -40,16 +40,17 @@ def _enforce_eager(setting: str, on_gpu: bool) -> bool:
 
 
 class VLLMSampler(Sampler):
-    def __init__(self, model_path: str, cfg, device: torch.device):
+    def __init__(self, model_path: str, cfg, device: torch.device, dtype: torch.dtype = torch.float32):
         _configure_environment(cfg, device)
         from vllm import LLM
 
         self.on_gpu = device.type == "cuda"
+        self.dtype = dtype
         self.sleep_during_train = self.on_gpu and cfg.rollout.sleep_during_train
         kwargs = dict(
             model=model_path,
             tokenizer=model_path,
-            dtype="bfloat16" if self.on_gpu else "float32",
+            dtype=str(dtype).removeprefix("torch."),  # the precision policy's engine dtype
             max_model_len=cfg.rollout.max_model_len,
             seed=cfg.run.seed,
             logprobs_mode="processed_logprobs",
@@ -98,7 +99,9 @@ class VLLMSampler(Sampler):
     def push_weights(self, named_tensors):
         # Consumed as the engine loads them, so a sharded trainer gathers one layer at a time
         # instead of holding a second full copy of the weights.
-        tensors = ((name, tensor.detach()) for name, tensor in named_tensors)
+        # Cast here, not in the engine: it would warn once per tensor, and fp32 copies of a bf16 engine's
+        # weights would double what travels.
+        tensors = ((name, tensor.detach().to(self.dtype)) for name, tensor in named_tensors)
         if self.asleep:
             # Level-2 sleep discarded the old weights; bring back the buffers only, then fill them.
             self.llm.wake_up(tags=["weights"])

@@ -9,13 +9,12 @@ the teacher-trace gaps and greedy exact match. Takes the same flags as scripts/t
 import json
 from pathlib import Path
 
-import torch
-
 from opd_local import dist
 from opd_local.config import micro_batch_tokens, parse_config
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.models import FrozenTeacher, load_causal_lm, load_frozen_teacher
+from opd_local.precision import resolve_precision
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler
 
@@ -23,16 +22,21 @@ from opd_local.sampler import make_sampler
 def main() -> None:
     cfg = parse_config(description=__doc__)
     ctx = dist.init_distributed(cfg.run.device)
+    precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
+    print(precision.describe())
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = load_run_inputs(cfg)
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     first_train = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
 
-    student = load_causal_lm(student_path, cfg.model, torch.float32, ctx.device)
-    teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, torch.float32, ctx.device))
-    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
-    evaluator = Evaluator(cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, micro_batch_tokens(cfg.optim, ctx.device.type))
+    student = load_causal_lm(student_path, cfg.model, precision.master, ctx.device)
+    teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, precision.teacher, ctx.device))
+    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
+    evaluator = Evaluator(
+        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, micro_batch_tokens(cfg.optim, ctx.device.type),
+        compute_dtype=precision.compute,
+    )
     evaluator.prepare(
         teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher, teacher_path
     )

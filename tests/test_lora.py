@@ -7,10 +7,13 @@ import torch
 from opd_local.config import Config, ModelConfig
 from opd_local.loop import build_optimizer, train_on_rollouts
 from opd_local.models import FrozenTeacher, apply_lora, engine_weights, load_causal_lm
+from opd_local.precision import resolve_precision
 from opd_local.sampler import HFSampler
 from opd_local.scoring import score_completions
 from opd_local.sync import parity_probe, push_weights
 from test_loop import _rollouts
+
+FP32 = resolve_precision("float32", torch.device("cpu"))
 
 
 def _lora_student(path):
@@ -26,7 +29,7 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
     cfg.optim.lr = 1e-2
     optimizer, _ = build_optimizer(student, cfg)
     for _ in range(2):
-        train_on_rollouts(student, optimizer, _rollouts(student, tokenizer, teacher_shift=0.5), cfg)
+        train_on_rollouts(student, optimizer, _rollouts(student, tokenizer, teacher_shift=0.5), cfg, FP32)
 
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)

@@ -12,8 +12,10 @@ pytest.importorskip("vllm")
 from opd_local.config import Config, ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
+from opd_local.loop import build_optimizer  # noqa: E402
+from opd_local.precision import PARITY_THRESHOLDS, resolve_precision  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
-from opd_local.sync import StaleWeightsError, parity_probe, push_weights  # noqa: E402
+from opd_local.sync import StaleWeightsError, WeightSync, parity_probe, push_weights  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -97,23 +99,86 @@ def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokeniz
     assert after.sum() > before.sum()
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_two_step_run_with_vllm(tiny_model_dir, tmp_path, lora_rank):
-    """End to end; with LoRA the engine receives merged weights, which the parity probe checks every step."""
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_model_dir):
+    from opd_local.vllm_sampler import VLLMSampler
+
+    cfg = Config()
+    cfg.rollout.max_model_len = 512
+    sampler = VLLMSampler(tiny_model_dir, cfg, torch.device("cpu"), torch.bfloat16)
+    yield sampler
+    sampler.close()
+
+
+def test_bf16_push_passes_and_a_push_that_never_arrives_fails(bf16_engine, tiny_model_dir, tokenizer, monkeypatch):
+    """With a bf16 engine, the probe's bf16 rounding is as large as one step's change at the default
+    learning rate, so the absolute threshold cannot see a skipped push; the movement check must."""
+    policy = resolve_precision("bfloat16", torch.device("cpu"))
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), policy.master, torch.device("cpu"))
+    probe = tokenizer(Config().sync.probe_text)["input_ids"]
+    weight_sync = WeightSync(probe, policy.parity_threshold(0.0), policy.compute)
+    assert weight_sync.push_and_check(bf16_engine, student)["sync/parity_max_abs"] < PARITY_THRESHOLDS[torch.bfloat16]
+    before = torch.tensor(bf16_engine.score(probe))
+
+    cfg = Config()  # one AdamW step at the default learning rate
+    optimizer, _ = build_optimizer(student, cfg)
+    batch = pack_sequences([probe[:1]], [probe[1:]])
+    with policy.autocast():
+        lp = packed_token_logprobs(student, batch, compute_dtype=policy.compute)
+    (-lp.sum()).backward()
+    optimizer.step()
+
+    with monkeypatch.context() as patch:  # a push that reads every tensor but loads none of them
+        patch.setattr(bf16_engine, "push_weights", lambda named_tensors: [None for _ in named_tensors])
+        with pytest.raises(StaleWeightsError, match="did not change"):
+            weight_sync.push_and_check(bf16_engine, student)
+    metrics = weight_sync.push_and_check(bf16_engine, student)  # the real push
+    assert metrics["sync/parity_max_abs"] < PARITY_THRESHOLDS[torch.bfloat16]
+    assert not torch.equal(torch.tensor(bf16_engine.score(probe)), before)
+
+
+def test_same_bf16_weights_pushed_again_pass(bf16_engine, tiny_model_dir, tokenizer):
+    """An update that rounds away in bf16 (a young LoRA adapter, a skipped optimizer step) leaves the
+    engine's weights bit for bit the same: not a stale push."""
+    policy = resolve_precision("bfloat16", torch.device("cpu"))
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), policy.master, torch.device("cpu"))
+    weight_sync = WeightSync(tokenizer(Config().sync.probe_text)["input_ids"], policy.parity_threshold(0.0), policy.compute)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.copy_(param.to(torch.bfloat16))  # fp32 masters that bf16 represents exactly
+    weight_sync.push_and_check(bf16_engine, student)
+    with torch.no_grad():  # far below half a bf16 step (2^-9 relative): rounds back to the same bf16 weights
+        for param in student.parameters():
+            param.add_(param.abs() * 1e-4)
+    # The trainer's probe scores move with the fp32 update; the engine's cannot, and must not have to.
+    weight_sync.push_and_check(bf16_engine, student)
+
+
+@pytest.mark.parametrize("lora_rank, dtype", [(0, "float32"), (4, "float32"), (4, "bfloat16")])
+def test_two_step_run_with_vllm(tiny_model_dir, tmp_path, lora_rank, dtype):
+    """End to end; with LoRA the engine receives merged weights, which the parity probe checks every step.
+
+    fp32 holds the engine to the trainer at LOGPROB_ATOL; bf16 (a bf16 engine, bf16 autocast over fp32
+    masters) runs at its dtype's default threshold, and a young LoRA adapter whose merged update rounds
+    away in bf16 must not be mistaken for a skipped push.
+    """
     out = tmp_path / "run"
+    threshold = LOGPROB_ATOL if dtype == "float32" else PARITY_THRESHOLDS[torch.bfloat16]
     cmd = [
         sys.executable, "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm",
         "--steps", "2", "--groups_per_step", "2", "--samples_per_group", "2", "--max_tokens", "12",
         "--max_train_rows", "8", "--max_heldout_rows", "4", "--lr", "1e-3", "--max_model_len", "1024",
-        "--eval.every", "0", "--lora_rank", str(lora_rank), "--parity_threshold", str(LOGPROB_ATOL),
+        "--eval.every", "0", "--lora_rank", str(lora_rank), "--dtype", dtype,
+        *(["--parity_threshold", str(LOGPROB_ATOL)] if dtype == "float32" else []),
         "--out_dir", str(out),
     ]
     subprocess.run(cmd, check=True, timeout=600)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
     for r in records:
-        assert r["sync/parity_max_abs"] < Config().sync.parity_threshold
-        assert r["rollout/trainer_lp_mismatch"] < LOGPROB_ATOL
+        assert r["sync/parity_max_abs"] < threshold
+        # bf16: both engines round their logits to bf16 (measured mean 0.037 on SmolLM2's larger logits)
+        assert r["rollout/trainer_lp_mismatch"] < (LOGPROB_ATOL if dtype == "float32" else 0.05)
         assert r["opd/active_tokens"] > 0
     # The exported model (merged, for LoRA) loads in a fresh vLLM engine and in transformers alike.
     subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(out / "final"), str(LOGPROB_ATOL)], check=True, timeout=300)
