@@ -68,7 +68,7 @@ class WeightSync:
         digests: list[torch.Tensor] = []
         sampler.push_weights(_digested(parallel.engine_weights(student), sampler.dtype, digests))
         seconds = time.perf_counter() - start
-        digest = torch.stack(digests)
+        digest = torch.stack(digests).cpu()  # one device-to-host copy per push, not one per tensor
         pushed_changed = self.pushed_digest is not None and not torch.equal(digest, self.pushed_digest)
         self.pushed_digest = digest
         return {"sync/push_seconds": seconds, **self.check(sampler, student, expect_moved=pushed_changed)}
@@ -100,9 +100,9 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torc
 
 
 def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor]):
-    """Pass `named_tensors` through, appending a checksum of each as the engine stores it (in `dtype`):
-    the sum of its bit patterns, which any flipped value changes."""
+    """`named_tensors` cast to the engine's `dtype` (once, here), appending a checksum of each as the
+    engine will store it: the sum of its bit patterns, which any flipped value changes."""
     for name, tensor in named_tensors:
-        bits = tensor.detach().to(dtype).view(_SAME_WIDTH_INT[dtype])
-        digests.append(bits.sum(dtype=torch.int64).cpu())
-        yield name, tensor
+        stored = tensor.detach().to(dtype)
+        digests.append(stored.view(_SAME_WIDTH_INT[dtype]).sum(dtype=torch.int64))
+        yield name, stored
