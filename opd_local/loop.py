@@ -45,7 +45,8 @@ from opd_local.sync import WeightSync
 
 def train(cfg: Config) -> Path:
     ctx = dist.init_distributed(cfg.run.device)
-    precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)  # refuses an unknown dtype before anything is written
+    # First: an unknown dtype is refused before anything is written.
+    precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     run_dir = Path(cfg.run.out_dir)
     checkpoint = latest_checkpoint(run_dir) if cfg.run.resume else None
     if cfg.run.resume and checkpoint is None:

@@ -153,7 +153,11 @@ def _sum_allreduce_hook(_state, bucket):
 
 
 def wrap_student(
-    model: nn.Module, layout: str, device: torch.device, reshard_after_forward: bool = True, compute_dtype: torch.dtype | None = None
+    model: nn.Module,
+    layout: str,
+    device: torch.device,
+    reshard_after_forward: bool = True,
+    compute_dtype: torch.dtype | None = None,
 ) -> DistributedModel:
     """The student wrapped for `layout` (from `resolve_layout`); parameters move to `device`.
 

@@ -2,8 +2,8 @@
 
 `--dtype auto` computes in bf16 wherever the hardware multiplies in bf16 natively (CUDA with bf16,
 CPUs with AMX-BF16 or AVX512-BF16), over fp32 master weights and fp32 AdamW state; elsewhere it
-stays fp32. `--dtype float32` / `bfloat16` force either choice. The frozen teacher, the fused loss's inputs and the rollout engine follow the compute
-dtype. See docs/design.md, "Precision".
+stays fp32. `--dtype float32` / `bfloat16` force either choice. The frozen teacher, the fused
+loss's inputs and the rollout engine follow the compute dtype. See docs/design.md, "Precision".
 """
 
 from __future__ import annotations
