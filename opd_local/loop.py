@@ -38,7 +38,7 @@ from opd_local.packing import pack_sequences, split_by_token_budget
 from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import make_sampler
+from opd_local.sampler import make_sampler, rollout_seeds
 from opd_local.scoring import autocast_for
 from opd_local.sync import parity_probe, push_weights
 
@@ -110,8 +110,7 @@ def train(cfg: Config) -> Path:
         # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
         all_groups = stream.next_groups(cfg.rollout.groups_per_step)
         step_groups = dist.shard_for_rank(all_groups, ctx)
-        # Seeded by the group's place in the global batch, so rollouts do not depend on the rank count.
-        group_seeds = dist.shard_for_rank([(cfg.run.seed * 1_000_003 + step) * 1009 + i for i in range(len(all_groups))], ctx)
+        group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
         t = time.perf_counter()
         completions = sampler.generate(
             [g.student_prompt_ids for g in step_groups],

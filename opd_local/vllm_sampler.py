@@ -81,7 +81,7 @@ class VLLMSampler(Sampler):
                     n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
                     max_tokens=max_tokens, logprobs=0, seed=prompt_seed, detokenize=False,
                 )
-                for prompt_seed in per_prompt_seeds(seed, len(prompt_ids))
+                for prompt_seed in per_prompt_seeds(seed, len(prompt_ids), n)
             ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         return [[self._completion(sample) for sample in output.outputs] for output in outputs]

@@ -9,9 +9,11 @@ import torch
 
 pytest.importorskip("vllm")
 
+from opd_local import dist  # noqa: E402
 from opd_local.config import Config, ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
+from opd_local.sampler import HFSampler, rollout_seeds  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
 from opd_local.sync import StaleWeightsError, parity_probe, push_weights  # noqa: E402
 
@@ -67,6 +69,29 @@ def test_rollout_logprobs_match_trainer(engine, student, tokenizer, temperature)
     # same seed, same samples: rollouts are reproducible
     again = engine.generate(prompts, n=3, temperature=temperature, max_tokens=16, seed=123)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+@pytest.mark.parametrize("kind", ["vllm", "hf"])
+def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir, tokenizer, kind):
+    """Every group of the step holds the same prompt, so two samples that shared a random stream
+    would be the same completion (vLLM draws sample j from stream seed + j: consecutive group
+    seeds did that). The seeds are those of the step's global batch, whatever the rank count."""
+    groups, n = 4, 3
+    seeds = rollout_seeds(0, 5, groups, n)
+    for world_size in (1, 2, 3):
+        ranks = [dist.DistContext(r, world_size, r, torch.device("cpu")) for r in range(world_size)]
+        by_group = {g: s for ctx in ranks for g, s in zip(dist.shard_for_rank(range(groups), ctx), dist.shard_for_rank(seeds, ctx))}
+        assert [by_group[g] for g in range(groups)] == seeds
+    streams = {s + j for step in range(3) for s in rollout_seeds(0, step, groups, n) for j in range(n)}
+    assert len(streams) == 3 * groups * n
+    if kind == "vllm":
+        sampler = engine
+    else:
+        sampler = HFSampler.load(tiny_model_dir, ModelConfig(), torch.device("cpu"), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    prompt = _prompts(tokenizer)[1]
+    completions = sampler.generate([prompt] * groups, n=n, temperature=1.0, max_tokens=12, seed=seeds)
+    samples = [tuple(c.token_ids) for group in completions for c in group]
+    assert len(set(samples)) == groups * n
 
 
 def test_seeded_batch_larger_than_one_scheduler_step(engine, tokenizer):
