@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from opd_local import dist
 from opd_local.sampler import Completion, Sampler, per_prompt_seeds
 
 
@@ -76,6 +77,11 @@ class VLLMSampler(Sampler):
             enforce_eager=_enforce_eager(cfg.rollout.enforce_eager, self.on_gpu),
             trust_remote_code=cfg.model.trust_remote_code,
         )
+        if dist.trainer_group() is not None:
+            # vLLM's torchrun integration: the engine joins the trainer's process group as its own
+            # data-parallel replica and runs on cuda:LOCAL_RANK. The default uniprocess executor
+            # would put every rank's engine on GPU 0.
+            kwargs.update(distributed_executor_backend="external_launcher")
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_sleep_mode=self.sleep_during_train)
         else:

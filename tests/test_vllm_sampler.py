@@ -1,6 +1,7 @@
 """The in-process vLLM engine: rollout logprobs, in-place weight push and the parity probe."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -171,3 +172,46 @@ model = load_causal_lm(path, ModelConfig(), torch.float32, torch.device("cpu"))
 probe = load_tokenizer(path, ModelConfig())("Final: 42. The answer is forty-two.")["input_ids"]
 print(parity_probe(engine, model, probe, threshold=atol))
 """
+
+
+TORCHRUN_ENGINE_CHECK = """
+import sys, torch
+from opd_local import dist
+from opd_local.config import Config
+from opd_local.vllm_sampler import VLLMSampler
+ctx = dist.init_distributed("cpu")
+cfg = Config(); cfg.rollout.max_model_len = 512
+engine = VLLMSampler(sys.argv[1], cfg, ctx.device)
+(placement,) = engine.llm.collective_rpc(lambda worker: (worker.rank, worker.local_rank, str(worker.device)))
+# On a GPU box the device is cuda:LOCAL_RANK; under the uniprocess executor every rank got rank 0, local rank 0.
+assert placement == (ctx.rank, ctx.local_rank, str(ctx.device)), (placement, ctx)
+assert len(engine.generate([[1, 2, 3]], n=2, temperature=1.0, max_tokens=4, seed=ctx.rank)[0]) == 2
+"""
+
+
+def _vllm_run(tiny_model_dir, out, nproc):
+    args = [
+        "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm", "--steps", "2", "--groups_per_step", "4",
+        "--samples_per_group", "2", "--max_tokens", "10", "--max_train_rows", "16", "--max_heldout_rows", "2",
+        "--max_model_len", "1024", "--eval.every", "0", "--save_final", "false", "--out_dir", str(out),
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    subprocess.run(launcher + args, check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_gives_each_rank_its_own_engine(tiny_model_dir, tmp_path):
+    """Under torchrun every rank's engine joins the trainer's group as rank RANK on LOCAL_RANK's device
+    (vLLM's external_launcher), and a 2-rank run samples and trains exactly as one rank does."""
+    script = tmp_path / "engine_check.py"
+    script.write_text(TORCHRUN_ENGINE_CHECK)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(launcher + [str(script), tiny_model_dir], check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    one, two = _vllm_run(tiny_model_dir, tmp_path / "one", 1), _vllm_run(tiny_model_dir, tmp_path / "two", 2)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1]
+    for a, b in zip(one, two):
+        assert a["opd/active_tokens"] == b["opd/active_tokens"] and b["groups/sampled"] == 4
+        for key in ("opd/sampled_reverse_kl", "opd/loss"):
+            assert abs(a[key] - b[key]) < 1e-5, key
+        assert b["sync/parity_max_abs"] < LOGPROB_ATOL
