@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -27,14 +26,14 @@ from opd_local.config import Config, micro_batch_tokens, save_yaml
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
-from opd_local.metrics import MetricsLogger, drop_records_from
+from opd_local.metrics import MetricsLogger, device_clock, drop_records_from, timed
 from opd_local.models import (
     FrozenTeacher,
     check_context_fits,
     load_frozen_teacher,
     load_student,
 )
-from opd_local.packing import pack_sequences, split_by_token_budget
+from opd_local.packing import pack_sequences, split_by_token_budget, to_device
 from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
@@ -105,58 +104,54 @@ def train(cfg: Config) -> Path:
         metrics: dict[str, float] = {"data/overlong_rows_dropped": len(inputs.overlong_rows)} if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
-        step_start = time.perf_counter()
+        step_start = device_clock(ctx.device)
 
         # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
         all_groups = stream.next_groups(cfg.rollout.groups_per_step)
         step_groups = dist.shard_for_rank(all_groups, ctx)
         group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
-        t = time.perf_counter()
-        completions = sampler.generate(
-            [g.student_prompt_ids for g in step_groups],
-            n=cfg.rollout.samples_per_group,
-            temperature=cfg.rollout.temperature,
-            max_tokens=cfg.rollout.max_tokens,
-            seed=group_seeds,
-        )
-        sampler.release_memory()
-        metrics["time/sample"] = time.perf_counter() - t
+        with timed(metrics, "time/sample", ctx.device):
+            completions = sampler.generate(
+                [g.student_prompt_ids for g in step_groups],
+                n=cfg.rollout.samples_per_group,
+                temperature=cfg.rollout.temperature,
+                max_tokens=cfg.rollout.max_tokens,
+                seed=group_seeds,
+            )
+            sampler.release_memory()
 
         # 3-4. validate, then the frozen teacher scores the same tokens behind its privileged prompt
-        t = time.perf_counter()
-        rollouts = build_rollouts(step_groups, completions)
-        scorable = [r for r in rollouts if r.kept]
-        with teacher.scope():
-            teacher_scores = parallel.score(
-                teacher.model,
-                # plain: the control, the teacher on the student's own prompt; the gain over it is what
-                # the privileged context adds.
-                [r.group.training_teacher_prompt(cfg.model.teacher_context) for r in scorable],
-                [r.completion_ids for r in scorable],
-                micro_batch_tokens=token_budget,
-                chunk_tokens=cfg.loss.chunk_tokens,
-                return_hidden=needs_teacher_hidden(cfg.loss),
-                shared_prefix=cfg.model.teacher_shared_prefix,
-            )
-        attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
-        kept = [r for r in rollouts if r.kept]
-        metrics["time/score"] = time.perf_counter() - t
+        with timed(metrics, "time/score", ctx.device):
+            rollouts = build_rollouts(step_groups, completions)
+            scorable = [r for r in rollouts if r.kept]
+            with teacher.scope():
+                teacher_scores = parallel.score(
+                    teacher.model,
+                    # plain: the control, the teacher on the student's own prompt; the gain over it is what
+                    # the privileged context adds.
+                    [r.group.training_teacher_prompt(cfg.model.teacher_context) for r in scorable],
+                    [r.completion_ids for r in scorable],
+                    micro_batch_tokens=token_budget,
+                    chunk_tokens=cfg.loss.chunk_tokens,
+                    return_hidden=needs_teacher_hidden(cfg.loss),
+                    shared_prefix=cfg.model.teacher_shared_prefix,
+                )
+            attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
+            kept = [r for r in rollouts if r.kept]
 
         # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
-        t = time.perf_counter()
-        metrics.update(train_on_rollouts(student, optimizer, kept, cfg, teacher_head))
-        scheduler.step()
-        metrics["time/train"] = time.perf_counter() - t
+        with timed(metrics, "time/train", ctx.device):
+            metrics.update(train_on_rollouts(student, optimizer, kept, cfg, teacher_head))
+            scheduler.step()
 
         # 8-9. push the new weights into the engine in place, then prove they arrived
-        t = time.perf_counter()
-        metrics["sync/push_seconds"] = push_weights(sampler, student)
-        metrics.update(parity_probe(sampler, student, probe_ids, cfg.sync.parity_threshold))
-        metrics["time/push"] = time.perf_counter() - t
+        with timed(metrics, "time/push", ctx.device):
+            metrics["sync/push_seconds"] = push_weights(sampler, student)
+            metrics.update(parity_probe(sampler, student, probe_ids, cfg.sync.parity_threshold))
 
         # 10. metrics, reduced over ranks
         metrics.update(rollout_metrics(rollouts, kept, len(step_groups), cumulative))
-        metrics["time/step"] = time.perf_counter() - step_start
+        metrics["time/step"] = device_clock(ctx.device) - step_start
         metrics["optim/lr"] = scheduler.get_last_lr()[0]
         logger.log(step, metrics)
         if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
@@ -199,12 +194,13 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teac
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
     n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
     student = parallel.as_distributed(student)
-    sum_abs_mismatch = 0.0
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
         return {"optim/skipped": 1.0}
-    loss_total = torch.zeros((), dtype=torch.float64)
+    # loss, sum |student_lp - rollout_lp|: summed on the device and read once after the step, since a
+    # read per micro-batch would hold the host until that micro-batch's kernels had run.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
     micro_batches = split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)) if kept else []
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
@@ -214,6 +210,7 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teac
         members = [kept[j] for j in micro_batches[i]] if i < len(micro_batches) else []
         batch, teacher_lp, rollout_lp, teacher_hidden = _pack_rollouts(members, device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
+        divisors = to_device(divisors, device) if isinstance(divisors, torch.Tensor) else divisors
         with parallel.gradient_sync(student, enabled=i == passes - 1):
             with autocast_for(device):
                 loss, student_lp = student(
@@ -222,13 +219,13 @@ def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teac
                 )
             (loss if members else 0.0 * loss).backward()
         if members:
-            loss_total += loss.detach().double().cpu()
-            sum_abs_mismatch += float((student_lp.detach() - rollout_lp).abs().sum())
+            sums += torch.stack([loss.detach(), (student_lp.detach() - rollout_lp).abs().sum()]).double()
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = parallel.clip_grad_norm_(params, max_norm)
     optimizer.step()
-    totals = dist.all_reduce_sum(torch.tensor([float(loss_total), sum_abs_mismatch], dtype=torch.float64))
+    sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)
+    totals = dist.all_reduce_sum(sums)
     return {
         "opd/loss": float(totals[0]),
         "rollout/trainer_lp_mismatch": float(totals[1]) / n_active,
@@ -248,7 +245,7 @@ def _pack_rollouts(members: list[Rollout], device: torch.device, teacher_head):
         hidden = None if teacher_head is None else torch.zeros(1, teacher_head.shape[1], device=device)
         return batch, zero, zero, hidden
     batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members]).to(device)
-    teacher_lp = torch.cat([r.teacher_lp for r in members]).to(device)
-    rollout_lp = torch.cat([r.rollout_lp for r in members]).to(device)
+    teacher_lp = to_device(torch.cat([r.teacher_lp for r in members]), device)
+    rollout_lp = to_device(torch.cat([r.rollout_lp for r in members]), device)
     teacher_hidden = torch.cat([r.teacher_hidden for r in members]) if teacher_head is not None else None
     return batch, teacher_lp, rollout_lp, teacher_hidden

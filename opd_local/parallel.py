@@ -350,13 +350,14 @@ def full_lm_head(model) -> torch.Tensor:
     return models.lm_head_weight(unwrap(model)).detach()
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
-    """`torch.nn.utils.clip_grad_norm_` over all ranks' gradients; the norm before clipping."""
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over all ranks' gradients; the norm before clipping, left on
+    the device (reading it here would hold the host until the backward pass is done)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     from torch.distributed.tensor import DTensor
 
     # With sharded gradients the norm is a DTensor holding per-rank partial sums.
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def reshard(model) -> None:
