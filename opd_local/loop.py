@@ -65,6 +65,9 @@ def train(cfg: Config) -> Path:
     inputs = load_run_inputs(cfg)
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    # The engine before anything of the trainer's: vLLM claims its share of the GPU from the memory
+    # free at start-up, which the trainer's weights and its allocator's cache would have taken.
+    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     student = load_student(student_path, cfg.model, dtype, cfg.run.seed)
@@ -81,7 +84,6 @@ def train(cfg: Config) -> Path:
     check_context_fits(cfg, student, teacher.model)
     # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
     teacher_head = parallel.full_lm_head(teacher.model) if needs_teacher_hidden(cfg.loss) else None
-    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer)
     optimizer, scheduler = build_optimizer(student, cfg)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
     cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
@@ -143,6 +145,7 @@ def train(cfg: Config) -> Path:
         with timed(metrics, "time/train", ctx.device):
             metrics.update(train_on_rollouts(student, optimizer, kept, cfg, teacher_head))
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 
         # 8-9. push the new weights into the engine in place, then prove they arrived
         with timed(metrics, "time/push", ctx.device):

@@ -126,7 +126,11 @@ class VLLMSampler(Sampler):
         # instead of holding a second full copy of the weights.
         tensors = ((name, tensor.detach()) for name, tensor in named_tensors)
         if self.asleep:
-            # Level-2 sleep discarded the old weights; bring back the buffers only, then fill them.
+            # vLLM's order for a weight update from sleep: the weight buffers alone (level 2 discarded
+            # their contents), the reload into them, then the KV cache, so that the cache is not
+            # resident while the trainer gathers the weights. Each wake maps fresh GPU memory,
+            # which the trainer's allocator may still hold cached from the backward pass.
+            self._empty_trainer_cache()
             self.llm.wake_up(tags=["weights"])
 
         def reload(worker):
@@ -134,7 +138,9 @@ class VLLMSampler(Sampler):
 
         self.llm.collective_rpc(reload)
         if self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
+            self._empty_trainer_cache()
+            if not self.llm.wake_up(tags=["kv_cache"]):
+                raise RuntimeError("the vLLM engine is still partly asleep after waking its weights and KV cache")
             self.asleep = False
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
@@ -157,6 +163,10 @@ class VLLMSampler(Sampler):
         if self.sleep_during_train and not self.asleep:
             self.llm.sleep(level=2)  # weights are pushed afresh after the step, so nothing to keep
             self.asleep = True
+
+    def _empty_trainer_cache(self) -> None:
+        if self.on_gpu:
+            torch.cuda.empty_cache()
 
     def wake(self) -> None:
         if self.asleep:
