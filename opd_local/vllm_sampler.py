@@ -40,6 +40,11 @@ def check_reload_signature(reload_weights) -> None:
         )
 
 
+def runner_reload_weights(worker):
+    # The worker's own reload_weights takes *args and hands them on to its model runner's.
+    return getattr(getattr(worker, "model_runner", None), "reload_weights", None)
+
+
 def _configure_environment(cfg, device: torch.device) -> None:
     # Must be set before vLLM builds its engine; the in-process engine is what makes
     # in-place pushes possible.
@@ -90,8 +95,8 @@ class VLLMSampler(Sampler):
             kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self.asleep = False
-        # The worker's own reload_weights takes *args and hands them to its model runner.
-        self.llm.collective_rpc(lambda worker: check_reload_signature(getattr(getattr(worker, "model_runner", None), "reload_weights", None)))
+        (reload_weights,) = self.llm.collective_rpc(runner_reload_weights)
+        check_reload_signature(reload_weights)
 
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
         from vllm import SamplingParams

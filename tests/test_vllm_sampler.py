@@ -96,9 +96,9 @@ def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir
 
 
 def test_a_vllm_whose_reload_weights_differs_is_refused(engine):
-    from opd_local.vllm_sampler import check_reload_signature
+    from opd_local.vllm_sampler import runner_reload_weights, check_reload_signature
 
-    (runner_reload,) = engine.llm.collective_rpc(lambda worker: worker.model_runner.reload_weights)
+    (runner_reload,) = engine.llm.collective_rpc(runner_reload_weights)
     check_reload_signature(runner_reload)  # the installed vLLM, as the engine checked when it was built
 
     def before_in_place_reload(self, weights_path=None):
