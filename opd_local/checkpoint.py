@@ -154,7 +154,9 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         parallel.reshard(student)
         tensors, param_groups = _sharded_state(module, optimizer)
         # safetensors shards that carry their offsets in the JSON header: resuming unpickles nothing.
-        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+        dcp.save(
+            tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True), process_group=dist.trainer_group()
+        )
         optimizer_state = {"param_groups": param_groups}
     else:
         optimizer_state = {"optimizer": optimizer.state_dict()}
@@ -202,7 +204,9 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
             import torch.distributed.checkpoint as dcp
 
             tensors, _ = _sharded_state(module, optimizer)
-            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)))
+            # One process resuming shards must not talk over a default group some library started.
+            group = dist.trainer_group()
+            dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)), process_group=group, no_dist=group is None)
             weights, optimizer_state = tensors["model"], {"state": tensors["optimizer"], "param_groups": state["param_groups"]}
             options = StateDictOptions()
         else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -27,19 +26,19 @@ from opd_local.config import Config, micro_batch_tokens, save_yaml
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
-from opd_local.metrics import MetricsLogger, drop_records_from
+from opd_local.metrics import MetricsLogger, device_clock, drop_records_from, timed
 from opd_local.models import (
     FrozenTeacher,
     check_context_fits,
     load_frozen_teacher,
     load_student,
 )
-from opd_local.packing import pack_sequences, split_by_token_budget
+from opd_local.packing import pack_sequences, split_by_token_budget, to_device
 from opd_local.precision import PrecisionPolicy, resolve_precision
 from opd_local.report import write_report
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import make_sampler
+from opd_local.sampler import make_sampler, rollout_seeds
 from opd_local.sync import WeightSync
 
 
@@ -68,6 +67,9 @@ def train(cfg: Config) -> Path:
     inputs = load_run_inputs(cfg)
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    # The engine before anything of the trainer's: vLLM claims its share of the GPU from the memory
+    # free at start-up, which the trainer's weights and its allocator's cache would have taken.
+    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
 
     if ctx.is_main:
         tqdm.write(precision.describe())
@@ -85,7 +87,6 @@ def train(cfg: Config) -> Path:
     check_context_fits(cfg, student, teacher.model)
     # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
     teacher_head = parallel.full_lm_head(teacher.model) if needs_teacher_hidden(cfg.loss) else None
-    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
     optimizer, scheduler = build_optimizer(student, cfg)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
     weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
@@ -112,59 +113,55 @@ def train(cfg: Config) -> Path:
         metrics: dict[str, float] = {"data/overlong_rows_dropped": len(inputs.overlong_rows)} if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
-        step_start = time.perf_counter()
+        step_start = device_clock(ctx.device)
 
         # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
         all_groups = stream.next_groups(cfg.rollout.groups_per_step)
         step_groups = dist.shard_for_rank(all_groups, ctx)
-        # Seeded by the group's place in the global batch, so rollouts do not depend on the rank count.
-        group_seeds = dist.shard_for_rank([(cfg.run.seed * 1_000_003 + step) * 1009 + i for i in range(len(all_groups))], ctx)
-        t = time.perf_counter()
-        completions = sampler.generate(
-            [g.student_prompt_ids for g in step_groups],
-            n=cfg.rollout.samples_per_group,
-            temperature=cfg.rollout.temperature,
-            max_tokens=cfg.rollout.max_tokens,
-            seed=group_seeds,
-        )
-        sampler.release_memory()
-        metrics["time/sample"] = time.perf_counter() - t
+        group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
+        with timed(metrics, "time/sample", ctx.device):
+            completions = sampler.generate(
+                [g.student_prompt_ids for g in step_groups],
+                n=cfg.rollout.samples_per_group,
+                temperature=cfg.rollout.temperature,
+                max_tokens=cfg.rollout.max_tokens,
+                seed=group_seeds,
+            )
+            sampler.release_memory()
 
         # 3-4. validate, then the frozen teacher scores the same tokens behind its privileged prompt
-        t = time.perf_counter()
-        rollouts = build_rollouts(step_groups, completions)
-        scorable = [r for r in rollouts if r.kept]
-        with teacher.scope():
-            teacher_scores = parallel.score(
-                teacher.model,
-                # plain: the control, the teacher on the student's own prompt; the gain over it is what
-                # the privileged context adds.
-                [r.group.training_teacher_prompt(cfg.model.teacher_context) for r in scorable],
-                [r.completion_ids for r in scorable],
-                micro_batch_tokens=token_budget,
-                chunk_tokens=cfg.loss.chunk_tokens,
-                return_hidden=needs_teacher_hidden(cfg.loss),
-                shared_prefix=cfg.model.teacher_shared_prefix,
-                compute_dtype=precision.compute,
-            )
-        attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
-        kept = [r for r in rollouts if r.kept]
-        metrics["time/score"] = time.perf_counter() - t
+        with timed(metrics, "time/score", ctx.device):
+            rollouts = build_rollouts(step_groups, completions)
+            scorable = [r for r in rollouts if r.kept]
+            with teacher.scope():
+                teacher_scores = parallel.score(
+                    teacher.model,
+                    # plain: the control, the teacher on the student's own prompt; the gain over it is what
+                    # the privileged context adds.
+                    [r.group.training_teacher_prompt(cfg.model.teacher_context) for r in scorable],
+                    [r.completion_ids for r in scorable],
+                    micro_batch_tokens=token_budget,
+                    chunk_tokens=cfg.loss.chunk_tokens,
+                    return_hidden=needs_teacher_hidden(cfg.loss),
+                    shared_prefix=cfg.model.teacher_shared_prefix,
+                    compute_dtype=precision.compute,
+                )
+            attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
+            kept = [r for r in rollouts if r.kept]
 
         # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
-        t = time.perf_counter()
-        metrics.update(train_on_rollouts(student, optimizer, kept, cfg, precision, teacher_head))
-        scheduler.step()
-        metrics["time/train"] = time.perf_counter() - t
+        with timed(metrics, "time/train", ctx.device):
+            metrics.update(train_on_rollouts(student, optimizer, kept, cfg, precision, teacher_head))
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 
         # 8-9. push the new weights into the engine in place, then prove they arrived
-        t = time.perf_counter()
-        metrics.update(weight_sync.push_and_check(sampler, student))
-        metrics["time/push"] = time.perf_counter() - t
+        with timed(metrics, "time/push", ctx.device):
+            metrics.update(weight_sync.push_and_check(sampler, student))
 
         # 10. metrics, reduced over ranks
         metrics.update(rollout_metrics(rollouts, kept, len(step_groups), cumulative))
-        metrics["time/step"] = time.perf_counter() - step_start
+        metrics["time/step"] = device_clock(ctx.device) - step_start
         metrics["optim/lr"] = scheduler.get_last_lr()[0]
         logger.log(step, metrics)
         if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
@@ -209,12 +206,13 @@ def train_on_rollouts(
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
     n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
     student = parallel.as_distributed(student)
-    sum_abs_mismatch = 0.0
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
         return {"optim/skipped": 1.0}
-    loss_total = torch.zeros((), dtype=torch.float64)
+    # loss, sum |student_lp - rollout_lp|: summed on the device and read once after the step, since a
+    # read per micro-batch would hold the host until that micro-batch's kernels had run.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
     micro_batches = split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)) if kept else []
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
@@ -224,6 +222,7 @@ def train_on_rollouts(
         members = [kept[j] for j in micro_batches[i]] if i < len(micro_batches) else []
         batch, teacher_lp, rollout_lp, teacher_hidden = _pack_rollouts(members, device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
+        divisors = to_device(divisors, device) if isinstance(divisors, torch.Tensor) else divisors
         with parallel.gradient_sync(student, enabled=i == passes - 1):
             with precision.autocast():
                 loss, student_lp = student(
@@ -232,13 +231,13 @@ def train_on_rollouts(
                 )
             (loss if members else 0.0 * loss).backward()
         if members:
-            loss_total += loss.detach().double().cpu()
-            sum_abs_mismatch += float((student_lp.detach() - rollout_lp).abs().sum())
+            sums += torch.stack([loss.detach(), (student_lp.detach() - rollout_lp).abs().sum()]).double()
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = parallel.clip_grad_norm_(params, max_norm)
     optimizer.step()
-    totals = dist.all_reduce_sum(torch.tensor([float(loss_total), sum_abs_mismatch], dtype=torch.float64))
+    sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)
+    totals = dist.all_reduce_sum(sums)
     return {
         "opd/loss": float(totals[0]),
         "rollout/trainer_lp_mismatch": float(totals[1]) / n_active,
@@ -258,7 +257,7 @@ def _pack_rollouts(members: list[Rollout], device: torch.device, teacher_head):
         hidden = None if teacher_head is None else torch.zeros(1, teacher_head.shape[1], device=device)
         return batch, zero, zero, hidden
     batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members]).to(device)
-    teacher_lp = torch.cat([r.teacher_lp for r in members]).to(device)
-    rollout_lp = torch.cat([r.rollout_lp for r in members]).to(device)
+    teacher_lp = to_device(torch.cat([r.teacher_lp for r in members]), device)
+    rollout_lp = to_device(torch.cat([r.rollout_lp for r in members]), device)
     teacher_hidden = torch.cat([r.teacher_hidden for r in members]) if teacher_head is not None else None
     return batch, teacher_lp, rollout_lp, teacher_hidden

@@ -6,10 +6,13 @@ Only the main rank writes; the metric names are those of docs/design.md, "Metric
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 SUMMARY_KEYS = (
@@ -26,6 +29,22 @@ def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN; keep it visible rather than failing the run
     return value
+
+
+def device_clock(device: torch.device) -> float:
+    """`time.perf_counter()` once `device` has run everything queued on it: CUDA kernels run after
+    the host has moved on, so without the wait a stage's kernels would be billed to the next one."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@contextlib.contextmanager
+def timed(metrics: dict[str, float], key: str, device: torch.device):
+    """`metrics[key]` = seconds the block took, its device work included (a stage boundary: one sync)."""
+    start = device_clock(device)
+    yield
+    metrics[key] = device_clock(device) - start
 
 
 def import_wandb():

@@ -212,6 +212,13 @@ def place_teacher(model: nn.Module, placement: str, device: torch.device, offloa
         from accelerate import dispatch_model
 
         shutil.rmtree(offload_dir, ignore_errors=True)  # accelerate would reuse files left by another teacher
+        if placement == "cpu" and device.type == "cuda":
+            # accelerate copies each layer to the GPU on every forward; from page-locked memory the
+            # copy is a direct DMA, from pageable memory it goes through a staging buffer at a
+            # fraction of the bandwidth. Pinned one tensor at a time: no second copy of the teacher.
+            for layer in decoder_layers(model):
+                for param in layer.parameters():
+                    param.data = param.data.pin_memory()
         layer_ids = {id(layer) for layer in decoder_layers(model)}
         layer_names = [name for name, module in model.named_modules() if id(module) in layer_ids]
         main = device.index if device.type == "cuda" else "cpu"
@@ -363,13 +370,14 @@ def full_lm_head(model) -> torch.Tensor:
     return models.lm_head_weight(unwrap(model)).detach()
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
-    """`torch.nn.utils.clip_grad_norm_` over all ranks' gradients; the norm before clipping."""
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over all ranks' gradients; the norm before clipping, left on
+    the device (reading it here would hold the host until the backward pass is done)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     from torch.distributed.tensor import DTensor
 
     # With sharded gradients the norm is a DTensor holding per-rank partial sums.
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def reshard(model) -> None:

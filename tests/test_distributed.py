@@ -16,6 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import save_tiny_llama
+from opd_local.loop import train
+from opd_local.metrics import read_metrics
+from test_loop import tiny_config
 
 COMMON = [
     "--sampler", "hf", "--steps", "2", "--groups_per_step", "4", "--samples_per_group", "2", "--max_tokens", "10",
@@ -133,3 +136,32 @@ def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tokenizer
     assert again.keys() == weights.keys()
     for name, weight in weights.items():
         torch.testing.assert_close(again[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _step_beside_a_library_group(tiny_model_dir, out, backend, device):
+    """One process, one step, a checkpoint and an eval, after a library started a default group of
+    world size 1 (as vLLM's in-process worker does): the trainer must not communicate on it. On
+    NCCL a CPU all-reduce fails outright; gloo would accept one, so its sequence number tells."""
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group(backend, store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = torch_dist.group.WORLD
+        before = group._get_sequence_number_for_group()
+        cfg = tiny_config(tiny_model_dir, out)
+        cfg.run.steps, cfg.run.save_every, cfg.run.device = 1, 1, device
+        cfg.eval.every, cfg.eval.train_rows, cfg.eval.max_trace_tokens, cfg.eval.greedy_max_tokens = 1, 1, 8, 8
+        records = read_metrics(train(cfg))
+        assert group._get_sequence_number_for_group() == before, "the trainer made a collective call on a group it did not start"
+    finally:
+        torch_dist.destroy_process_group()
+    assert records[0]["opd/active_tokens"] > 0 and (out / "checkpoints" / "step-000001").is_dir()
+
+
+def test_single_process_ignores_a_default_group_it_did_not_start(tiny_model_dir, tmp_path):
+    _step_beside_a_library_group(tiny_model_dir, tmp_path / "run", "gloo", "cpu")
+
+
+@pytest.mark.gpu
+def test_single_gpu_ignores_a_default_nccl_group(tiny_model_dir, tmp_path):
+    _step_beside_a_library_group(tiny_model_dir, tmp_path / "run", "nccl", "cuda")

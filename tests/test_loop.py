@@ -10,7 +10,7 @@ from opd_local.config import Config, LossConfig, ModelConfig
 from opd_local.data import PrivilegedRow, PromptGroup
 from opd_local.loop import train, train_on_rollouts
 from opd_local.loss import opd_micro_batch_loss
-from opd_local.metrics import read_metrics
+from opd_local.metrics import read_metrics, timed
 from opd_local.models import load_causal_lm
 from opd_local.packing import pack_sequences
 from opd_local.precision import PrecisionPolicy
@@ -215,3 +215,20 @@ def test_teacher_shared_prefix_scores_like_packing(tiny_model_dir, tmp_path):
     assert records[True]["opd/active_tokens"] == records[False]["opd/active_tokens"]
     for key in ("opd/sampled_reverse_kl", "opd/loss"):
         assert records[True][key] == pytest.approx(records[False][key], abs=1e-5), key
+
+
+@pytest.mark.gpu
+def test_stage_time_includes_the_device_work_it_queued():
+    """CUDA kernels run after the host has queued them; a stage's time must still count them."""
+    device = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    metrics = {}
+    with timed(metrics, "time/stage", device):
+        start.record()
+        for _ in range(50):
+            x = torch.tanh(x @ x)
+        end.record()
+    end.synchronize()
+    assert metrics["time/stage"] >= start.elapsed_time(end) / 1000

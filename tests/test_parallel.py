@@ -50,3 +50,19 @@ def test_offloaded_teacher_scores_and_pushes_like_the_plain_one(tiny_teacher_dir
     for name, weight in plain_weights.items():
         assert torch.equal(pushed[name], weight), name
     assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())  # offloaded again
+
+
+@pytest.mark.gpu
+def test_cpu_placed_teacher_copies_from_pinned_memory(tiny_teacher_dir, tokenizer):
+    """Host-memory layers are page-locked, so their per-forward copy to the GPU is a direct DMA; scores unchanged."""
+    gpu = torch.device("cuda")
+    plain = load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU).to(gpu)
+    offloaded = parallel.place_teacher(load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU), "cpu", gpu, "")
+    hooks = [m._hf_hook for m in offloaded.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    # Every hook reads from one accelerate loader; its state dict holds the host copies.
+    host = [t for hook in hooks for t in hook.weights_map.dataset.state_dict.values()]
+    assert host and all(t.is_pinned() for t in host)
+    prompts, completions = [tokenizer("Tom has 3 apples.")["input_ids"]], [tokenizer(" He buys 5 more: 8.")["input_ids"]]
+    (want,) = parallel.score(plain, prompts, completions, micro_batch_tokens=64).logprobs
+    (got,) = parallel.score(offloaded, prompts, completions, micro_batch_tokens=64).logprobs
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -1,6 +1,7 @@
 """The in-process vLLM engine: rollout logprobs, in-place weight push and the parity probe."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,11 +10,13 @@ import torch
 
 pytest.importorskip("vllm")
 
+from opd_local import dist  # noqa: E402
 from opd_local.config import Config, ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
 from opd_local.loop import build_optimizer  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS, resolve_precision  # noqa: E402
+from opd_local.sampler import HFSampler, rollout_seeds  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
 from opd_local.sync import StaleWeightsError, WeightSync, parity_probe, push_weights  # noqa: E402
 
@@ -69,6 +72,43 @@ def test_rollout_logprobs_match_trainer(engine, student, tokenizer, temperature)
     # same seed, same samples: rollouts are reproducible
     again = engine.generate(prompts, n=3, temperature=temperature, max_tokens=16, seed=123)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+@pytest.mark.parametrize("kind", ["vllm", "hf"])
+def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir, tokenizer, kind):
+    """Every group of the step holds the same prompt, so two samples that shared a random stream
+    would be the same completion (vLLM draws sample j from stream seed + j: consecutive group
+    seeds did that). The seeds are those of the step's global batch, whatever the rank count."""
+    groups, n = 4, 3
+    seeds = rollout_seeds(0, 5, groups, n)
+    for world_size in (1, 2, 3):
+        ranks = [dist.DistContext(r, world_size, r, torch.device("cpu")) for r in range(world_size)]
+        by_group = {g: s for ctx in ranks for g, s in zip(dist.shard_for_rank(range(groups), ctx), dist.shard_for_rank(seeds, ctx))}
+        assert [by_group[g] for g in range(groups)] == seeds
+    streams = {s + j for step in range(3) for s in rollout_seeds(0, step, groups, n) for j in range(n)}
+    assert len(streams) == 3 * groups * n
+    if kind == "vllm":
+        sampler = engine
+    else:
+        sampler = HFSampler.load(tiny_model_dir, ModelConfig(), torch.device("cpu"), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    prompt = _prompts(tokenizer)[1]
+    completions = sampler.generate([prompt] * groups, n=n, temperature=1.0, max_tokens=12, seed=seeds)
+    samples = [tuple(c.token_ids) for group in completions for c in group]
+    assert len(set(samples)) == groups * n
+
+
+def test_a_vllm_whose_reload_weights_differs_is_refused(engine):
+    from opd_local.vllm_sampler import runner_reload_weights, check_reload_signature
+
+    (runner_reload,) = engine.llm.collective_rpc(runner_reload_weights)
+    check_reload_signature(runner_reload)  # the installed vLLM, as the engine checked when it was built
+
+    def before_in_place_reload(self, weights_path=None):
+        pass
+
+    for reload in (before_in_place_reload, None):
+        with pytest.raises(RuntimeError, match=r"reload_weights takes no weights_iterator, is_checkpoint_format.*vllm==0.32.0"):
+            check_reload_signature(reload)
 
 
 def test_seeded_batch_larger_than_one_scheduler_step(engine, tokenizer):
@@ -197,3 +237,46 @@ model = load_causal_lm(path, ModelConfig(), torch.float32, torch.device("cpu"))
 probe = load_tokenizer(path, ModelConfig())("Final: 42. The answer is forty-two.")["input_ids"]
 print(parity_probe(engine, model, probe, threshold=atol))
 """
+
+
+TORCHRUN_ENGINE_CHECK = """
+import sys, torch
+from opd_local import dist
+from opd_local.config import Config
+from opd_local.vllm_sampler import VLLMSampler
+ctx = dist.init_distributed("cpu")
+cfg = Config(); cfg.rollout.max_model_len = 512
+engine = VLLMSampler(sys.argv[1], cfg, ctx.device)
+(placement,) = engine.llm.collective_rpc(lambda worker: (worker.rank, worker.local_rank, str(worker.device)))
+# On a GPU box the device is cuda:LOCAL_RANK; under the uniprocess executor every rank got rank 0, local rank 0.
+assert placement == (ctx.rank, ctx.local_rank, str(ctx.device)), (placement, ctx)
+assert len(engine.generate([[1, 2, 3]], n=2, temperature=1.0, max_tokens=4, seed=ctx.rank)[0]) == 2
+"""
+
+
+def _vllm_run(tiny_model_dir, out, nproc):
+    args = [
+        "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm", "--steps", "2", "--groups_per_step", "4",
+        "--samples_per_group", "2", "--max_tokens", "10", "--max_train_rows", "16", "--max_heldout_rows", "2",
+        "--max_model_len", "1024", "--eval.every", "0", "--save_final", "false", "--out_dir", str(out),
+    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    subprocess.run(launcher + args, check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_gives_each_rank_its_own_engine(tiny_model_dir, tmp_path):
+    """Under torchrun every rank's engine joins the trainer's group as rank RANK on LOCAL_RANK's device
+    (vLLM's external_launcher), and a 2-rank run samples and trains exactly as one rank does."""
+    script = tmp_path / "engine_check.py"
+    script.write_text(TORCHRUN_ENGINE_CHECK)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(launcher + [str(script), tiny_model_dir], check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    one, two = _vllm_run(tiny_model_dir, tmp_path / "one", 1), _vllm_run(tiny_model_dir, tmp_path / "two", 2)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1]
+    for a, b in zip(one, two):
+        assert a["opd/active_tokens"] == b["opd/active_tokens"] and b["groups/sampled"] == 4
+        for key in ("opd/sampled_reverse_kl", "opd/loss"):
+            assert abs(a[key] - b[key]) < 1e-5, key
+        assert b["sync/parity_max_abs"] < LOGPROB_ATOL
