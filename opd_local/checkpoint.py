@@ -154,9 +154,8 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         parallel.reshard(student)
         tensors, param_groups = _sharded_state(module, optimizer)
         # safetensors shards that carry their offsets in the JSON header: resuming unpickles nothing.
-        dcp.save(
-            tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True), process_group=dist.trainer_group()
-        )
+        writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
+        dcp.save(tensors, storage_writer=writer, process_group=dist.trainer_group())
         optimizer_state = {"param_groups": param_groups}
     else:
         optimizer_state = {"optimizer": optimizer.state_dict()}
