@@ -259,6 +259,7 @@ def _vllm_run(tiny_model_dir, out, nproc):
         "scripts/train.py", "--student", tiny_model_dir, "--sampler", "vllm", "--steps", "2", "--groups_per_step", "4",
         "--samples_per_group", "2", "--max_tokens", "10", "--max_train_rows", "16", "--max_heldout_rows", "2",
         "--max_model_len", "1024", "--eval.every", "0", "--save_final", "false", "--out_dir", str(out),
+        "--dtype", "float32",  # ranks compared to fp32 rounding, the engine to the trainer at LOGPROB_ATOL
     ]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     subprocess.run(launcher + args, check=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
