@@ -7,11 +7,13 @@ the teacher-trace gaps and greedy exact match. Takes the same flags as scripts/t
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from opd_local import dist
+from opd_local.cli import run_refusing
 from opd_local.config import micro_batch_tokens, parse_config
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
@@ -24,8 +26,8 @@ def main() -> None:
     cfg = parse_config(description=__doc__)
     ctx = dist.init_distributed(cfg.run.device)
     out_dir = Path(cfg.run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     inputs = load_run_inputs(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     first_train = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
 
@@ -45,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_refusing(main, debug="--debug" in sys.argv))
