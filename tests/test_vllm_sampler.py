@@ -1,6 +1,7 @@
 """The in-process vLLM engine: rollout logprobs, in-place weight push and the parity probe."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -108,9 +109,16 @@ def test_two_step_run_with_vllm(tiny_model_dir, tmp_path, lora_rank):
         "--eval.every", "0", "--lora_rank", str(lora_rank), "--parity_threshold", str(LOGPROB_ATOL),
         "--out_dir", str(out),
     ]
-    subprocess.run(cmd, check=True, timeout=600)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout and stderr interleaved as written
+    run = subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
+    # Log hygiene: vLLM at WARNING (no INFO lines), no per-push RotaryEmbedding notice, and each step
+    # prints its one line (no progress-bar redraws between them: splitlines also splits at "\r").
+    output = run.stdout
+    assert "Failed to load weights" not in output and " INFO " not in output, output
+    steps = output[output.index("step 0 "):].splitlines()
+    assert steps[0].startswith("step 0 rkl=") and steps[1].startswith("step 1 rkl="), output
     for r in records:
         assert r["sync/parity_max_abs"] < Config().sync.parity_threshold
         assert r["rollout/trainer_lp_mismatch"] < LOGPROB_ATOL
