@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from opd_local.cli import EXIT_REFUSED, train_main
 
@@ -99,12 +100,14 @@ def remove_checkpoints(run: Path):
 
 
 def edit_training_rows(run: Path):
-    """The same path and row count, one row's content changed."""
-    path = run.parent / "train.jsonl"
-    lines = path.read_text().splitlines()
+    """The same file, path and row count (so the same row ids), one row's content changed; undone after the case."""
+    path = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["train"])
+    text = path.read_text()
+    lines = text.splitlines()
     row = json.loads(lines[3])
     lines[3] = json.dumps({**row, "question": row["question"].replace("?", " exactly?")})
     path.write_text("\n".join(lines) + "\n")
+    return lambda: path.write_text(text)
 
 
 def break_saved_config(run: Path):
@@ -119,7 +122,7 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)  # written under {tmp} first; "name/" is an empty folder
     resume: bool = False  # no base flags: the args continue {run}
     overwrite: bool = True
-    damage: object = None  # done to the copied run before the snapshot
+    damage: object = None  # done to the copied run before the snapshot; may return its undo
     marks: tuple = ()
 
 
@@ -268,11 +271,7 @@ def test_the_table_is_large_and_its_cases_distinct():
 def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run, micro_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    shutil.copy(finished_run.parent / "train.jsonl", tmp_path / "train.jsonl")  # the saved config's path
-    run_config = run / "config.yaml"
-    run_config.write_text(run_config.read_text().replace(str(finished_run.parent / "train.jsonl"), str(tmp_path / "train.jsonl")))
-    if case.damage:
-        case.damage(run)
+    undo = case.damage(run) if case.damage else None
     inputs = tmp_path / "inputs"
     for name, text in case.files.items():
         (inputs / name).parent.mkdir(parents=True, exist_ok=True)
@@ -289,13 +288,17 @@ def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run
     before = snapshot(run)
     capsys.readouterr()
 
-    code = train_main(argv)
+    try:
+        code = train_main(argv)
+    finally:
+        if undo:
+            undo()
 
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == EXIT_REFUSED, err
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert case.expect.format(**fill) in errors[0]
+    assert case.expect.format(**fill) in errors[0], errors[0]
     assert snapshot(run) == before
 
 
