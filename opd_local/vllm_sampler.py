@@ -36,8 +36,10 @@ def _configure_environment(cfg, device: torch.device) -> None:
     # in-place pushes possible.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # The trainer's own per-step line is the log; vLLM's INFO lines only with run.verbose.
-    level = "INFO" if cfg.run.verbose else "WARNING"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+    if cfg.run.verbose:
+        os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
+    else:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())  # in case vLLM was imported already
     logging.getLogger(_RELOAD_LOGGER).addFilter(_drop_rotary_reload_warning)
     if device.type == "cpu":

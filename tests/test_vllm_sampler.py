@@ -140,3 +140,24 @@ model = load_causal_lm(path, ModelConfig(), torch.float32, torch.device("cpu"))
 probe = load_tokenizer(path, ModelConfig())("Final: 42. The answer is forty-two.")["input_ids"]
 print(parity_probe(engine, model, probe, threshold=atol))
 """
+
+
+def test_vllm_logs_at_warning_unless_verbose(monkeypatch):
+    import logging
+
+    from opd_local.vllm_sampler import _configure_environment
+
+    cfg = Config()
+    original = logging.getLogger("vllm").level
+    try:
+        for verbose, level in ((False, logging.WARNING), (True, logging.INFO)):
+            monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+            cfg.run.verbose = verbose
+            _configure_environment(cfg, torch.device("cpu"))
+            assert logging.getLogger("vllm").level == level
+    finally:
+        logging.getLogger("vllm").setLevel(original)
+    rotary = logging.makeLogRecord({"msg": "%s: Failed to load weights", "args": ("RotaryEmbedding",), "levelno": logging.WARNING})
+    linear = logging.makeLogRecord({"msg": "%s: Failed to load weights", "args": ("QKVParallelLinear",), "levelno": logging.WARNING})
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    assert not reload_logger.filter(rotary) and reload_logger.filter(linear)  # only the harmless one is dropped
