@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from opd_local import dist, parallel
-from opd_local.checkpoint import load_training_state, save_final_model, save_training_state
-from opd_local.config import Config, OptimConfig, check_config, micro_batch_tokens
+from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
+from opd_local.config import Config, check_config, micro_batch_tokens
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
@@ -191,20 +191,6 @@ def build_optimizer(student, cfg: Config):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.optim.warmup_steps + 1)))
     return optimizer, scheduler
-
-
-def apply_optim_config(optimizer, scheduler, optim: OptimConfig) -> None:
-    """Set the AdamW settings of `optim` on a restored optimizer and scheduler.
-
-    Their state dicts carry the saved run's learning rate and betas, which would silently win over
-    the ones the resumed run was given; the warm-up is the scheduler's lambda, built from `optim` already.
-    """
-    for group in optimizer.param_groups:
-        group.update(initial_lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
-    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
-    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["lr"] = optim.lr * lr_lambda(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def train_on_rollouts(student, optimizer, kept: list[Rollout], cfg: Config, teacher_head=None) -> dict[str, float]:

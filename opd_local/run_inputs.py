@@ -25,7 +25,6 @@ class RunInputs:
     tokenizer: object
     train_groups: list[PromptGroup]
     heldout_groups: list[PromptGroup]
-    overlong_rows: list[str]  # training rows dropped as over-long (with data.drop_overlong)
     teacher_weights: str  # initial, separate or base_adapter_off (resolved from auto)
     counts: dict[str, int]  # rows kept, dropped and duplicated: logged with step 0
 
@@ -105,4 +104,4 @@ def load_run_inputs(cfg: Config) -> RunInputs:
         "data/duplicate_train_rows": count_duplicates(train_rows),
         "data/duplicate_heldout_rows": count_duplicates(heldout_rows),
     }
-    return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, overlong, teacher_weights, counts)
+    return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, teacher_weights, counts)
