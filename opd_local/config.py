@@ -231,6 +231,8 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
     choices = _choices(typ)
     if choices is not None:
+        if isinstance(value, bool) and str(value).lower() in choices:
+            return str(value).lower()  # YAML reads `enforce_eager: true` as a boolean
         if value not in choices:
             raise ConfigError(f"{where}: {'null' if value is None else repr(value)} is not one of {', '.join(choices)}")
         return value

@@ -78,11 +78,12 @@ def test_yaml_values_are_taken_exactly_or_refused(tmp_path, yaml_text, setting, 
 
 def test_integral_values_are_accepted_in_any_spelling(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("rollout:\n  max_tokens: 64.0\noptim:\n  lr: 1e-4\n  warmup_steps: 2\n")
+    path.write_text("rollout:\n  max_tokens: 64.0\n  enforce_eager: true\noptim:\n  lr: 1e-4\n  warmup_steps: 2\n")
     cfg = parse_config(["--config", str(path), "--ddp_max_params", "1e9", "--overwrite"])
     assert cfg.rollout.max_tokens == 64 and type(cfg.rollout.max_tokens) is int
     assert cfg.optim.lr == 1e-4 and cfg.run.ddp_max_params == 10**9
     assert cfg.run.overwrite is True  # a bool flag given alone means true
+    assert cfg.rollout.enforce_eager == "true"  # YAML's boolean for the choice spelled "true"
 
 
 def test_every_range_and_choice_is_checked_for_configs_built_in_code():
