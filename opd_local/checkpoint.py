@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
 from opd_local import dist, parallel
+from opd_local.config import OptimConfig
 from opd_local.models import is_peft_model
 
 
@@ -29,6 +32,7 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _with_umask_modes(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -40,6 +44,19 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _with_umask_modes(folder: Path) -> None:
+    """Give a folder and its files the modes a plain mkdir and open would have.
+
+    mkdtemp makes the folder 0700 and the weights are written through temporary files of mode 0600,
+    so the exported model would be readable by its owner alone.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_final_model(student, tokenizer, target: Path, ctx, replica) -> None:
@@ -163,7 +180,7 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         if not parallel.is_sharded(student):
             save_model(module, str(tmp / "model.safetensors"))
         torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, **progress}))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "world_size": ctx.world_size, **progress}))
     dist.barrier()
     if ctx.is_main:
         shutil.rmtree(target, ignore_errors=True)
@@ -177,15 +194,115 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
     return target
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
-    if not pointer.exists():
-        return None
-    return pointer.parent / pointer.read_text().strip()
-
-
 def read_progress(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / "progress.json").read_text())
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether the file is a whole safetensors file: its header parses and its data ends where the file does."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "truncated (no header)"
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return "truncated (header cut short)"
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "not a safetensors file (header is not JSON)"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    if 8 + header_len + max(ends, default=0) != size:
+        return f"truncated or padded ({size} bytes, its header describes {8 + header_len + max(ends, default=0)})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """Whether a torch.save file is whole: its zip directory, written last, is readable."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"damaged ({err})"
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes a checkpoint folder unusable, naming the file, or None when it is whole.
+
+    Checks what can be checked without reading the weights: every file is there and complete, and
+    progress.json agrees with the folder it sits in. A bit flipped inside a tensor is not caught.
+    """
+    checkpoint = Path(checkpoint)
+    match = re.fullmatch(r"step-(\d+)", checkpoint.name)
+    if match is None:
+        return f"{checkpoint}: not a checkpoint folder name (step-NNNNNN)"
+    progress_file = checkpoint / "progress.json"
+    try:
+        progress = json.loads(progress_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{progress_file}: unreadable ({err})"
+    if not isinstance(progress, dict) or not all(key in progress for key in ("step", "stream", "cumulative")):
+        return f"{progress_file}: lacks step, stream or cumulative"
+    if progress["step"] != int(match.group(1)):
+        return f"{progress_file}: says step {progress['step']!r} but sits in {checkpoint.name}"
+    files = {"optimizer.pt": _torch_file_problem}
+    sharded = checkpoint / SHARDED
+    if sharded.exists():
+        files.update({str(p.relative_to(checkpoint)): _safetensors_problem for p in sorted(sharded.glob("*.safetensors"))})
+        if len(files) == 1:
+            return f"{sharded}: holds no safetensors shards"
+    else:
+        files["model.safetensors"] = _safetensors_problem
+    # Checkpoints written before the rank count was recorded have as many RNG files as ranks.
+    ranks = progress.get("world_size", max(1, len(list(checkpoint.glob("rng_rank*.pt")))))
+    files.update({f"rng_rank{rank}.pt": _torch_file_problem for rank in range(ranks)})
+    for name, problem_of in files.items():
+        problem = problem_of(checkpoint / name)
+        if problem:
+            return f"{checkpoint / name}: {problem}"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """The newest checkpoint that is whole, and its progress; each damaged newer one is named in a warning.
+
+    Raises ValueError when the run has none, or none is whole.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    # Folders only get their step-NNNNNN name once complete, so the newest is the latest even when a
+    # crash came between that rename and the move of the `latest` pointer.
+    candidates = sorted(root.glob("step-*"), reverse=True)
+    if not candidates:
+        raise ValueError(f"--resume {run_dir}: it holds no checkpoint yet (run.save_every writes them)")
+    problems = []
+    for checkpoint in candidates:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            for skipped in problems:
+                warnings.warn(f"skipping a damaged checkpoint: {skipped}; resuming from {checkpoint.name}", stacklevel=2)
+            return checkpoint, read_progress(checkpoint)
+        problems.append(problem)
+    raise ValueError(f"--resume {run_dir}: no intact checkpoint; newest: {problems[0]}")
+
+
+def apply_optim_config(optimizer, scheduler, optim: OptimConfig) -> None:
+    """Set the AdamW settings of `optim` on a restored optimizer and scheduler.
+
+    Their state dicts carry the saved run's learning rate and betas, which would silently win over
+    the ones the resumed run was given; the warm-up is the scheduler's lambda, built from `optim` already.
+    """
+    for group in optimizer.param_groups:
+        group.update(initial_lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = optim.lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) -> dict:
@@ -223,7 +340,7 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     progress = read_progress(checkpoint)
-    saved_ranks = len(list(Path(checkpoint).glob("rng_rank*.pt")))
+    saved_ranks = progress.get("world_size", len(list(Path(checkpoint).glob("rng_rank*.pt"))))
     if saved_ranks == ctx.world_size:
         _set_rng_state(torch.load(checkpoint / f"rng_rank{ctx.rank}.pt", weights_only=True))
     else:

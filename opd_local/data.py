@@ -111,20 +111,54 @@ def _pinned_line(answer: str) -> str:
     return f"Final: {answer}"
 
 
+def plain_words(text: str) -> str:
+    """Lower case, thousands commas dropped, punctuation as spaces, whitespace collapsed: copies of a
+    text that differ only in those compare equal."""
+    return " ".join(re.sub(r"[^\w]+", " ", _THOUSANDS_COMMA.sub("", text).lower()).split())
+
+
+def _stated_answer(answer: str) -> re.Pattern:
+    """`answer` given as an answer ("the answer is 42", "Answer: 42", "#### 42"), not merely a number
+    that the problem happens to contain; 420 and 42.5 are other numbers."""
+    return re.compile(
+        r"(?:\b(?:final answer|answer|result)\s*(?:is|equals|=|:)|####)\s*[*`$]*\s*"
+        + re.escape(answer.lower())
+        + r"(?![\w]|[.,]\d)"
+    )
+
+
 def check_no_privileged_leak(row: PrivilegedRow) -> None:
-    """Raise DataError if the privileged text or the pinned `Final: <answer>` line reaches a student message."""
-    # Compare with whitespace collapsed so a re-wrapped copy of the solution still counts as a leak.
-    privileged = " ".join((row.privileged or "").split())
+    """Raise DataError if the privileged text or the final answer reaches a student message.
+
+    The privileged text is compared as plain words, so a copy with its case, punctuation or line
+    breaks changed still counts; the answer counts as a `Final: <answer>` line or stated as the answer.
+    """
+    privileged = plain_words(row.privileged or "")
     for i, message in enumerate(row.student_messages):
         content = message["content"]
-        if privileged and privileged in " ".join(content.split()):
-            raise DataError(f"{row.row_id}: field 'messages[{i}].content' contains the privileged text")
-        if row.answer is not None and any(
-            extract_final_answer(line) == row.answer for line in content.splitlines()
-        ):
-            raise DataError(
-                f"{row.row_id}: field 'messages[{i}].content' contains the pinned line {_pinned_line(row.answer)!r}"
-            )
+        where = f"{row.row_id}: field 'messages[{i}].content'"
+        if privileged and f" {privileged} " in f" {plain_words(content)} ":
+            raise DataError(f"{where} contains the privileged text")
+        if row.answer is None:
+            continue
+        if any(extract_final_answer(line) == row.answer for line in content.splitlines()):
+            raise DataError(f"{where} contains the pinned line {_pinned_line(row.answer)!r}")
+        prose = " ".join(_THOUSANDS_COMMA.sub("", content).lower().split())
+        if _stated_answer(row.answer).search(prose):
+            raise DataError(f"{where} states the final answer {row.answer!r}")
+
+
+def check_adds_privileged(row: PrivilegedRow) -> None:
+    """Raise DataError if the teacher prompt is the student prompt (as plain words): nothing privileged to learn from."""
+    if plain_words(_text(row.teacher_messages)) == plain_words(_text(row.student_messages)):
+        raise DataError(
+            f"{row.row_id}: field 'teacher_messages' adds nothing to 'messages'; with model.teacher_context=privileged "
+            "the teacher prompt must hold what the student does not see (or use model.teacher_context=plain)"
+        )
+
+
+def _text(messages: Sequence[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)
 
 
 def gsm8k_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
@@ -230,20 +264,93 @@ def _bundled_records(source: str, split: str) -> tuple[list[dict], str]:
     return records, tag
 
 
+UNSUPPORTED_HINT = "use .json, .jsonl or .parquet"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def json_fault(path: Path) -> str | None:
+    """Where a .json/.jsonl file stops being rows of JSON, as "line N: ...", or None if it does not.
+
+    datasets and pyarrow report such faults without the file or the line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text (byte {err.start})"
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    first_bad = None
+    for number, line in lines:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            cut = " (the file ends inside it: truncated?)" if number == lines[-1][0] and err.pos >= len(line.rstrip()) else ""
+            first_bad = (number, f"{err.msg}{cut}")
+            break
+        if not isinstance(value, dict) and not (len(lines) == 1 and isinstance(value, list)):
+            return f"line {number}: a row must be a JSON object, got {type(value).__name__}"
+    if first_bad is None:
+        return None
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as err:
+        if first_bad[0] != lines[0][0]:
+            number, reason = first_bad  # JSON lines, the first bad one
+        elif err.pos >= len(text.rstrip()):  # one JSON document, cut short
+            number, reason = lines[-1][0], f"{err.msg} (the file ends inside it: truncated?)"
+        else:
+            number, reason = err.lineno, err.msg
+        return f"line {number}: not valid JSON ({reason})"
+    if isinstance(whole, list) and not all(isinstance(row, dict) for row in whole):
+        bad = next(i for i, row in enumerate(whole) if not isinstance(row, dict))
+        return f"row {bad}: a row must be a JSON object, got {type(whole[bad]).__name__}"
+    return None
+
+
+def _raw_json_records(path: Path) -> list:
+    """The rows of a .json/.jsonl file exactly as JSON has them (datasets may retype a mixed column)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return whole if isinstance(whole, list) else [whole]
+
+
+def _local_file_records(path: Path, source: str, builder: str):
+    import datasets
+
+    if not path.read_bytes().strip():
+        raise DataError(f"{source}: the file is empty")
+    try:
+        # A single file is a single split: `split` does not apply to it.
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets and pyarrow name neither the file nor the line
+        fault = json_fault(path) if builder == "json" else None
+        raise DataError(f"{source}: {fault or f'cannot be read as {path.suffix} ({_first_line(err)})'}") from err
+
+
 def _dataset_records(source: str, split: str, hub_config: str):
     import datasets  # heavy; only needed off the bundled path
 
-    path = Path(source)
+    path = Path(source).expanduser()
     builder = LOCAL_SUFFIXES.get(path.suffix.lower())
-    if builder is not None:
-        if not path.is_file():
-            raise DataError(f"{source}: no such file")
-        # A single file is a single split: `split` does not apply to it.
-        return datasets.load_dataset(builder, data_files=str(path), split="train"), source
-    if path.is_dir():
-        # datasets picks the builder from the file types and the split from the file names (train*, test*, ...).
-        return datasets.load_dataset(str(path), split=split), f"{source}/{split}"
-    return datasets.load_dataset(source, hub_config or None, split=split), f"{source}/{split}"
+    if path.is_file():
+        if builder is None:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}; {UNSUPPORTED_HINT}")
+        return _local_file_records(path, source, builder), source
+    if not path.exists() and (builder is not None or source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise DataError(f"{source}: no such file or directory")
+    try:
+        if path.is_dir():
+            # datasets picks the builder from the file types and the split from the file names (train*, test*, ...).
+            return datasets.load_dataset(str(path), split=split), f"{source}/{split}"
+        return datasets.load_dataset(source, hub_config or None, split=split), f"{source}/{split}"
+    except Exception as err:  # a bad split, an unknown hub id, no network: one line naming the source
+        raise DataError(f"{source} (split {split!r}): cannot be loaded ({_first_line(err)})") from err
 
 
 def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "main", max_rows: int = 0) -> list[PrivilegedRow]:
@@ -266,6 +373,8 @@ def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "mai
             dataset = dataset.select(range(min(max_rows, len(dataset))))
         columns = dataset.column_names
         records = dataset.to_list()
+    if not records:
+        raise DataError(f"{tag}: holds no rows")
     if fmt == "auto":
         fmt = _detect_format(columns, tag)
     to_row = gsm8k_to_row if fmt == "gsm8k" else messages_to_row
@@ -279,8 +388,13 @@ def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "mai
         if not mixed:
             raise
         # datasets (5.x) stores a column whose JSON types differ between rows as raw JSON and decodes
-        # every value that parses as JSON, so the string "42" comes back as 42: the row named above may be
-        # a valid one. Such a column always holds a real non-string somewhere, so the error itself stands.
+        # every value that parses as JSON, so the string "42" comes back as 42 and the row named may be
+        # a valid one. A local file's own JSON is the truth: validate that instead, naming the right row.
+        local = Path(source).expanduser()
+        if local.is_file() and LOCAL_SUFFIXES.get(local.suffix.lower()) == "json":
+            raw = _raw_json_records(local)
+            raw = raw[:max_rows] if max_rows > 0 else raw
+            return [to_row(record, f"{tag}#{i}") for i, record in enumerate(raw)]
         raise DataError(
             f"{err} (note: field(s) {mixed} mix JSON types across rows, and datasets then reads strings "
             'such as "42" as numbers, so the bad row may be a later one; make every value a string)'
@@ -306,6 +420,11 @@ def _mixed_type_columns(dataset, names: Sequence[str]) -> list[str]:
 
 def _prompt_key(row: PrivilegedRow) -> tuple:
     return tuple((m["role"], " ".join(m["content"].split())) for m in row.student_messages)
+
+
+def count_duplicates(rows: Sequence[PrivilegedRow]) -> int:
+    """Rows whose student prompt an earlier row already has (they are kept, and counted)."""
+    return len(rows) - len({_prompt_key(row) for row in rows})
 
 
 def load_train_and_heldout(cfg: DataConfig) -> tuple[list[PrivilegedRow], list[PrivilegedRow]]:
@@ -382,8 +501,12 @@ class GroupStream:
         self.shuffle = shuffle
         self.epoch = 0
         self.position = 0
-        # Detects a resume against different data, which could not reproduce the sequence.
-        self.fingerprint = hashlib.sha256("\n".join(g.row.row_id for g in self.groups).encode()).hexdigest()[:16]
+        # Detects a resume against different data, which could not reproduce the run: the rows' ids and
+        # their content, as both prompts' token ids (so a changed row or tokenizer counts too).
+        digest = hashlib.sha256()
+        for g in self.groups:
+            digest.update(json.dumps([g.row.row_id, g.student_prompt_ids, g.teacher_prompt_ids]).encode())
+        self.fingerprint = digest.hexdigest()[:16]
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -420,8 +543,9 @@ class GroupStream:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "shuffle", "fingerprint"):
             if state[key] != getattr(self, key):
+                what = "the training rows (ids or content) differ from the checkpoint's" if key == "fingerprint" else f"data stream {key}"
                 raise ValueError(
-                    f"cannot resume the data stream: {key} was {state[key]!r}, now {getattr(self, key)!r}"
+                    f"cannot resume: {what} ({key} was {state[key]!r}, now {getattr(self, key)!r}); a resume must read the same rows"
                 )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])

@@ -9,24 +9,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from opd_local import dist, parallel
-from opd_local.checkpoint import (
-    latest_checkpoint,
-    load_training_state,
-    read_progress,
-    save_final_model,
-    save_training_state,
-)
-from opd_local.config import Config, micro_batch_tokens, save_yaml
+from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
+from opd_local.config import Config, check_config, micro_batch_tokens
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
-from opd_local.metrics import MetricsLogger, device_clock, drop_records_from, timed
+from opd_local.metrics import MetricsLogger, device_clock, timed
 from opd_local.models import (
     FrozenTeacher,
     check_context_fits,
@@ -36,6 +31,7 @@ from opd_local.models import (
 from opd_local.packing import pack_sequences, split_by_token_budget, to_device
 from opd_local.precision import PrecisionPolicy, resolve_precision
 from opd_local.report import write_report
+from opd_local.run_directory import check_run_directory, start_run_directory
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler, rollout_seeds
@@ -43,34 +39,24 @@ from opd_local.sync import WeightSync
 
 
 def train(cfg: Config) -> Path:
+    # ---- checks: everything that can refuse the run does so before a model loads or the run directory is written ----
+    check_config(cfg)
     ctx = dist.init_distributed(cfg.run.device)
     # First: an unknown dtype is refused before anything is written.
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     run_dir = Path(cfg.run.out_dir)
-    checkpoint = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if cfg.run.resume and checkpoint is None:
-        raise ValueError(f"--resume {run_dir}: it holds no checkpoint yet (run.save_every writes them)")
-    start_step = read_progress(checkpoint)["step"] if checkpoint else 0
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
-        drop_records_from(run_dir, start_step)  # a killed run's steps after its checkpoint are redone
-    logger = MetricsLogger(
-        run_dir,
-        enabled=ctx.is_main,
-        wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
-        wandb_config=cfg.to_dict(),
-        purge_step=start_step if checkpoint else None,
-    )
-
-    # ---- set-up: everything that can refuse the run does so before step 0 ----
+    resume = check_run_directory(cfg)  # None for a new run; a resume's newest intact checkpoint
     inputs = load_run_inputs(cfg)
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    if resume:
+        stream.load_state_dict(resume.progress["stream"])  # refuses other rows than the checkpoint's
+    start_step = resume.step if resume else 0
+
+    # ---- set-up ----
     # The engine before anything of the trainer's: vLLM claims its share of the GPU from the memory
     # free at start-up, which the trainer's weights and its allocator's cache would have taken.
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
-
     if ctx.is_main:
         tqdm.write(precision.describe())
     student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
@@ -92,13 +78,24 @@ def train(cfg: Config) -> Path:
     weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
     token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
     cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
-    if checkpoint:
-        progress = load_training_state(checkpoint, student, optimizer, scheduler, ctx)
-        stream.load_state_dict(progress["stream"])
+    if resume:
+        progress = load_training_state(resume.checkpoint, student, optimizer, scheduler, ctx)
+        apply_optim_config(optimizer, scheduler, cfg.optim)  # flags given with --resume win over the saved ones
         cumulative = progress["cumulative"]
     # The engine starts from the trainer's weights (the checkpoint's on resume), proven before step 0;
     # this also gives the movement check of step 9 its baseline.
     weight_sync.push_and_check(sampler, student)
+    if ctx.is_main:
+        start_run_directory(cfg, resume)  # only now is anything in the run directory written
+        tqdm.write(inputs.summary())
+    dist.barrier()
+    logger = MetricsLogger(
+        run_dir,
+        enabled=ctx.is_main,
+        wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+        wandb_config=cfg.to_dict(),
+        purge_step=start_step if resume else None,
+    )
     evaluator = None
     # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
     if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
@@ -109,8 +106,10 @@ def train(cfg: Config) -> Path:
         generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
         evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
 
-    for step in tqdm(range(start_step, cfg.run.steps), desc="opd", initial=start_step, total=cfg.run.steps, disable=not ctx.is_main):
-        metrics: dict[str, float] = {"data/overlong_rows_dropped": len(inputs.overlong_rows)} if step == 0 else {}
+    # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
+    bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
+    for step in tqdm(range(start_step, cfg.run.steps), **bar):
+        metrics: dict[str, float] = dict(inputs.counts) if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
         step_start = device_clock(ctx.device)
@@ -194,8 +193,7 @@ def build_optimizer(student, cfg: Config):
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
-    warmup = max(cfg.optim.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.optim.warmup_steps + 1)))
     return optimizer, scheduler
 
 

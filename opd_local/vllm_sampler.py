@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import math
 import os
 
@@ -45,11 +46,26 @@ def runner_reload_weights(worker):
     return getattr(getattr(worker, "model_runner", None), "reload_weights", None)
 
 
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _drop_rotary_reload_warning(record: logging.LogRecord) -> bool:
+    """vLLM warns on every push that RotaryEmbedding "Failed to load weights": its cos/sin cache is
+    computed from the config, never loaded from a checkpoint, and is put back as it was."""
+    return not (record.msg == "%s: Failed to load weights" and str(record.args[0]).endswith("RotaryEmbedding"))
+
+
 def _configure_environment(cfg, device: torch.device) -> None:
     # Must be set before vLLM builds its engine; the in-process engine is what makes
     # in-place pushes possible.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the trainer's own per-step line is the log
+    # The trainer's own per-step line is the log; vLLM's INFO lines only with run.verbose.
+    if cfg.run.verbose:
+        os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
+    else:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())  # in case vLLM was imported already
+    logging.getLogger(_RELOAD_LOGGER).addFilter(_drop_rotary_reload_warning)
     if device.type == "cpu":
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cfg.rollout.kv_cache_gib))
         # Without it vLLM pins torch to one thread, which would also slow the trainer.

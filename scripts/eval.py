@@ -7,9 +7,11 @@ the teacher-trace gaps and greedy exact match. Takes the same flags as scripts/t
 """
 
 import json
+import sys
 from pathlib import Path
 
 from opd_local import dist
+from opd_local.cli import run_refusing
 from opd_local.config import micro_batch_tokens, parse_config
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
@@ -25,8 +27,8 @@ def main() -> None:
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     print(precision.describe())
     out_dir = Path(cfg.run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     inputs = load_run_inputs(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
     student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
     first_train = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
 
@@ -49,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_refusing(main, debug="--debug" in sys.argv))

@@ -1,18 +1,13 @@
 """Train a student by on-policy distillation from a privileged teacher.
 
-    python scripts/train.py [--config run.yaml] [--section.key value ...]
+    python scripts/train.py [--config run.yaml] [--section.key value ...] [--debug]
     torchrun --nproc_per_node=8 scripts/train.py [...]
+
+A setting, file or checkpoint that cannot run is refused on one line, with exit code 2, before
+anything in the run directory is written; --debug prints the traceback instead.
 """
 
-from opd_local.config import parse_config
-from opd_local.loop import train
-
-
-def main() -> None:
-    cfg = parse_config(description=__doc__)
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
-
+from opd_local.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(train_main(description=__doc__))

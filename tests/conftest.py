@@ -95,3 +95,20 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, tokenizer) -> str:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-teacher"), tokenizer, seed=2)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory, tokenizer) -> str:
+    """A one-layer model with a 16-wide hidden state: its checkpoints (about 20 MB) are cheap to copy."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("micro-model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -174,12 +174,16 @@ def test_malformed_messages_row_is_named(tmp_path, bad, field):
     assert f"{path}#1" in str(err.value) and f"'{field}'" in str(err.value)
 
 
-def test_mixed_type_column_is_refused_with_a_note(tmp_path):
-    # datasets reads a column that mixes strings and numbers as raw JSON, turning the good row's "42" into 42
-    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, messages_with(answer=42)])
-    with pytest.raises(DataError, match=r"field 'answer' must be a string.*mix JSON types") as err:
+def test_mixed_type_column_names_the_bad_row(tmp_path):
+    # datasets reads a column that mixes strings and numbers as raw JSON, turning the good rows' "42" into 42;
+    # the error must still name the row whose answer really is a number
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, GOOD_MESSAGES, messages_with(answer=42), GOOD_MESSAGES])
+    with pytest.raises(DataError) as err:
         load_rows(path, "train")
-    assert f"{path}#" in str(err.value)
+    assert str(err.value) == f"{path}#2: field 'answer' must be a string, got int"
+    # and a file whose strings merely look like numbers is read as written
+    path = write_jsonl(tmp_path / "strings.jsonl", [GOOD_MESSAGES, messages_with(answer="7", messages=[{"role": "user", "content": "3+4?"}])])
+    assert [row.answer for row in load_rows(path, "train")] == ["42", "7"]
 
 
 def test_unknown_columns_are_refused_with_the_columns_found(tmp_path):
@@ -293,3 +297,103 @@ def test_group_stream_resumes_the_identical_sequence():
 
     with pytest.raises(ValueError, match="fingerprint"):
         GroupStream(groups[:4], seed=0).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- leaks, privileged context, counts
+
+
+@pytest.mark.parametrize(
+    "student_text",
+    [
+        "What is 6 * 7? hint: 6 * 7 = 42",  # the privileged text in lower case, without its full stop
+        "What is 6 * 7?\nHINT 6 * 7 = 42!",  # upper case, punctuation changed, re-wrapped
+        "What is 6 * 7? The answer is 42.",  # the answer in other words
+        "What is 6 * 7? (answer: 42)",
+        "What is 6 * 7?\n#### 42",
+    ],
+)
+def test_leaks_are_caught_whatever_their_spelling(student_text):
+    row = messages_with(messages=[{"role": "user", "content": student_text}])
+    with pytest.raises(DataError, match=r"x#0: field 'messages\[0\].content' (contains the privileged text|states the final answer)"):
+        messages_to_row(row, "x#0")
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Tom has 42 apples and eats none of them. How many apples does he have?",  # the answer's number, for another reason
+        "Answer in whole numbers: a box holds 42 eggs. How many eggs are in one box?",
+        "The answer is 420 when there are ten times as many. How many are there?",  # another number
+        "The result is 42.5 kg of flour for 6 loaves; how much for 7 loaves of 6 * 7 size?",
+    ],
+)
+def test_leak_check_has_no_false_positives(question):
+    row = messages_with(messages=[{"role": "user", "content": question}])
+    assert messages_to_row(row, "x#0").answer == "42"
+    gsm8k_to_row({"question": question, "answer": "6 * 7 = 42\n#### 42"}, "y#0")
+
+
+def test_teacher_prompt_that_adds_nothing_is_refused_under_privileged(tmp_path, tiny_model_dir):
+    from opd_local.config import Config
+    from opd_local.run_inputs import load_run_inputs
+
+    same = messages_with(teacher_messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "what is 6*7"}])
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, {**same, "privileged": None, "answer": None}])
+    cfg = Config()
+    cfg.model.student = tiny_model_dir
+    cfg.data.train = path
+    cfg.data.heldout = write_jsonl(tmp_path / "heldout.jsonl", [messages_with(messages=[{"role": "user", "content": "Other?"}])])
+    with pytest.raises(DataError, match=rf"{path}#1: field 'teacher_messages' adds nothing to 'messages'"):
+        load_run_inputs(cfg)
+    cfg.model.teacher_context = "plain"  # the control run: nothing privileged is expected
+    assert len(load_run_inputs(cfg).train_groups) == 2
+
+
+def test_every_drop_and_duplicate_is_counted(tmp_path, tiny_model_dir):
+    from opd_local.config import Config
+    from opd_local.run_inputs import load_run_inputs
+
+    long_solution = " ".join(["Then add one more apple to the pile."] * 60)
+    overlong = {"question": "Apples?", "answer": f"{long_solution}\n#### 61"}
+    other = {"question": "Sam has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"}
+    cfg = Config()
+    cfg.model.student = tiny_model_dir
+    cfg.data.train = write_jsonl(tmp_path / "train.jsonl", [GOOD_GSM8K, other, dict(other), overlong, dict(GOOD_GSM8K)])
+    cfg.data.heldout = write_jsonl(tmp_path / "heldout.jsonl", [{**GOOD_GSM8K, "question": "Held out?"}, {**overlong, "question": "Pears?"}])
+    cfg.data.max_prompt_tokens = 300
+    cfg.data.drop_overlong = True
+    counts = load_run_inputs(cfg).counts
+    assert counts == {
+        "data/train_rows": 4,
+        "data/heldout_rows": 1,
+        "data/overlong_rows_dropped": 1,
+        "data/overlong_heldout_rows_dropped": 1,  # was not counted
+        "data/duplicate_train_rows": 2,
+        "data/duplicate_heldout_rows": 0,
+    }
+
+
+# ---------------------------------------------------------------- file-level faults
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("empty.jsonl", "", "the file is empty"),
+        ("blank.jsonl", "\n  \n", "the file is empty"),
+        ("prose.jsonl", "these are not rows\n", "line 1: not valid JSON"),
+        ("cut.jsonl", json.dumps(GOOD_GSM8K) + "\n" + json.dumps(GOOD_GSM8K) + "\n" + json.dumps(GOOD_GSM8K)[:30], "line 3: not valid JSON"),
+        ("array.json", "[\n" + json.dumps(GOOD_GSM8K) + ",\n{\"question\": \n", "line 3: not valid JSON"),
+        ("rows.csv", "question,answer\nQ?,#### 1\n", "unsupported file type '.csv'"),
+        ("list.jsonl", json.dumps(GOOD_GSM8K) + "\n[1, 2]\n", "line 2: a row must be a JSON object"),
+        ("binary.parquet", "not parquet at all", "cannot be read as .parquet"),
+    ],
+)
+def test_file_level_faults_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        load_rows(str(path), "train")
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_rows(str(tmp_path / "missing" / name), "train")

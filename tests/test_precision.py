@@ -30,14 +30,13 @@ def cpu_reports(monkeypatch):
 
 
 @pytest.mark.parametrize("spelling, canonical", [
-    ("auto", "auto"), ("float32", "float32"), ("fp32", "float32"), ("FP32", "float32"),
-    ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), (" bf16 ", "bfloat16"),
+    ("auto", "auto"), ("float32", "float32"), ("fp32", "float32"), ("bfloat16", "bfloat16"), ("bf16", "bfloat16"),
 ])
 def test_dtype_spellings(spelling, canonical):
     assert canonical_dtype(spelling) == canonical
 
 
-@pytest.mark.parametrize("bad", ["float16", "fp16", "half", "bf", "float", "", "auto16"])
+@pytest.mark.parametrize("bad", ["float16", "fp16", "half", "bf", "float", "", "auto16", "FP32", " bf16"])
 def test_unknown_dtype_is_refused(bad):
     with pytest.raises(ValueError, match="model.dtype"):
         resolve_precision(bad, CPU)
@@ -76,7 +75,7 @@ def test_unknown_dtype_refused_before_the_run_directory_is_touched(tmp_path):
     cfg = Config()
     cfg.model.dtype = "float16"
     cfg.run.out_dir = str(tmp_path / "run")
-    with pytest.raises(ValueError, match="model.dtype='float16'"):
+    with pytest.raises(ValueError, match="model.dtype.*'float16'"):
         train(cfg)
     assert not (tmp_path / "run").exists()
 

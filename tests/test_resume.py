@@ -52,3 +52,78 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tiny_model_dir, tmp_p
         assert torch.equal(want[name], got[name]), name
     # only the newest checkpoints are kept
     assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
+
+
+# ---------------------------------------------------------------- resume is exact or refused (in process, micro model)
+
+
+def _micro_args(model, out, *extra):
+    return [
+        "--student", model, "--sampler", "hf", "--out_dir", str(out), "--groups_per_step", "2", "--samples_per_group", "2",
+        "--max_tokens", "6", "--max_train_rows", "8", "--max_heldout_rows", "2", "--eval.every", "0", "--save_every", "1",
+        *extra,
+    ]
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "sync/push"))} for r in records]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(micro_model_dir, tmp_path, capsys):
+    from opd_local.cli import train_main
+    from opd_local.metrics import read_metrics
+
+    out = tmp_path / "run"
+    assert train_main(_micro_args(micro_model_dir, out, "--steps", "2", "--save_final", "false")) == 0
+    uninterrupted = _comparable(read_metrics(out))
+    weights = out / "checkpoints" / "step-000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+
+    assert train_main(["--resume", str(out)]) == 0
+
+    err = capsys.readouterr().err
+    assert f"warning: skipping a damaged checkpoint: {weights}: truncated" in err and "resuming from step-000001" in err
+    assert _comparable(read_metrics(out)) == uninterrupted  # step 1 redone from step 1's checkpoint, to the same numbers
+
+
+def test_flags_given_with_resume_are_applied_and_recorded(micro_model_dir, tmp_path, capsys):
+    import yaml
+
+    from opd_local.cli import train_main
+    from opd_local.metrics import read_metrics
+
+    out = tmp_path / "run"
+    assert train_main(_micro_args(micro_model_dir, out, "--steps", "2", "--lr", "1e-3", "--save_final", "false")) == 0
+    capsys.readouterr()
+
+    assert train_main(["--resume", str(out), "--steps", "3", "--lr", "5e-4", "--beta1", "0.5"]) == 0
+
+    assert "at step 2 with optim.lr 0.001 -> 0.0005, optim.beta1 0.9 -> 0.5, run.steps 2 -> 3" in capsys.readouterr().err
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[1]["optim/lr"] == 1e-3 and records[2]["optim/lr"] == 5e-4  # the restored scheduler kept 1e-3
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["optim"]["lr"], saved["optim"]["beta1"], saved["run"]["steps"]) == (5e-4, 0.5, 3)
+    state = torch.load(out / "checkpoints" / "step-000003" / "optimizer.pt", weights_only=True)
+    assert [tuple(g["betas"]) for g in state["optimizer"]["param_groups"]] == [(0.5, 0.95)]
+
+
+def test_overwrite_replaces_the_old_run_and_keeps_other_files(micro_model_dir, tmp_path):
+    import os
+
+    from opd_local.cli import train_main
+    from opd_local.metrics import read_metrics
+
+    out = tmp_path / "run"
+    assert train_main(_micro_args(micro_model_dir, out, "--steps", "2", "--save_final", "false")) == 0
+    (out / "train.log").write_text("a sweep's own log\n")
+    assert train_main(_micro_args(micro_model_dir, out, "--steps", "1", "--overwrite")) == 0
+    assert [r["step"] for r in read_metrics(out)] == [0]  # not appended to the old run's
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
+    assert (out / "train.log").read_text() == "a sweep's own log\n"
+    # the exported model is readable by whoever the umask lets read: not 0700 and 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "final").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -212,9 +212,16 @@ def test_two_step_run_with_vllm(tiny_model_dir, tmp_path, lora_rank, dtype):
         *(["--parity_threshold", str(LOGPROB_ATOL)] if dtype == "float32" else []),
         "--out_dir", str(out),
     ]
-    subprocess.run(cmd, check=True, timeout=600)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout and stderr interleaved as written
+    run = subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1]
+    # Log hygiene: vLLM at WARNING (no INFO lines), no per-push RotaryEmbedding notice, and each step
+    # prints its one line (no progress-bar redraws between them: splitlines also splits at "\r").
+    output = run.stdout
+    assert "Failed to load weights" not in output and " INFO " not in output, output
+    steps = output[output.index("step 0 "):].splitlines()
+    assert steps[0].startswith("step 0 rkl=") and steps[1].startswith("step 1 rkl="), output
     for r in records:
         assert r["sync/parity_max_abs"] < threshold
         # bf16: both engines round their logits to bf16 (measured mean 0.037 on SmolLM2's larger logits)
@@ -281,3 +288,24 @@ def test_torchrun_gives_each_rank_its_own_engine(tiny_model_dir, tmp_path):
         for key in ("opd/sampled_reverse_kl", "opd/loss"):
             assert abs(a[key] - b[key]) < 1e-5, key
         assert b["sync/parity_max_abs"] < LOGPROB_ATOL
+
+
+def test_vllm_logs_at_warning_unless_verbose(monkeypatch):
+    import logging
+
+    from opd_local.vllm_sampler import _configure_environment
+
+    cfg = Config()
+    original = logging.getLogger("vllm").level
+    try:
+        for verbose, level in ((False, logging.WARNING), (True, logging.INFO)):
+            monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+            cfg.run.verbose = verbose
+            _configure_environment(cfg, torch.device("cpu"))
+            assert logging.getLogger("vllm").level == level
+    finally:
+        logging.getLogger("vllm").setLevel(original)
+    rotary = logging.makeLogRecord({"msg": "%s: Failed to load weights", "args": ("RotaryEmbedding",), "levelno": logging.WARNING})
+    linear = logging.makeLogRecord({"msg": "%s: Failed to load weights", "args": ("QKVParallelLinear",), "levelno": logging.WARNING})
+    reload_logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    assert not reload_logger.filter(rotary) and reload_logger.filter(linear)  # only the harmless one is dropped

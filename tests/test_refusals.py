@@ -1,0 +1,311 @@
+"""Every bad flag, config file, data file, model path and checkpoint is refused on one line, touching nothing.
+
+Each case runs scripts/train.py's entry point in process with a directory that already holds a
+finished run as its run directory (a new run passes --overwrite, so that the bad input is what is
+refused), then checks the exit code, that stderr has one `error:` line naming the bad thing, and
+that the run directory is byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd_local.cli import EXIT_REFUSED, train_main
+
+GOOD = {"question": "Sam has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"}
+GOOD_MESSAGES = {
+    "messages": [{"role": "user", "content": "What is 6 * 7?"}],
+    "teacher_messages": [{"role": "user", "content": "What is 6 * 7?\nHint: 6 * 7 = 42.\nEnd with `Final: 42`."}],
+    "answer": "42",
+    "privileged": "Hint: 6 * 7 = 42.",
+}
+
+
+def jsonl(*rows) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def messages_row(**changes) -> dict:
+    return {**GOOD_MESSAGES, **changes}
+
+
+def base_args(model: str, out: Path) -> list[str]:
+    """A short run on the micro model; the flags a case adds come after these."""
+    return [
+        "--student", model, "--sampler", "hf", "--out_dir", str(out), "--steps", "2", "--groups_per_step", "2",
+        "--samples_per_group", "2", "--max_tokens", "6", "--max_train_rows", "8", "--max_heldout_rows", "2",
+        "--eval.every", "0", "--save_final", "false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(micro_model_dir, tmp_path_factory) -> Path:
+    """A run of 2 steps with a checkpoint after each, trained on a local file."""
+    root = tmp_path_factory.mktemp("finished")
+    rows = [json.loads(line) for line in Path("opd_local/bundled/gsm8k/train.jsonl").read_text().splitlines()[:8]]
+    (root / "train.jsonl").write_text(jsonl(*rows))
+    out = root / "run"
+    assert train_main(base_args(micro_model_dir, out) + ["--train", str(root / "train.jsonl"), "--save_every", "1"]) == 0
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+# ---------------------------------------------------------------- damage done to a copied run
+
+
+def truncate(name: str, keep: int = 100):
+    def damage(run: Path):
+        for checkpoint in (run / "checkpoints").glob("step-*"):
+            path = checkpoint / name
+            path.write_bytes(path.read_bytes()[:keep])
+    return damage
+
+
+def write_in_checkpoints(name: str, text: str):
+    def damage(run: Path):
+        for checkpoint in (run / "checkpoints").glob("step-*"):
+            (checkpoint / name).write_text(text)
+    return damage
+
+
+def edit_progress_step(run: Path):
+    for checkpoint in (run / "checkpoints").glob("step-*"):
+        path = checkpoint / "progress.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "step": 7}))
+
+
+def remove_in_checkpoints(name: str):
+    def damage(run: Path):
+        for checkpoint in (run / "checkpoints").glob("step-*"):
+            (checkpoint / name).unlink()
+    return damage
+
+
+def remove_checkpoints(run: Path):
+    shutil.rmtree(run / "checkpoints")
+
+
+def edit_training_rows(run: Path):
+    """The same file, path and row count (so the same row ids), one row's content changed; undone after the case."""
+    path = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["train"])
+    text = path.read_text()
+    lines = text.splitlines()
+    row = json.loads(lines[3])
+    lines[3] = json.dumps({**row, "question": row["question"].replace("?", " exactly?")})
+    path.write_text("\n".join(lines) + "\n")
+    return lambda: path.write_text(text)
+
+
+def break_saved_config(run: Path):
+    (run / "config.yaml").write_text("run:\n  steps: [2\n")
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # after the base flags; "{tmp}", "{run}" and "{model}" are filled in
+    expect: str  # in the one error line, with the same fields filled in
+    files: dict[str, str] = field(default_factory=dict)  # written under {tmp} first; "name/" is an empty folder
+    resume: bool = False  # no base flags: the args continue {run}
+    overwrite: bool = True
+    damage: object = None  # done to the copied run before the snapshot; may return its undo
+    marks: tuple = ()
+
+
+NO_WANDB = (pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),)
+
+CASES = [
+    # ---- flags: ranges, exact choices, types
+    Case("samples-per-group-0", ["--samples_per_group", "0"], "--rollout.samples_per_group: 0 must be at least 1"),
+    Case("groups-per-step-negative", ["--groups_per_step", "-1"], "--rollout.groups_per_step: -1 must be at least 1"),
+    Case("steps-0", ["--steps", "0"], "--run.steps: 0 must be at least 1"),
+    Case("device-gpu", ["--device", "gpu"], "--run.device: 'gpu' is not one of auto, cpu, cuda"),
+    Case("device-upper-case", ["--device", "CPU"], "--run.device: 'CPU' is not one of"),
+    Case("sampler-upper-case", ["--sampler", "VLLM"], "--rollout.sampler: 'VLLM' is not one of"),
+    Case("objective-unknown", ["--objective", "rkl"], "--loss.objective: 'rkl' is not one of"),
+    Case("normalize-plural", ["--normalize", "tokens"], "--loss.normalize: 'tokens' is not one of"),
+    Case("teacher-context-capitalised", ["--teacher_context", "Privileged"], "--model.teacher_context: 'Privileged'"),
+    Case("teacher-weights-unknown", ["--teacher_weights", "frozen"], "--model.teacher_weights: 'frozen'"),
+    Case("teacher-placement-unknown", ["--teacher_placement", "gpu"], "--model.teacher_placement: 'gpu'"),
+    Case("parallel-unknown", ["--parallel", "zero"], "--run.parallel: 'zero'"),
+    Case("format-unknown", ["--format", "csv"], "--data.format: 'csv'"),
+    Case("attention-unknown", ["--attn_implementation", "flash"], "--model.attn_implementation: 'flash'"),
+    Case("enforce-eager-yes", ["--enforce_eager", "yes"], "--rollout.enforce_eager: 'yes'"),
+    Case("temperature-0", ["--temperature", "0"], "--rollout.temperature: 0.0 must be above 0"),
+    Case("temperature-nan", ["--temperature", "nan"], "--rollout.temperature: expected a finite number"),
+    Case("lr-0", ["--lr", "0"], "--optim.lr: 0.0 must be above 0"),
+    Case("lr-negative", ["--lr", "-0.0001"], "--optim.lr: -0.0001 must be above 0"),
+    Case("lr-word", ["--lr", "fast"], "--optim.lr: expected a number, got 'fast'"),
+    Case("beta1-1", ["--beta1", "1.0"], "--optim.beta1: 1.0 must be below 1"),
+    Case("beta2-above-1", ["--beta2", "1.5"], "--optim.beta2: 1.5 must be below 1"),
+    Case("eps-0", ["--eps", "0"], "--optim.eps: 0.0 must be above 0"),
+    Case("grad-clip-negative", ["--grad_clip", "-1"], "--optim.grad_clip: -1.0 must be at least 0"),
+    Case("weight-decay-negative", ["--weight_decay", "-0.1"], "--optim.weight_decay"),
+    Case("warmup-negative", ["--warmup_steps", "-1"], "--optim.warmup_steps: -1 must be at least 0"),
+    Case("max-tokens-0", ["--max_tokens", "0"], "--rollout.max_tokens: 0 must be at least 1"),
+    Case("max-tokens-fraction", ["--max_tokens", "2.5"], "--rollout.max_tokens: expected an integer, got '2.5'"),
+    Case("gpu-memory-above-1", ["--gpu_memory_utilization", "1.5"], "--rollout.gpu_memory_utilization: 1.5 must be at most 1"),
+    Case("kv-cache-0", ["--kv_cache_gib", "0"], "--rollout.kv_cache_gib"),
+    Case("jsd-beta-1", ["--jsd_beta", "1"], "--loss.jsd_beta: 1.0 must be below 1"),
+    Case("topk-0", ["--topk", "0"], "--loss.topk"),
+    Case("chunk-tokens-0", ["--chunk_tokens", "0"], "--loss.chunk_tokens"),
+    Case("kl-coef-0", ["--kl_coef", "0"], "--loss.kl_coef"),
+    Case("log-ratio-cap-negative", ["--log_ratio_cap", "-2"], "--loss.log_ratio_cap"),
+    Case("dtype-float16", ["--dtype", "float16"], "--model.dtype: 'float16' is not one of auto, float32, fp32, bfloat16, bf16"),
+    Case("dtype-not-exact", ["--dtype", "BF16"], "--model.dtype: 'BF16'"),
+    Case("master-dtype-auto", ["--master_dtype", "auto"], "--model.master_dtype: 'auto'"),
+    Case("parity-threshold-negative", ["--parity_threshold", "-0.1"], "--sync.parity_threshold: -0.1 must be at least 0"),
+    Case("eval-every-negative", ["--eval.every", "-1"], "--eval.every"),
+    Case("keep-checkpoints-negative", ["--keep_checkpoints", "-1"], "--run.keep_checkpoints"),
+    Case("save-every-negative", ["--save_every", "-2"], "--run.save_every"),
+    Case("lora-rank-negative", ["--lora_rank", "-4"], "--model.lora_rank"),
+    Case("lora-dropout-1", ["--lora_dropout", "1.0"], "--model.lora_dropout: 1.0 must be below 1"),
+    Case("max-prompt-tokens-0", ["--max_prompt_tokens", "0"], "--data.max_prompt_tokens"),
+    Case("seed-negative", ["--seed", "-1"], "--run.seed"),
+    Case("shuffle-maybe", ["--shuffle", "maybe"], "--data.shuffle: expected true or false, got 'maybe'"),
+    Case("unknown-flag", ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+    Case("flag-without-value", ["--lr"], "argument --optim.lr/--lr: expected one argument"),
+    Case("out-dir-empty", ["--out_dir", ""], "--run.out_dir: must not be empty"),
+    Case("train-path-empty", ["--train", ""], "--data.train: must not be empty"),
+    Case("student-empty", ["--student", ""], "--model.student: must not be empty"),
+    Case("probe-text-empty", ["--probe_text", ""], "--sync.probe_text: must not be empty"),
+    # ---- rules between settings, and what the machine lacks
+    Case("context-too-long", ["--max_model_len", "256"], "exceeds rollout.max_model_len=256"),
+    Case("separate-without-teacher", ["--teacher_weights", "separate"], "model.teacher_weights=separate needs model.teacher"),
+    Case("adapter-off-without-lora", ["--teacher_weights", "base_adapter_off"], "needs a LoRA student"),
+    Case("initial-with-teacher", ["--teacher_weights", "initial", "--teacher", "{model}"], "but model.teacher is set"),
+    Case("teacher-on-cpu-without-gpu", ["--teacher_placement", "cpu", "--device", "cpu"], "model.teacher_placement=cpu"),
+    Case("wandb-missing", ["--wandb", "true"], "run.wandb is on but wandb is not installed", marks=NO_WANDB),
+    # ---- config files
+    Case("yaml-float-for-int", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml: run.steps: expected an integer, got 2.5",
+         files={"c.yaml": "run:\n  steps: 2.5\n"}),
+    Case("yaml-null", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml: model.student: expected text, got null",
+         files={"c.yaml": "model:\n  student: null\n"}),
+    Case("yaml-bool-for-int", ["--config", "{tmp}/c.yaml"], "run.steps: expected an integer, got True",
+         files={"c.yaml": "run:\n  steps: true\n"}),
+    Case("yaml-unknown-section", ["--config", "{tmp}/c.yaml"], "unknown config section 'trainer'", files={"c.yaml": "trainer:\n  steps: 2\n"}),
+    Case("yaml-unknown-key", ["--config", "{tmp}/c.yaml"], "unknown key run.stepz", files={"c.yaml": "run:\n  stepz: 2\n"}),
+    Case("yaml-section-not-mapping", ["--config", "{tmp}/c.yaml"], "section 'rollout' must be a mapping", files={"c.yaml": "rollout: 3\n"}),
+    Case("yaml-not-mapping", ["--config", "{tmp}/c.yaml"], "must be a mapping of sections, got list", files={"c.yaml": "- run\n- steps\n"}),
+    Case("yaml-syntax", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml:3: not valid YAML", files={"c.yaml": "run:\n  steps: [2\n"}),
+    Case("yaml-missing", ["--config", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: cannot read the config file"),
+    # ---- the run directory
+    Case("run-dir-holds-a-run", [], "already holds a run (config.yaml); pass --overwrite", overwrite=False),
+    Case("run-dir-is-a-file", ["--out_dir", "{tmp}/afile"], "run.out_dir='{tmp}/afile' is a file", files={"afile": "x"}),
+    # ---- resume
+    Case("resume-not-a-run", ["--resume", "{tmp}"], "--resume {tmp}: no config.yaml there", resume=True),
+    Case("resume-no-checkpoint", [], "holds no checkpoint yet", resume=True, damage=remove_checkpoints),
+    Case("resume-other-student", ["--student", "{tmp}"], "--model.student", resume=True),
+    Case("resume-other-seed", ["--seed", "5"], "--run.seed 5 differs from the run's 0", resume=True),
+    Case("resume-other-rows", ["--max_train_rows", "4"], "--data.max_train_rows 4 differs from the run's 8", resume=True),
+    Case("resume-lora-added", ["--lora_rank", "4"], "--model.lora_rank 4 differs", resume=True),
+    Case("resume-steps-behind", ["--steps", "1"], "below the step of the checkpoint resumed from (step-000002)", resume=True),
+    Case("resume-elsewhere", ["--out_dir", "{tmp}/elsewhere"], "differs from run.resume", resume=True),
+    Case("resume-and-overwrite", ["--overwrite"], "give one of them", resume=True),
+    Case("resume-bad-flag", ["--lr", "0"], "--optim.lr: 0.0 must be above 0", resume=True),
+    Case("resume-edited-step", [], "step-000002/progress.json: says step 7 but sits in step-000002", resume=True, damage=edit_progress_step),
+    Case("resume-progress-not-json", [], "step-000002/progress.json: unreadable", resume=True, damage=write_in_checkpoints("progress.json", "{")),
+    Case("resume-weights-truncated", [], "step-000002/model.safetensors: truncated", resume=True, damage=truncate("model.safetensors")),
+    Case("resume-optimizer-damaged", [], "step-000002/optimizer.pt: damaged", resume=True, damage=truncate("optimizer.pt", 5000)),
+    Case("resume-rng-missing", [], "step-000002/rng_rank0.pt: missing", resume=True, damage=remove_in_checkpoints("rng_rank0.pt")),
+    Case("resume-rows-edited", [], "the training rows (ids or content) differ", resume=True, damage=edit_training_rows),
+    Case("resume-config-broken", [], "config.yaml:3: not valid YAML", resume=True, damage=break_saved_config),
+    # ---- data files
+    Case("data-empty-file", ["--train", "{tmp}/e.jsonl"], "{tmp}/e.jsonl: the file is empty", files={"e.jsonl": ""}),
+    Case("data-not-json", ["--train", "{tmp}/p.jsonl"], "{tmp}/p.jsonl: line 1: not valid JSON", files={"p.jsonl": "question,answer\n"}),
+    Case("data-truncated-last-line", ["--train", "{tmp}/t.jsonl"], "{tmp}/t.jsonl: line 3: not valid JSON",
+         files={"t.jsonl": jsonl(GOOD, {**GOOD, "question": "Q2?"}) + json.dumps(GOOD)[:25]}),
+    Case("data-csv", ["--train", "{tmp}/r.csv"], "{tmp}/r.csv: unsupported file type '.csv'", files={"r.csv": "question,answer\n"}),
+    Case("data-missing-file", ["--train", "{tmp}/missing.jsonl"], "{tmp}/missing.jsonl: no such file or directory"),
+    Case("data-missing-folder", ["--heldout", "{tmp}/nowhere"], "{tmp}/nowhere: no such file or directory"),
+    Case("data-mixed-types", ["--train", "{tmp}/m.jsonl"], "{tmp}/m.jsonl#2: field 'answer' must be a string, got int",
+         files={"m.jsonl": jsonl(GOOD_MESSAGES, messages_row(answer="7", messages=[{"role": "user", "content": "3+4?"}]), messages_row(answer=42))}),
+    Case("data-missing-field", ["--train", "{tmp}/r.jsonl"], "{tmp}/r.jsonl#1: field 'answer' is missing",
+         files={"r.jsonl": jsonl(GOOD, {"question": "Q?"})}),
+    Case("data-leak-reworded", ["--train", "{tmp}/l.jsonl"], "{tmp}/l.jsonl#0: field 'messages[0].content' contains the privileged text",
+         files={"l.jsonl": jsonl(messages_row(messages=[{"role": "user", "content": "What is 6*7? HINT 6 * 7 = 42"}]))}),
+    Case("data-leak-answer-in-prose", ["--train", "{tmp}/l.jsonl"], "{tmp}/l.jsonl#0: field 'messages[0].content' states the final answer",
+         files={"l.jsonl": jsonl(messages_row(messages=[{"role": "user", "content": "What is 6*7? The answer is 42."}]))}),
+    Case("data-nothing-privileged", ["--train", "{tmp}/s.jsonl"], "{tmp}/s.jsonl#0: field 'teacher_messages' adds nothing",
+         files={"s.jsonl": jsonl(messages_row(teacher_messages=GOOD_MESSAGES["messages"], privileged=None, answer=None))}),
+    Case("data-heldout-overlaps", ["--train", "{tmp}/r.jsonl", "--heldout", "{tmp}/r.jsonl"], "held-out rows must never be trained on",
+         files={"r.jsonl": jsonl(GOOD)}),
+    Case("data-overlong", ["--max_prompt_tokens", "60"], "bundled:gsm8k/train#0: field 'messages' is over data.max_prompt_tokens=60"),
+    Case("data-bad-parquet", ["--heldout", "{tmp}/b.parquet"], "{tmp}/b.parquet: cannot be read as .parquet", files={"b.parquet": "nope"}),
+    Case("data-wrong-format", ["--train", "{tmp}/r.jsonl", "--format", "gsm8k"], "{tmp}/r.jsonl#0: field 'question' is missing",
+         files={"r.jsonl": jsonl(GOOD_MESSAGES)}),
+    Case("data-unknown-bundled", ["--train", "bundled:nope"], "bundled:nope: unknown bundled data"),
+    Case("data-unknown-split", ["--train_split", "nosuch"], "unknown bundled data or split 'nosuch'"),
+    Case("data-row-not-object", ["--train", "{tmp}/a.json"], "{tmp}/a.json: row 1: a row must be a JSON object",
+         files={"a.json": json.dumps([GOOD, 3], indent=1)}),
+    Case("data-unknown-columns", ["--train", "{tmp}/u.jsonl"], "{tmp}/u.jsonl: cannot tell the row format from columns",
+         files={"u.jsonl": jsonl({"prompt": "hi", "completion": "there"})}),
+    # ---- models
+    Case("model-missing", ["--student", "{tmp}/no-model"], "model.student='{tmp}/no-model': no such directory"),
+    Case("model-empty-folder", ["--student", "{tmp}/empty"], "model.student='{tmp}/empty' is an empty folder", files={"empty/": ""}),
+    Case("model-folder-without-config", ["--student", "{tmp}/w"], "model.student='{tmp}/w' has no config.json", files={"w/weights.bin": "x"}),
+    Case("model-is-a-file", ["--student", "{tmp}/f.bin"], "model.student='{tmp}/f.bin' is a file", files={"f.bin": "x"}),
+    Case("teacher-missing", ["--teacher", "{tmp}/no-teacher"], "model.teacher='{tmp}/no-teacher': no such directory"),
+    Case("embedded-unknown", ["--student", "embedded:gpt-5"], "unknown embedded model 'embedded:gpt-5'"),
+]
+
+
+def test_the_table_is_large_and_its_cases_distinct():
+    assert len(CASES) >= 60
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert len({(tuple(c.args), c.resume, c.damage, tuple(sorted(c.files.items())), c.overwrite) for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run, micro_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    undo = case.damage(run) if case.damage else None
+    inputs = tmp_path / "inputs"
+    for name, text in case.files.items():
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            (inputs / name).mkdir()
+        else:
+            (inputs / name).write_text(text)
+    fill = {"tmp": str(inputs), "run": str(run), "model": micro_model_dir}
+    args = [a.format(**fill) for a in case.args]
+    if case.resume:
+        argv = ["--resume", str(run), *args]
+    else:
+        argv = base_args(micro_model_dir, run) + (["--overwrite"] if case.overwrite else []) + args
+    before = snapshot(run)
+    capsys.readouterr()
+
+    try:
+        code = train_main(argv)
+    finally:
+        if undo:
+            undo()
+
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_REFUSED, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert case.expect.format(**fill) in errors[0], errors[0]
+    assert snapshot(run) == before
+
+
+def test_debug_shows_the_traceback(micro_model_dir, tmp_path, capsys):
+    assert train_main(base_args(micro_model_dir, tmp_path / "run") + ["--device", "gpu", "--debug"]) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ConfigError: --run.device: 'gpu' is not one of" in err
