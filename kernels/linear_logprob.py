@@ -26,7 +26,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels.logprob import INTERPRET, _check_dtype, _check_targets, _normalizer_rows, _online_lse_update, _opd_row
+from kernels.logprob import INTERPRET, _check_dtype, _guard_target, _normalizer_rows, _online_lse_update, _opd_row
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
 # (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not; not yet tuned on a GPU. tl.dot needs
@@ -106,7 +106,7 @@ def _linear_fwd_kernel(
         m, s, s_rest = _online_lse_update(m, s, s_rest, x, is_target, 1)
         x_y += tl.sum(tl.where(is_target, x, 0.0), axis=1)
     lse = m + tl.log(s)
-    student_lp = x_y - lse
+    student_lp = _guard_target(x_y - lse, target, V)
     tl.store(lp_ptr + rows, student_lp, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(rest_ptr + rows, s_rest / s, mask=row_ok)
@@ -269,7 +269,7 @@ def _prepare(hidden, weight, targets, temperature, chunk_tokens):
     reference._check_linear(hidden, weight)
     reference._check_common(hidden.shape[0], targets, temperature, chunk_tokens or 1)
     _check_dtype(hidden, "fused-linear op")
-    _check_targets(targets, weight.shape[0])
+    targets = reference._check_targets(targets, weight.shape[0], hidden.device)
     return _rowwise(hidden), _rowwise(weight), targets.contiguous()
 
 

@@ -512,8 +512,46 @@ def test_dispatch():
         kernels.token_logprobs(logits, targets, backend="cuda")
     with pytest.raises(ValueError, match="fp64"):
         kernels.token_logprobs(logits.double(), targets, backend="triton")
-    with pytest.raises(RuntimeError, match="targets"):
-        kernels.token_logprobs(logits, targets + 11, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bad", [-1, V_SMALL])
+def test_out_of_range_targets_are_refused_on_the_host(backend, bad):
+    # Checked before any launch, with a host-side ValueError: on CUDA a device-side assert loses its
+    # message and kills the context, so the check must not be left to the device.
+    logits, targets = make_logits(6, V_SMALL, "normal")
+    hidden, weight, _ = linear_inputs(6, 16, V_SMALL, torch.float32)
+    targets = targets.cpu()
+    targets[3] = bad
+    extra = {"tiles": TINY_TILES} if backend == "triton" else {}
+    calls = [
+        lambda: kernels.token_logprobs(logits, targets, backend=backend),
+        lambda: kernels.opd_loss(logits, targets, targets.float(), targets.float(), normalizer=6.0, backend=backend),
+        lambda: kernels.linear_token_logprobs(hidden, weight, targets, backend=backend, **extra),
+        lambda: kernels.linear_opd_loss(
+            hidden, weight, targets, targets.float(), targets.float(), normalizer=6.0, backend=backend, **extra
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=rf"targets must lie in \[0, V={V_SMALL}\).*\[{bad}\]"):
+            call()
+
+
+def test_kernels_give_nan_rather_than_a_value_for_an_unchecked_bad_target():
+    # Targets already on the device are not checked on the host (that would sync): the kernels themselves
+    # must then mark the row, not return -lse as if the target were a column with zero probability.
+    logits, targets = make_logits(5, V_SMALL, "normal")
+    targets[2] = V_SMALL + 4
+    hidden, weight, _ = linear_inputs(5, 16, V_SMALL, torch.float32)
+    with torch.no_grad():
+        lp = logprob._TokenLogprobs.apply(logits, targets, 1.0, None)
+        opd_lp = logprob._OPDLoss.apply(
+            logits, targets, lp.nan_to_num(), lp.nan_to_num(), (1.0, 2.0, 5.0, 1.0, True, None), False
+        )[1]
+        lin_lp = linear_logprob._LinearTokenLogprobs.apply(hidden, weight, targets, 1.0, TINY_TILES)
+    good = torch.arange(5, device=DEVICE) != 2
+    for out in (lp, opd_lp, lin_lp):
+        assert torch.isnan(out[2]) and torch.isfinite(out[good]).all()
 
 
 # --- the kernels compile for a Hopper GPU (sm_90), without one ---------------------------------
