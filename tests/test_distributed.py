@@ -24,6 +24,8 @@ COMMON = [
     # summed gradients themselves; with a small eps, Adam's first step is lr * sign(grad) and
     # a gradient that is zero up to rounding could flip sign between layouts.
     "--lr", "0.5", "--eps", "1.0",
+    # gloo on CPU on any machine: the float32 tolerances below are not bf16's, and 2 ranks need no 2 GPUs
+    "--run.device", "cpu",
 ]
 EVAL = ["--eval.every", "2", "--eval.train_rows", "2", "--eval.max_trace_tokens", "8", "--eval.greedy_max_tokens", "8"]
 

@@ -47,6 +47,7 @@ def tiny_config(student_dir, out_dir, **rollout) -> Config:
     cfg.optim.micro_batch_tokens = 700  # forces more than one micro-batch per step
     cfg.run.steps = 2
     cfg.run.out_dir = str(out_dir)
+    cfg.run.device = "cpu"  # float32 parity bounds below: a CUDA run would train under bf16 autocast
     cfg.eval.every = 0
     return cfg
 
