@@ -377,6 +377,30 @@ def test_linear_gradients_are_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_small_n_runs_the_chunked_path_with_the_same_arguments(monkeypatch):
+    """Row-block grids need one block per SM; smaller N (shared-prefix teacher scoring: ~256 rows) runs the
+    chunked cuBLAS path, which must get every argument of the call."""
+    assert not linear_logprob.fills_gpu(256, 132) and linear_logprob.fills_gpu(132 * 64, 132)
+    calls = []
+    for name in ("linear_token_logprobs", "linear_opd_loss"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(linear_logprob, "_use_chunked_path", lambda hidden, tiles: tiles is None)
+    n, h = 21, 24
+    kw = dict(kl_coef=0.8, log_ratio_cap=0.4, normalizer=50.0, temperature=0.9, importance_ratio=True)
+    hidden, weight, targets = linear_inputs(n, h, V_SMALL, torch.float32)
+    h64, w64 = float64_leaves(hidden, weight)
+    teacher_lp, rollout_lp = opd_inputs(h64.detach() @ w64.detach().T, targets, kw["temperature"], kw["log_ratio_cap"])
+    lp = kernels.linear_token_logprobs(hidden, weight, targets, kw["temperature"], backend="triton")
+    loss, student_lp = kernels.linear_opd_loss(hidden, weight, targets, teacher_lp, rollout_lp, backend="triton", **kw)
+    assert calls == ["linear_token_logprobs", "linear_opd_loss"]
+    s64 = lp64(h64 @ w64.T, targets, kw["temperature"])
+    expect = opd64(s64, teacher_lp, rollout_lp, kw["kl_coef"], kw["log_ratio_cap"], kw["normalizer"])
+    close(lp, s64.detach(), atol=2e-5, what="chunked logprob")
+    close(student_lp, s64.detach(), atol=2e-5, what="chunked student_lp")
+    close(loss, expect, atol=1e-5, rtol=1e-5, what="chunked loss")
+
+
 # --- full and top-k reverse KL ------------------------------------------------------------------
 
 
