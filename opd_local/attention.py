@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 from transformers import AttentionInterface
@@ -79,6 +80,7 @@ def _flex_attention():
 
 
 _compiled_flex = []
+_flex_failed: list = []
 
 
 def _flex(query, key, value, bounds, scaling):
@@ -114,10 +116,15 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
 
         return flash_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     bounds = sequence_bounds(position_ids)
-    if path == "flex":
+    if path == "flex" and not _flex_failed:
         if dropout:
             raise ValueError("flex_attention takes no attention dropout; set OPD_PACKED_ATTENTION=per_sequence")
-        return _flex(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
+        try:
+            return _flex(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
+        except Exception as exc:  # a torch/triton pair whose flex compile fails: same math, one call per sequence
+            _flex_failed.append(exc)
+            warnings.warn(f"flex_attention failed ({type(exc).__name__}: {exc}); packed rows now run one SDPA call "
+                          "per sequence", stacklevel=2)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
