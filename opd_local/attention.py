@@ -44,9 +44,18 @@ def packed_path(device: torch.device) -> str:
     return "flex" if _flex_attention() is not None else "per_sequence"
 
 
+def uses_sliding_window(config) -> bool:
+    """Whether some layer attends through a window (Mistral, Gemma): then the mask carries it, so it is kept."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return any("sliding" in str(t) or "chunked" in str(t) for t in layer_types)
+    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
 def _packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
     """No mask for a row without padding or cache (possibly packed: the attention splits it); else sdpa's."""
     plain = attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0
+    plain = plain and not uses_sliding_window(kwargs.get("config"))
     if plain and packed_path(kwargs.get("device") or torch.device("cpu")) != "sdpa":
         return None
     return sdpa_mask(
