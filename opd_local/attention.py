@@ -53,8 +53,9 @@ def uses_sliding_window(config) -> bool:
 
 
 def _packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """No mask for a row without padding or cache (possibly packed: the attention splits it); else sdpa's."""
-    plain = attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0
+    """No mask for one row without padding or cache (possibly packed: the attention splits it); else sdpa's
+    (which also detects packing in a batch of several rows)."""
+    plain = batch_size == 1 and attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0
     plain = plain and not uses_sliding_window(kwargs.get("config"))
     if plain and packed_path(kwargs.get("device") or torch.device("cpu")) != "sdpa":
         return None
