@@ -176,7 +176,8 @@ def candidates(op, x):
         if op == "linear_logprob":
             a = (x["hidden"], x["weight"], x["targets"])
             rows = [
-                ("ours (Triton)", lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a), hw)),
+                ("ours (Triton; chunked cuBLAS below a wave of row blocks)",
+                 lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a), hw)),
                 (f"Triton kernels, fixed tiles {tiles}",
                  lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a, tiles=tiles), hw)),
                 ("torch eager", lambda: grad_step(lambda: eager_linear_logprob(*a), hw)),
@@ -187,7 +188,7 @@ def candidates(op, x):
         else:
             a = (x["hidden"], x["weight"], x["targets"], x["teacher_lp"], x["rollout_lp"])
             rows = [
-                ("ours (Triton, grad in forward)",
+                ("ours (Triton, grad in forward; chunked cuBLAS below a wave of row blocks)",
                  lambda: grad_step(lambda: linear_logprob.linear_opd_loss(*a, **opd_kw()), hw)),
                 (f"Triton kernels, fixed tiles {tiles}",
                  lambda: grad_step(lambda: linear_logprob.linear_opd_loss(*a, **opd_kw(), tiles=tiles), hw)),
