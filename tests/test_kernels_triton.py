@@ -368,6 +368,22 @@ def test_linear_opd_loss_frozen_weight_outer_scale_and_no_grad():
     close(student_lp2, student_lp, atol=0.0, what="no_grad student_lp")
 
 
+@pytest.mark.parametrize("tiles", sorted(set(linear_logprob.FWD_TILE_CANDIDATES + linear_logprob.GRAD_TILE_CANDIDATES)))
+def test_every_autotuning_candidate_equals_float64(tiles):
+    # The autotuner may pick any candidate on a GPU: each must compute the same function, tails included.
+    n, h = 150, 80  # neither divides by any candidate's BLOCK_N or BLOCK_H
+    hidden, weight, targets = linear_inputs(n, h, V_SMALL, torch.float32)
+    lp = kernels.linear_token_logprobs(hidden, weight, targets, 0.8, backend="triton", tiles=tiles)
+    grad_out = torch.randn(n, device=DEVICE)
+    dhidden, dweight = torch.autograd.grad(lp, (hidden, weight), grad_out)
+    h64, w64 = float64_leaves(hidden, weight)
+    expect = lp64(h64 @ w64.T, targets, 0.8)
+    expect_dh, expect_dw = torch.autograd.grad(expect, (h64, w64), grad_out.double())
+    close(lp, expect, atol=2e-5, what=f"logprob {tiles}")
+    close(dhidden, expect_dh, atol=2e-5 * expect_dh.abs().max().item(), rtol=2e-5, what=f"dhidden {tiles}")
+    close(dweight, expect_dw, atol=2e-5 * expect_dw.abs().max().item(), rtol=2e-5, what=f"dweight {tiles}")
+
+
 def test_linear_gradients_are_deterministic():
     hidden, weight, targets = linear_inputs(33, 32, 200, torch.bfloat16)
     runs = []
