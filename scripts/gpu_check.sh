@@ -44,9 +44,10 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 "$PY" - >> "$OUT/summary.txt" 2>&1 <<'EOF'
-import platform, subprocess, torch, triton, transformers
-driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                        text=True).stdout.strip() or "?"
+import platform, shutil, subprocess, torch, triton, transformers
+smi = shutil.which("nvidia-smi")
+driver = (subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() if smi else "") or "?"
 p = torch.cuda.get_device_properties(0)
 print(f"{torch.cuda.get_device_name()} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB), driver {driver}, "
       f"CUDA {torch.version.cuda}, torch {torch.__version__}, triton {triton.__version__}, "
