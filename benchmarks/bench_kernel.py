@@ -170,10 +170,16 @@ def candidates(op, x):
         ]
     if op in ("linear_logprob", "linear_opd"):
         hw = [x["hidden"], x["weight"]]
+        # "ours" is the public entry: autotuned kernels, or the chunked cuBLAS path when N is too small to fill
+        # the GPU; the "fixed tiles" row runs the kernels at GPU_TILES whatever N, to show what that saves.
+        tiles = linear_logprob.GPU_TILES
         if op == "linear_logprob":
             a = (x["hidden"], x["weight"], x["targets"])
             rows = [
-                ("ours (Triton)", lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a), hw)),
+                ("ours (Triton; chunked cuBLAS below a wave of row blocks)",
+                 lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a), hw)),
+                (f"Triton kernels, fixed tiles {tiles}",
+                 lambda: grad_step(lambda: linear_logprob.linear_token_logprobs(*a, tiles=tiles), hw)),
                 ("torch eager", lambda: grad_step(lambda: eager_linear_logprob(*a), hw)),
                 ("torch.compile", lambda: grad_step(lambda: compile_once(eager_linear_logprob)(*a), hw)),
                 ("chunked torch (kernels.reference)",
@@ -182,8 +188,10 @@ def candidates(op, x):
         else:
             a = (x["hidden"], x["weight"], x["targets"], x["teacher_lp"], x["rollout_lp"])
             rows = [
-                ("ours (Triton, grad in forward)",
+                ("ours (Triton, grad in forward; chunked cuBLAS below a wave of row blocks)",
                  lambda: grad_step(lambda: linear_logprob.linear_opd_loss(*a, **opd_kw()), hw)),
+                (f"Triton kernels, fixed tiles {tiles}",
+                 lambda: grad_step(lambda: linear_logprob.linear_opd_loss(*a, **opd_kw(), tiles=tiles), hw)),
                 ("torch eager", lambda: grad_step(lambda: eager_linear_opd(*a, x["n"]), hw)),
                 ("torch.compile", lambda: grad_step(lambda: compile_once(eager_linear_opd)(*a, x["n"]), hw)),
                 ("chunked torch (kernels.reference)",

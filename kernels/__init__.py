@@ -4,6 +4,8 @@ Each entry takes `backend="auto" | "triton" | "reference"`. "auto" (the default)
 tensors (fp64 excepted: it is for checks, and the reference keeps it exact) and the chunked torch reference
 (`kernels.reference`) everywhere else. "triton" forces the Triton op, which is how the CPU tests run it
 under `TRITON_INTERPRET=1`. Options an op does not know (e.g. `block_v` outside Triton) raise TypeError.
+On a GPU the fused-linear Triton ops hand an N too small to fill it to the chunked path (see
+`kernels.linear_logprob`). Targets may live on the host: they are range-checked there, then copied over.
 """
 
 from __future__ import annotations

@@ -16,6 +16,14 @@ against 8NVH). The accumulators live in global memory, read-modify-written once 
 dH in fp32 at most DH_CHUNK_ROWS x H at a time (half-precision inputs), dW in fp32 [V, H].
 Each program re-reads the whole of the other operand (W for row blocks, H for vocab blocks); programs of a
 wave sweep it in step, so most of those reads should hit L2 (not yet measured on a GPU).
+Occupancy: the forward and dH grids have cdiv(N, BLOCK_N) programs, so below one row block per SM most of
+a GPU idles (shared-prefix teacher scoring: N ~ 256 is 4 programs on 132 SMs). Such N go to the chunked
+cuBLAS path (`kernels.reference`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
+The dW accumulator traffic is 8VH bytes per row block (read + write of fp32 [V, H]), N / BLOCK_N times:
+at N = 16384, V = 151936, H = 4096 that is about 1.3 TB through L2/HBM against 4NVH = 4e13 FLOPs for the
+dW matmuls, so dW is bound by it unless BLOCK_N grows; scripts/gpu_check.sh times it against the chunked path.
+On a GPU, tiles are autotuned per (V, H, dtype) unless given; the gradient kernels' accumulators are
+re-zeroed between the tuning runs.
 """
 
 from __future__ import annotations
@@ -26,14 +34,18 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels.logprob import INTERPRET, _check_dtype, _check_targets, _normalizer_rows, _online_lse_update, _opd_row
+from kernels.logprob import INTERPRET, _check_dtype, _guard_target, _normalizer_rows, _online_lse_update, _opd_row
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
-# (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not; not yet tuned on a GPU. tl.dot needs
-# every tile side >= 16, and the interpreter, which is slow, gets the smallest tiles.
+# (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not. tl.dot needs every tile side >= 16,
+# and the interpreter, which is slow, gets the smallest tiles. GPU_TILES is the first autotuning candidate.
 GPU_TILES = (64, 128, 32, 8)
 INTERPRETER_TILES = (16, 32, 16, 1)
 DEFAULT_TILES = INTERPRETER_TILES if INTERPRET else GPU_TILES
+FWD_TILE_CANDIDATES = [GPU_TILES, (128, 128, 32, 8), (64, 256, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)]
+GRAD_TILE_CANDIDATES = [GPU_TILES, (128, 128, 32, 8), (128, 64, 32, 4), (64, 64, 32, 4)]
+# Below this many row blocks per SM the row-block grids leave SMs idle: the chunked cuBLAS path runs instead.
+MIN_ROW_BLOCKS_PER_SM = 1
 # Rows per dH launch: bounds the fp32 dH accumulator at DH_CHUNK_ROWS x H.
 DH_CHUNK_ROWS = 16384
 
@@ -106,7 +118,7 @@ def _linear_fwd_kernel(
         m, s, s_rest = _online_lse_update(m, s, s_rest, x, is_target, 1)
         x_y += tl.sum(tl.where(is_target, x, 0.0), axis=1)
     lse = m + tl.log(s)
-    student_lp = x_y - lse
+    student_lp = _guard_target(x_y - lse, target, V)
     tl.store(lp_ptr + rows, student_lp, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(rest_ptr + rows, s_rest / s, mask=row_ok)
@@ -187,16 +199,54 @@ def _linear_dw_kernel(
         tl.debug_barrier()
 
 
+def _autotuned(kernel, candidates, reset_to_zero=None):
+    configs = [
+        triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps) for bn, bv, bh, warps in candidates
+    ]
+    return triton.autotune(configs=configs, key=["V", "H"], reset_to_zero=reset_to_zero)(kernel)
+
+
+# The gradient kernels add into their accumulators: every tuning run must start from zeros, and so must
+# the launch that follows the tuning (the autotuner zeroes reset_to_zero arguments after benchmarking).
+_TUNED = {
+    "fwd": _autotuned(_linear_fwd_kernel, FWD_TILE_CANDIDATES),
+    "dh": _autotuned(_linear_dh_kernel, GRAD_TILE_CANDIDATES, reset_to_zero=["dh_ptr"]),
+    "dw": _autotuned(_linear_dw_kernel, GRAD_TILE_CANDIDATES, reset_to_zero=["dw_ptr"]),
+}
+_PLAIN = {"fwd": _linear_fwd_kernel, "dh": _linear_dh_kernel, "dw": _linear_dw_kernel}
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _kernel(name: str, tiles: dict | None):
+    """(kernel, tile kwargs): the autotuned kernel when no tiles are fixed, else the plain one with them."""
+    return (_TUNED[name], {}) if tiles is None else (_PLAIN[name], tiles)
+
+
+def fills_gpu(n: int, sm_count: int) -> bool:
+    """Whether N rows give the row-block grids (at the smallest candidate BLOCK_N) work for every SM."""
+    smallest = min(c[0] for c in FWD_TILE_CANDIDATES + GRAD_TILE_CANDIDATES)
+    return triton.cdiv(n, smallest) >= MIN_ROW_BLOCKS_PER_SM * sm_count
+
+
+def _use_chunked_path(hidden: torch.Tensor, tiles) -> bool:
+    """Small N on a GPU runs the chunked cuBLAS path; fixed tiles (tests, benchmarks) always run the kernels."""
+    if tiles is not None or INTERPRET or not hidden.is_cuda:
+        return False
+    return not fills_gpu(hidden.shape[0], torch.cuda.get_device_properties(hidden.device).multi_processor_count)
 
 
 def _rowwise(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tiles(tiles) -> dict:
+def _tiles(tiles) -> dict | None:
+    """Tile kwargs; None (autotune) on a GPU when none are given."""
+    if tiles is None and not INTERPRET:
+        return None
     block_n, block_v, block_h, warps = tiles or DEFAULT_TILES
     for side in (block_n, block_v, block_h):
         if side < 16 or side & (side - 1):
@@ -228,9 +278,10 @@ def _forward(hidden, weight, targets, inv_temp, tiles, opd=None):
         opd_args = (teacher_lp, rollout_lp, normalizer, normalizer.stride(0), loss_rows, grad, kl_coef, log_ratio_cap)
         opd_flags = dict(OPD=True, IMPORTANCE_RATIO=importance_ratio)
     if n:
-        _linear_fwd_kernel[(triton.cdiv(n, tiles["BLOCK_N"]),)](
+        kernel, tile_args = _kernel("fwd", tiles)
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             hidden, hidden.stride(0), weight, weight.stride(0), targets, n, v, h, inv_temp, lp, lse, rest,
-            *opd_args, **opd_flags, **tiles, **_dot_args(hidden.dtype),
+            *opd_args, **opd_flags, **tile_args, **_dot_args(hidden.dtype),
         )
     return lp, lse, rest, loss_rows, grad
 
@@ -239,7 +290,6 @@ def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, n
     """dH (hidden dtype) and dW (weight dtype), each summed in fp32; None where not needed."""
     n, h = hidden.shape
     v = weight.shape[0]
-    common = dict(**tiles, **_dot_args(hidden.dtype))
     dhidden = dweight = None
     if need_dh:
         dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
@@ -248,18 +298,20 @@ def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, n
             e = min(s + DH_CHUNK_ROWS, n)
             out = dhidden[s:e] if acc is None else acc[: e - s]
             out.zero_()
-            _linear_dh_kernel[(triton.cdiv(e - s, tiles["BLOCK_N"]),)](
+            kernel, tile_args = _kernel("dh", tiles)
+            kernel[lambda meta: (triton.cdiv(e - s, meta["BLOCK_N"]),)](
                 hidden[s:], hidden.stride(0), weight, weight.stride(0), targets[s:], lse[s:], rest[s:], grad[s:],
-                out, e - s, v, h, inv_temp, **common,
+                out, e - s, v, h, inv_temp, **tile_args, **_dot_args(hidden.dtype),
             )
             if acc is not None:
                 dhidden[s:e] = out
     if need_dw:
         dweight = torch.zeros(v, h, dtype=torch.float32, device=weight.device)
         if n:
-            _linear_dw_kernel[(triton.cdiv(v, tiles["BLOCK_V"]),)](
+            kernel, tile_args = _kernel("dw", tiles)
+            kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
                 hidden, hidden.stride(0), weight, weight.stride(0), targets, lse, rest, grad, dweight, n, v, h,
-                inv_temp, **common,
+                inv_temp, **tile_args, **_dot_args(hidden.dtype),
             )
         dweight = dweight.to(weight.dtype)
     return dhidden, dweight
@@ -269,7 +321,7 @@ def _prepare(hidden, weight, targets, temperature, chunk_tokens):
     reference._check_linear(hidden, weight)
     reference._check_common(hidden.shape[0], targets, temperature, chunk_tokens or 1)
     _check_dtype(hidden, "fused-linear op")
-    _check_targets(targets, weight.shape[0])
+    targets = reference._check_targets(targets, weight.shape[0], hidden.device)
     return _rowwise(hidden), _rowwise(weight), targets.contiguous()
 
 
@@ -310,8 +362,13 @@ def linear_token_logprobs(
     """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
 
     Differentiable in hidden and weight. `chunk_tokens` is accepted for the reference's signature and
-    unused; `tiles` = (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) overrides the tile shape.
+    unused; `tiles` = (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) fixes the tile shape (else autotuned on a GPU).
+    Without `tiles`, an N too small to fill the GPU runs the chunked cuBLAS path (module docstring).
     """
+    if _use_chunked_path(hidden, tiles):
+        return reference.linear_token_logprobs(
+            hidden, weight, targets, temperature, chunk_tokens or reference.DEFAULT_CHUNK_TOKENS
+        )
     hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
     return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), tiles)
 
@@ -364,8 +421,15 @@ def linear_opd_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference.linear_opd_loss` in Triton: (loss fp32 scalar, student_lp fp32 [N] detached).
 
-    dH and dW are computed in forward, only for inputs that need grad; backward scales them.
+    dH and dW are computed in forward, only for inputs that need grad; backward scales them. Small N on a GPU
+    runs the chunked cuBLAS path unless `tiles` is given, as in `linear_token_logprobs`.
     """
+    if _use_chunked_path(hidden, tiles):
+        return reference.linear_opd_loss(
+            hidden, weight, targets, teacher_lp, rollout_lp, kl_coef=kl_coef, log_ratio_cap=log_ratio_cap,
+            normalizer=normalizer, temperature=temperature, importance_ratio=importance_ratio,
+            chunk_tokens=chunk_tokens or reference.DEFAULT_CHUNK_TOKENS,
+        )
     hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
     n = hidden.shape[0]
     reference._check_opd(n, teacher_lp, rollout_lp, normalizer)

@@ -66,6 +66,14 @@ def _opd_row(student_lp, teacher_lp, rollout_lp, kl_coef, log_ratio_cap, normali
     return loss, grad
 
 
+@triton.jit
+def _guard_target(lp, target, V):
+    """NaN where the target is outside [0, V): such an id selects no column, so the row would otherwise read
+    -lse. Targets from the host are checked there first (`reference._check_targets`); no device assert
+    here, since one kills the CUDA context."""
+    return tl.where((target >= 0) & (target < V), lp, float("nan"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +114,7 @@ def _logprob_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     lse, x_y, rest = _row_lse(logits_ptr + row * stride_row, target, V, inv_temp, BLOCK_V)
-    tl.store(lp_ptr + row, x_y - lse)
+    tl.store(lp_ptr + row, _guard_target(x_y - lse, target, V))
     tl.store(lse_ptr + row, lse)
     tl.store(rest_ptr + row, rest)
 
@@ -149,7 +157,7 @@ def _opd_fwd_kernel(
         x_y = tl.sum(tl.where(is_target, x, 0.0), axis=0)
     else:
         lse, x_y, rest = _row_lse(row_ptr, target, V, inv_temp, BLOCK_V)
-    student_lp = x_y - lse
+    student_lp = _guard_target(x_y - lse, target, V)
     loss, grad = _opd_row(
         student_lp, tl.load(teacher_lp_ptr + row), tl.load(rollout_lp_ptr + row),
         kl_coef, log_ratio_cap, tl.load(normalizer_ptr + row * stride_norm), IMPORTANCE_RATIO,
@@ -174,13 +182,6 @@ def _opd_fwd_kernel(
 def _check_dtype(x: torch.Tensor, what: str) -> None:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton {what} takes fp32/bf16/fp16, got {x.dtype}; use backend='reference' for fp64")
-
-
-def _check_targets(targets: torch.Tensor, v: int) -> None:
-    # Targets only select a column here, so an id outside [0, V) would silently give lp = -lse where the
-    # reference's gather raises. The check is asynchronous on CUDA: no host sync per call.
-    if targets.numel():
-        torch._assert_async(((targets >= 0) & (targets < v)).all(), f"targets must lie in [0, V={v})")
 
 
 def _normalizer_rows(normalizer, n: int, device: torch.device) -> torch.Tensor:
@@ -256,7 +257,7 @@ def token_logprobs(
     reference._check_logits(logits)
     reference._check_common(logits.shape[0], targets, temperature, chunk_tokens or 1)
     _check_dtype(logits, "token_logprobs")
-    _check_targets(targets, logits.shape[1])
+    targets = reference._check_targets(targets, logits.shape[1], logits.device)
     return _TokenLogprobs.apply(_rowwise(logits), targets.contiguous(), float(temperature), block_v)
 
 
@@ -320,7 +321,7 @@ def opd_loss(
     reference._check_common(n, targets, temperature, chunk_tokens or 1)
     reference._check_opd(n, teacher_lp, rollout_lp, normalizer)
     _check_dtype(logits, "opd_loss")
-    _check_targets(targets, logits.shape[1])
+    targets = reference._check_targets(targets, logits.shape[1], logits.device)
     # Float scalars go to the kernel as fp32 (Triton's type for a Python float); the normaliser as a
     # device tensor, so a 0-d tensor costs no host sync.
     opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), block_v)

@@ -91,6 +91,27 @@ def _check_common(n: int, targets: torch.Tensor, temperature: float, chunk_token
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
+def _check_targets(targets: torch.Tensor, v: int, device: torch.device) -> torch.Tensor:
+    """Targets range-checked on the host, then on `device` (copied there if they were on the host).
+
+    An id outside [0, V) must not reach the device: there torch's gather, or an assert, fails as a device-side
+    assert that loses its message and kills the CUDA context. Targets are packed on the host, so the check
+    costs no device sync; targets already on a GPU are passed through unchecked (a check would sync), and
+    the Triton kernels give such rows a NaN log-prob rather than a value.
+    """
+    if targets.device.type == "cpu":
+        if targets.numel():
+            lo, hi = (int(t) for t in torch.aminmax(targets))
+            if lo < 0 or hi >= v:
+                bad = targets[(targets < 0) | (targets >= v)]
+                raise ValueError(
+                    f"targets must lie in [0, V={v}); got {bad.numel()} outside it, e.g. {bad[:3].tolist()} "
+                    "(a tokenizer larger than the model's vocabulary?)"
+                )
+        return targets.to(device, non_blocking=True) if device.type != "cpu" else targets
+    return targets
+
+
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be packed as [N, V], got shape {list(logits.shape)}")
@@ -182,6 +203,7 @@ def token_logprobs(
     """log_softmax(logits / T)[i, targets[i]] -> fp32 [N] (fp64 for fp64 logits); differentiable in logits."""
     _check_logits(logits)
     _check_common(logits.shape[0], targets, temperature, chunk_tokens)
+    targets = _check_targets(targets, logits.shape[1], logits.device)
     return _TokenLogprobs.apply(logits, targets, float(temperature), int(chunk_tokens))
 
 
@@ -277,6 +299,7 @@ def linear_token_logprobs(
     """
     _check_linear(hidden, weight)
     _check_common(hidden.shape[0], targets, temperature, chunk_tokens)
+    targets = _check_targets(targets, weight.shape[0], hidden.device)
     return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), int(chunk_tokens))
 
 
@@ -405,6 +428,7 @@ def opd_loss(
     n = logits.shape[0]
     _check_common(n, targets, temperature, chunk_tokens)
     _check_opd(n, teacher_lp, rollout_lp, normalizer)
+    targets = _check_targets(targets, logits.shape[1], logits.device)
     opts = (
         float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens)
     )
@@ -434,6 +458,7 @@ def linear_opd_loss(
     n = hidden.shape[0]
     _check_common(n, targets, temperature, chunk_tokens)
     _check_opd(n, teacher_lp, rollout_lp, normalizer)
+    targets = _check_targets(targets, weight.shape[0], hidden.device)
     opts = (
         float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), int(chunk_tokens)
     )
@@ -720,6 +745,7 @@ def linear_divergence_loss(
     n = hidden.shape[0]
     _check_common(n, targets, temperature, chunk_tokens)
     _check_normalizer(n, normalizer)
+    targets = _check_targets(targets, weight.shape[0], hidden.device)
     opts = (objective, int(k), float(beta), float(scale), normalizer, float(temperature), int(chunk_tokens))
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from opd_local.attention import model_attention
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,7 +106,7 @@ def load_causal_lm(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torc
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=model_attention(cfg.attn_implementation),
         trust_remote_code=cfg.trust_remote_code,
     )
     return model.to(device)

@@ -26,7 +26,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T] long, restarting at 0 per sequence
     cu_seqlens: torch.Tensor  # [S + 1] int32, sequence boundaries in the row
     logit_positions: torch.Tensor  # [N_active] long, row positions whose next token is a completion token
-    targets: torch.Tensor  # [N_active] long, the completion tokens themselves
+    targets: torch.Tensor  # [N_active] long, the completion tokens themselves; kept on the host (see `to`)
     completion_lengths: list[int]  # per sequence, so per-token outputs split back with torch.split
 
     @property
@@ -34,12 +34,14 @@ class PackedBatch:
         return int(self.targets.numel())
 
     def to(self, device: torch.device) -> "PackedBatch":
+        """The row on `device`; `targets` stay on the host, where `kernels` range-check them before copying
+        them over (a bad id found on a GPU is a device-side assert that kills the CUDA context)."""
         return PackedBatch(
             input_ids=to_device(self.input_ids, device),
             position_ids=to_device(self.position_ids, device),
             cu_seqlens=to_device(self.cu_seqlens, device),
             logit_positions=to_device(self.logit_positions, device),
-            targets=to_device(self.targets, device),
+            targets=self.targets,  # on the host: the kernels check them there before any launch
             completion_lengths=self.completion_lengths,
         )
 

@@ -137,5 +137,5 @@ def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int,
                     use_cache=cache is not None,
                 ).last_hidden_state
             active_hidden = torch.cat([hidden[k, : len(completions[i])] for k, i in enumerate(indices)])
-            targets = torch.tensor([t for i in indices for t in completions[i]], device=device)
+            targets = torch.tensor([t for i in indices for t in completions[i]])  # host: `kernels` checks, then copies
             yield indices, active_hidden, targets

@@ -27,8 +27,9 @@ COMMON = [
     # summed gradients themselves; with a small eps, Adam's first step is lr * sign(grad) and
     # a gradient that is zero up to rounding could flip sign between layouts.
     "--lr", "0.5", "--eps", "1.0",
-    # fp32, forced: the layouts are compared to fp32 rounding, which bf16 compute would swamp.
-    "--dtype", "float32",
+    # fp32 on gloo, on any machine: the layouts are compared to fp32 rounding, which bf16 compute
+    # would swamp, and 2 ranks need no 2 GPUs.
+    "--dtype", "float32", "--run.device", "cpu",
 ]
 EVAL = ["--eval.every", "2", "--eval.train_rows", "2", "--eval.max_trace_tokens", "8", "--eval.greedy_max_tokens", "8"]
 

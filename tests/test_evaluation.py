@@ -130,7 +130,7 @@ def test_eval_script_scores_a_checkpoint_against_a_teacher(tiny_model_dir, tiny_
     cmd = [
         sys.executable, "scripts/eval.py", "--student", tiny_model_dir, "--teacher", tiny_teacher_dir,
         "--sampler", "hf", "--max_heldout_rows", "3", "--eval.train_rows", "2", "--eval.max_trace_tokens", "8",
-        "--eval.greedy_max_tokens", "8", "--out_dir", str(out),
+        "--eval.greedy_max_tokens", "8", "--run.device", "cpu", "--out_dir", str(out),
     ]
     subprocess.run(cmd, check=True, timeout=600)
     metrics = json.loads((out / "eval_metrics.json").read_text())

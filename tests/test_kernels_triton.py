@@ -368,6 +368,22 @@ def test_linear_opd_loss_frozen_weight_outer_scale_and_no_grad():
     close(student_lp2, student_lp, atol=0.0, what="no_grad student_lp")
 
 
+@pytest.mark.parametrize("tiles", sorted(set(linear_logprob.FWD_TILE_CANDIDATES + linear_logprob.GRAD_TILE_CANDIDATES)))
+def test_every_autotuning_candidate_equals_float64(tiles):
+    # The autotuner may pick any candidate on a GPU: each must compute the same function, tails included.
+    n, h = 150, 80  # neither divides by any candidate's BLOCK_N or BLOCK_H
+    hidden, weight, targets = linear_inputs(n, h, V_SMALL, torch.float32)
+    lp = kernels.linear_token_logprobs(hidden, weight, targets, 0.8, backend="triton", tiles=tiles)
+    grad_out = torch.randn(n, device=DEVICE)
+    dhidden, dweight = torch.autograd.grad(lp, (hidden, weight), grad_out)
+    h64, w64 = float64_leaves(hidden, weight)
+    expect = lp64(h64 @ w64.T, targets, 0.8)
+    expect_dh, expect_dw = torch.autograd.grad(expect, (h64, w64), grad_out.double())
+    close(lp, expect, atol=2e-5, what=f"logprob {tiles}")
+    close(dhidden, expect_dh, atol=2e-5 * expect_dh.abs().max().item(), rtol=2e-5, what=f"dhidden {tiles}")
+    close(dweight, expect_dw, atol=2e-5 * expect_dw.abs().max().item(), rtol=2e-5, what=f"dweight {tiles}")
+
+
 def test_linear_gradients_are_deterministic():
     hidden, weight, targets = linear_inputs(33, 32, 200, torch.bfloat16)
     runs = []
@@ -375,6 +391,30 @@ def test_linear_gradients_are_deterministic():
         lp = kernels.linear_token_logprobs(hidden, weight, targets, backend="triton", tiles=TINY_TILES)
         runs.append(torch.autograd.grad(lp.sum(), (hidden, weight)))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_small_n_runs_the_chunked_path_with_the_same_arguments(monkeypatch):
+    """Row-block grids need one block per SM; smaller N (shared-prefix teacher scoring: ~256 rows) runs the
+    chunked cuBLAS path, which must get every argument of the call."""
+    assert not linear_logprob.fills_gpu(256, 132) and linear_logprob.fills_gpu(132 * 64, 132)
+    calls = []
+    for name in ("linear_token_logprobs", "linear_opd_loss"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(linear_logprob, "_use_chunked_path", lambda hidden, tiles: tiles is None)
+    n, h = 21, 24
+    kw = dict(kl_coef=0.8, log_ratio_cap=0.4, normalizer=50.0, temperature=0.9, importance_ratio=True)
+    hidden, weight, targets = linear_inputs(n, h, V_SMALL, torch.float32)
+    h64, w64 = float64_leaves(hidden, weight)
+    teacher_lp, rollout_lp = opd_inputs(h64.detach() @ w64.detach().T, targets, kw["temperature"], kw["log_ratio_cap"])
+    lp = kernels.linear_token_logprobs(hidden, weight, targets, kw["temperature"], backend="triton")
+    loss, student_lp = kernels.linear_opd_loss(hidden, weight, targets, teacher_lp, rollout_lp, backend="triton", **kw)
+    assert calls == ["linear_token_logprobs", "linear_opd_loss"]
+    s64 = lp64(h64 @ w64.T, targets, kw["temperature"])
+    expect = opd64(s64, teacher_lp, rollout_lp, kw["kl_coef"], kw["log_ratio_cap"], kw["normalizer"])
+    close(lp, s64.detach(), atol=2e-5, what="chunked logprob")
+    close(student_lp, s64.detach(), atol=2e-5, what="chunked student_lp")
+    close(loss, expect, atol=1e-5, rtol=1e-5, what="chunked loss")
 
 
 # --- full and top-k reverse KL ------------------------------------------------------------------
@@ -512,8 +552,46 @@ def test_dispatch():
         kernels.token_logprobs(logits, targets, backend="cuda")
     with pytest.raises(ValueError, match="fp64"):
         kernels.token_logprobs(logits.double(), targets, backend="triton")
-    with pytest.raises(RuntimeError, match="targets"):
-        kernels.token_logprobs(logits, targets + 11, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bad", [-1, V_SMALL])
+def test_out_of_range_targets_are_refused_on_the_host(backend, bad):
+    # Checked before any launch, with a host-side ValueError: on CUDA a device-side assert loses its
+    # message and kills the context, so the check must not be left to the device.
+    logits, targets = make_logits(6, V_SMALL, "normal")
+    hidden, weight, _ = linear_inputs(6, 16, V_SMALL, torch.float32)
+    targets = targets.cpu()
+    targets[3] = bad
+    extra = {"tiles": TINY_TILES} if backend == "triton" else {}
+    calls = [
+        lambda: kernels.token_logprobs(logits, targets, backend=backend),
+        lambda: kernels.opd_loss(logits, targets, targets.float(), targets.float(), normalizer=6.0, backend=backend),
+        lambda: kernels.linear_token_logprobs(hidden, weight, targets, backend=backend, **extra),
+        lambda: kernels.linear_opd_loss(
+            hidden, weight, targets, targets.float(), targets.float(), normalizer=6.0, backend=backend, **extra
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=rf"targets must lie in \[0, V={V_SMALL}\).*\[{bad}\]"):
+            call()
+
+
+def test_kernels_give_nan_rather_than_a_value_for_an_unchecked_bad_target():
+    # Targets already on the device are not checked on the host (that would sync): the kernels themselves
+    # must then mark the row, not return -lse as if the target were a column with zero probability.
+    logits, targets = make_logits(5, V_SMALL, "normal")
+    targets[2] = V_SMALL + 4
+    hidden, weight, _ = linear_inputs(5, 16, V_SMALL, torch.float32)
+    with torch.no_grad():
+        lp = logprob._TokenLogprobs.apply(logits, targets, 1.0, None)
+        opd_lp = logprob._OPDLoss.apply(
+            logits, targets, lp.nan_to_num(), lp.nan_to_num(), (1.0, 2.0, 5.0, 1.0, True, None), False
+        )[1]
+        lin_lp = linear_logprob._LinearTokenLogprobs.apply(hidden, weight, targets, 1.0, TINY_TILES)
+    good = torch.arange(5, device=DEVICE) != 2
+    for out in (lp, opd_lp, lin_lp):
+        assert torch.isnan(out[2]) and torch.isfinite(out[good]).all()
 
 
 # --- the kernels compile for a Hopper GPU (sm_90), without one ---------------------------------

@@ -52,8 +52,9 @@ def tiny_config(student_dir, out_dir, **rollout) -> Config:
     cfg.run.steps = 2
     cfg.run.out_dir = str(out_dir)
     cfg.eval.every = 0
-    # fp32, forced: these tests hold the engine to the trainer at 1e-3 and exact zeros to 1e-6, which
-    # bf16 rounding would break; the bf16 policy has its own run below and in test_precision.py.
+    # fp32 on the CPU, forced, on any machine: these tests hold the engine to the trainer at 1e-3 and
+    # exact zeros to 1e-6, which bf16 rounding would break; the bf16 policy has its own tests.
+    cfg.run.device = "cpu"
     cfg.model.dtype = "float32"
     return cfg
 

@@ -175,10 +175,16 @@ def test_sampled_rkl_per_token_normalizer_equals_float64(backend):
     lengths = [5, 11, 7]
     divisors = token_divisors(lengths, LossConfig(normalize="sequence"), float(n), 3.0)
     options = dict(backend=backend, tiles=(16, 32, 16, 1)) if backend == "triton" else dict(chunk_tokens=6)
+    # Triton runs interpreted on CPU tensors, and compiled on CUDA ones when a GPU is there.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    inputs = [t.detach().to(device) for t in (hidden, weight)]
+    for t in inputs:
+        t.requires_grad_(True)
     loss, _ = kernels.linear_opd_loss(
-        hidden, weight, targets, teacher_lp, rollout_lp, normalizer=divisors, log_ratio_cap=0.5, **options
+        *inputs, targets, teacher_lp.to(device), rollout_lp.to(device), normalizer=divisors.to(device),
+        log_ratio_cap=0.5, **options,
     )
-    dhidden, dweight = torch.autograd.grad(loss, (hidden, weight))
+    dhidden, dweight = (g.cpu() for g in torch.autograd.grad(loss, inputs))
 
     h64 = hidden.detach().double().requires_grad_(True)
     w64 = weight.detach().double().requires_grad_(True)
@@ -188,7 +194,7 @@ def test_sampled_rkl_per_token_normalizer_equals_float64(backend):
     # The mean over the 3 sequences of each sequence's token mean.
     expect = torch.stack([chunk.mean() for chunk in torch.split(per_token, lengths)]).mean()
     expect_dh, expect_dw = torch.autograd.grad(expect, (h64, w64))
-    torch.testing.assert_close(loss.double(), expect.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), expect.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dhidden.double(), expect_dh, atol=1e-5 * expect_dh.abs().max().item(), rtol=1e-3)
     torch.testing.assert_close(dweight.double(), expect_dw, atol=1e-5 * expect_dw.abs().max().item(), rtol=1e-3)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from opd_local.config import ModelConfig
-from opd_local.models import load_causal_lm
+from opd_local.models import final_hidden_states, load_causal_lm
 from opd_local.packing import pack_sequences, split_by_token_budget
 from opd_local.scoring import score_completions
 
@@ -80,3 +80,34 @@ def test_split_by_token_budget_keeps_order_and_budget():
     for b in batches:
         assert sum(lengths[i] for i in b) <= 6 or len(b) == 1  # an over-long sequence sits alone
     assert batches == [[0], [1, 2], [3], [4, 5]]
+
+
+# flex_attention runs uncompiled (eager) on the CPU: slow but exact, enough for a tiny model.
+@pytest.mark.parametrize("path", ["per_sequence", "flex", "sdpa"])
+def test_every_packed_attention_path_equals_unpacked(tokenizer, tiny_model_dir, monkeypatch, path):
+    monkeypatch.setenv("OPD_PACKED_ATTENTION", path)
+    model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    prompts, completions = _sequences(tokenizer)
+    packed = score_completions(model, prompts, completions, micro_batch_tokens=10_000).logprobs
+    for p, c, lp_packed in zip(prompts, completions, packed):
+        torch.testing.assert_close(lp_packed.double(), _reference_logprobs(model, p, c), atol=2e-4, rtol=0)
+
+
+def test_packed_forward_builds_no_quadratic_mask(tokenizer, tiny_model_dir, monkeypatch):
+    """The default path attends within each sequence without the [T, T] block-diagonal mask sdpa would get."""
+    model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    prompts, completions = _sequences(tokenizer)
+    batch = pack_sequences(prompts, completions)
+    t = batch.input_ids.shape[1]
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        seen.append((query.shape[-2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        final_hidden_states(model, batch.input_ids, batch.position_ids)
+    assert seen and all(mask is None for _, mask in seen), seen
+    assert max(q for q, _ in seen) < t  # one call per sequence, never the whole row

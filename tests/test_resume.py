@@ -16,7 +16,7 @@ def _cmd(tiny_model_dir, out, *extra):
         sys.executable, "scripts/train.py", "--student", tiny_model_dir, "--sampler", "hf", "--steps", "4",
         "--groups_per_step", "2", "--samples_per_group", "2", "--max_tokens", "10", "--max_train_rows", "16",
         "--max_heldout_rows", "2", "--lr", "1e-3", "--save_every", "1", "--eval.every", "2", "--eval.train_rows", "2",
-        "--eval.max_trace_tokens", "8", "--eval.greedy_max_tokens", "8", "--out_dir", str(out), *extra,
+        "--eval.max_trace_tokens", "8", "--eval.greedy_max_tokens", "8", "--run.device", "cpu", "--out_dir", str(out), *extra,
     ]
 
 

@@ -68,7 +68,7 @@ def test_sweep_restart_runs_only_unfinished_variants(tmp_path, tiny_model_dir):
         "model": {"student": tiny_model_dir},
         "data": {"max_train_rows": 8, "max_heldout_rows": 2},
         "rollout": {"sampler": "hf", "groups_per_step": 1, "samples_per_group": 2, "max_tokens": 8},
-        "run": {"steps": 1, "save_every": 0, "save_final": False},
+        "run": {"steps": 1, "save_every": 0, "save_final": False, "device": "cpu"},
         "eval": {"every": 1, "train_rows": 1, "max_trace_tokens": 8, "greedy_max_tokens": 8},
     }
     grid = load_grid(write_grid(tmp_path, base, {"loss.objective": ["sampled_rkl", "full_rkl"]}, [0]))
