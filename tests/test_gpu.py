@@ -13,6 +13,8 @@ import textwrap
 import pytest
 import torch
 
+from opd_local.precision import PARITY_THRESHOLDS  # noqa: E402
+
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("random_seed")]
 
 CUDA = torch.device("cuda")
@@ -139,32 +141,42 @@ def test_bf16_training_step_with_the_hf_sampler(tiny_model_dir, tmp_path):
     assert [r["step"] for r in records] == [0, 1]
     for r in records:
         assert r["opd/active_tokens"] > 0 and all(v == v for v in r.values() if isinstance(v, float))
-        assert r["sync/parity_max_abs"] <= cfg.sync.parity_threshold
+        assert r["sync/parity_max_abs"] <= PARITY_THRESHOLDS[torch.bfloat16]
     before = load_file(f"{tiny_model_dir}/model.safetensors")
     after = load_file(f"{run_dir}/final/model.safetensors")
     assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)
 
 
-def test_parity_probe_against_a_bf16_engine(tiny_model_dir, tokenizer):
-    """The HF engine holds bf16 weights on CUDA: after a push, engine and trainer agree to bf16 rounding,
-    and an engine that missed the push is caught."""
+def test_parity_probe_against_a_bf16_engine(tiny_model_dir, tokenizer, monkeypatch):
+    """The HF engine holds bf16 weights on CUDA: after a push, engine and trainer (bf16 autocast over fp32
+    masters) agree within the bf16 threshold, and a push that never arrives after one AdamW step at the
+    default learning rate is caught."""
     from opd_local.config import Config, ModelConfig
+    from opd_local.loop import build_optimizer
     from opd_local.models import load_causal_lm
+    from opd_local.packing import pack_sequences
+    from opd_local.precision import resolve_precision
     from opd_local.sampler import HFSampler
-    from opd_local.sync import StaleWeightsError, parity_probe, push_weights
+    from opd_local.scoring import packed_token_logprobs
+    from opd_local.sync import StaleWeightsError, WeightSync
 
     cfg = Config()
-    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, CUDA)
-    engine = HFSampler.load(tiny_model_dir, ModelConfig(), CUDA, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    policy = resolve_precision("bfloat16", CUDA)
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), policy.master, CUDA)
+    engine = HFSampler.load(tiny_model_dir, ModelConfig(), CUDA, tokenizer.eos_token_id, tokenizer.pad_token_id, policy.engine)
     probe = tokenizer(cfg.sync.probe_text)["input_ids"]
-    assert parity_probe(engine, student, probe, cfg.sync.parity_threshold)["sync/parity_max_abs"] <= cfg.sync.parity_threshold
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    with pytest.raises(StaleWeightsError):
-        parity_probe(engine, student, probe, cfg.sync.parity_threshold)
-    push_weights(engine, student)
-    assert parity_probe(engine, student, probe, cfg.sync.parity_threshold)["sync/parity_max_abs"] <= cfg.sync.parity_threshold
+    weight_sync = WeightSync(probe, policy.parity_threshold(0.0), policy.compute)
+    assert weight_sync.push_and_check(engine, student)["sync/parity_max_abs"] <= PARITY_THRESHOLDS[torch.bfloat16]
+    optimizer, _ = build_optimizer(student, cfg)
+    with policy.autocast():
+        lp = packed_token_logprobs(student, pack_sequences([probe[:1]], [probe[1:]]).to(CUDA), compute_dtype=policy.compute)
+    (-lp.sum()).backward()
+    optimizer.step()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "push_weights", lambda named_tensors: [None for _ in named_tensors])
+        with pytest.raises(StaleWeightsError):
+            weight_sync.push_and_check(engine, student)
+    assert weight_sync.push_and_check(engine, student)["sync/parity_max_abs"] <= PARITY_THRESHOLDS[torch.bfloat16]
 
 
 _FSDP_ONE_GPU = textwrap.dedent(
@@ -176,6 +188,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     from opd_local.config import Config, ModelConfig
     from opd_local.loop import train_on_rollouts
     from opd_local.models import load_causal_lm, load_tokenizer
+    from opd_local.precision import resolve_precision
     from test_loop import _rollouts
 
     torch.manual_seed(0)
@@ -186,11 +199,12 @@ _FSDP_ONE_GPU = textwrap.dedent(
     base = load_causal_lm(sys.argv[1], ModelConfig(), torch.float32, torch.device("cpu"))
     rollouts = _rollouts(base, tokenizer, teacher_shift=0.5)
     cfg = Config()
+    policy = resolve_precision("bfloat16", device)
     grads = {}
     for layout in ("none", "fsdp"):
-        student = parallel.wrap_student(copy.deepcopy(base), layout, device)
+        student = parallel.wrap_student(copy.deepcopy(base), layout, device, compute_dtype=policy.compute)
         optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
-        stats = train_on_rollouts(student, optimizer, rollouts, cfg)
+        stats = train_on_rollouts(student, optimizer, rollouts, cfg, policy)
         assert stats["opd/loss"] == stats["opd/loss"], stats
         grads[layout] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()
                          for n, p in student.module.named_parameters()}
