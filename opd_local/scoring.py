@@ -75,17 +75,24 @@ def score_completions(
     weight = lm_head_weight(model)
     weight = weight.to(compute_dtype or weight.dtype)  # once per call, not per batch
     batches = make_batches(model, prompts, completions, micro_batch_tokens, device, compute_dtype)
+    order: list[int] = []
+    logprob_parts: list[torch.Tensor] = []
     for indices, active_hidden, targets in batches:
         active_hidden = active_hidden.to(weight.dtype)
-        logprobs = kernels.linear_token_logprobs(
-            active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens
+        logprob_parts.append(
+            kernels.linear_token_logprobs(active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens)
         )
-        lengths = [len(completions[i]) for i in indices]
-        for i, seq_lp in zip(indices, torch.split(logprobs.float().cpu(), lengths)):
-            scores[i] = seq_lp
+        order.extend(indices)
         if return_hidden:
+            lengths = [len(completions[i]) for i in indices]
             for i, seq_hidden in zip(indices, torch.split(active_hidden, lengths)):
                 hiddens[i] = seq_hidden.clone()  # a view would keep the whole micro-batch alive
+    if logprob_parts:
+        # One copy to the host for the whole call: a copy per micro-batch would make the host wait
+        # for each micro-batch's kernels before queueing the next one's.
+        all_logprobs = torch.cat(logprob_parts).float().cpu()
+        for i, seq_lp in zip(order, torch.split(all_logprobs, [len(completions[i]) for i in order])):
+            scores[i] = seq_lp
     return CompletionScores(scores, hiddens if return_hidden else None)
 
 
