@@ -17,16 +17,20 @@ class StaleWeightsError(RuntimeError):
     pass
 
 
-def push_weights(sampler: Sampler, student) -> float:
+def push_weights(sampler: Sampler, student, digests: list[torch.Tensor] | None = None) -> float:
     """Push the student's full weights (LoRA merged) into the engine; returns the seconds it took.
 
     A sharded student is gathered layer by layer, so every rank pushes (each into its own engine).
+    With `digests`, a checksum of each tensor as the engine stores it is appended there.
     """
     device = next(student.parameters()).device
     start = device_clock(device)
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
-    sampler.push_weights(parallel.engine_weights(student))
+    weights = parallel.engine_weights(student)
+    if digests is not None:
+        weights = _digested(weights, sampler.dtype, digests)
+    sampler.push_weights(weights)
     return device_clock(device) - start
 
 
@@ -64,11 +68,8 @@ class WeightSync:
         self.engine_lp: torch.Tensor | None = None  # at the last check
 
     def push_and_check(self, sampler: Sampler, student) -> dict[str, float]:
-        device = next(student.parameters()).device
-        start = device_clock(device)
         digests: list[torch.Tensor] = []
-        sampler.push_weights(_digested(parallel.engine_weights(student), sampler.dtype, digests))
-        seconds = device_clock(device) - start
+        seconds = push_weights(sampler, student, digests)
         digest = torch.stack(digests).cpu()  # one device-to-host copy per push, not one per tensor
         pushed_changed = self.pushed_digest is not None and not torch.equal(digest, self.pushed_digest)
         self.pushed_digest = digest
