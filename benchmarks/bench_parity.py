@@ -6,8 +6,8 @@ For each compute dtype (fp32; bf16: a bf16 engine and a bf16-autocast trainer ov
 logit scale (the final norm multiplied by s, so logits grow s-fold and bf16 steps get coarser):
 - |Δlogprob| on the parity probe right after a push (max, mean);
 - |rollout_lp - trainer_lp| over real rollouts (max, p99, mean): `rollout/trainer_lp_mismatch`;
-- the probe's max |Δ| after one AdamW step at the default learning rate with the push skipped,
-  which the threshold must stay below to catch stale weights.
+- the probe's max |Δ| after one AdamW step at the default learning rate with the push skipped:
+  what a stale engine looks like, which a threshold can catch only if it lies above the in-sync figures.
 """
 
 from __future__ import annotations

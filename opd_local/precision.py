@@ -22,7 +22,8 @@ DTYPE_SPELLINGS = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfl
 # CPU both round the logits themselves to bf16): measured on SmolLM2-135M up to 0.18 on the probe and
 # 0.30 on rollouts at its own logit scale, and up to 0.99 with its logits scaled 4x (bf16 steps grow
 # with the logits). 1.5 leaves half again the worst of those; below it, a skipped push is caught by
-# the movement check in `sync.WeightSync`, not by this threshold (benchmarks/RESULTS.md, "bf16 parity").
+# the movement check in `sync.WeightSync`, not by this threshold (benchmarks/RESULTS.md, "Precision:
+# engine-vs-trainer agreement under bf16").
 PARITY_THRESHOLDS = {torch.float32: 0.05, torch.bfloat16: 1.5}
 
 
