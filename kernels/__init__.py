@@ -2,10 +2,11 @@
 
 Each entry takes `backend="auto" | "triton" | "reference"`. "auto" (the default) runs the Triton op for CUDA
 tensors (fp64 excepted: it is for checks, and the reference keeps it exact) and the chunked torch reference
-(`kernels.reference`) everywhere else. "triton" forces the Triton op, which is how the CPU tests run it
+(`kernels.reference`) everywhere else. Each op has one module in each of `kernels.triton` and `kernels.reference`,
+which share their checks through `kernels.common`. "triton" forces the Triton op, which is how the CPU tests run it
 under `TRITON_INTERPRET=1`. Options an op does not know (e.g. `block_v` outside Triton) raise TypeError.
 On a GPU the fused-linear Triton ops hand an N too small to fill it to the chunked path (see
-`kernels.linear_logprob`). Targets may live on the host: they are range-checked there, then copied over.
+`kernels.triton.linear_logprob`). Targets may live on the host: they are range-checked there, then copied over.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _load_triton_ops() -> None:
     if _TRITON_OPS or _triton_error is not None:
         return
     try:
-        from kernels import divergence, linear_logprob, logprob
+        from kernels.triton import divergence, linear_logprob, logprob
     except ImportError as exc:  # no triton wheel (macOS, Windows) or a broken install
         _triton_error = f"{type(exc).__name__}: {exc}"
         return

@@ -1,7 +1,8 @@
 """Triton fused-linear token log-probs and OPD loss on hidden [N, H] and lm_head weight [V, H] (docs/design.md, "The step", 5).
 
-[N, V] logits are never materialised: every kernel rebuilds [BLOCK_N, BLOCK_V] logit tiles with tl.dot
-(fp32 accumulation) and folds them at once.
+Math: x = (H W^T) / T, lp = x_y - logsumexp(x); d lp / d x = (onehot - softmax) / T, so with G = g d lp / d x
+(g = d loss / d lp), dH = G W and dW = G^T H. [N, V] logits are never materialised: every kernel rebuilds
+[BLOCK_N, BLOCK_V] logit tiles with tl.dot (fp32 accumulation) and folds them at once.
 - forward (grid over row blocks): online log-sum-exp across vocab blocks -> lse, student_lp and
   rest = sum_{j != y} p_j, fp32 [N]; the OPD variant also writes d loss / d student_lp per row.
   Reads H once and W once per row block; FLOPs 2NVH.
@@ -18,7 +19,7 @@ Each program re-reads the whole of the other operand (W for row blocks, H for vo
 wave sweep it in step, so most of those reads should hit L2 (not yet measured on a GPU).
 Occupancy: the forward and dH grids have cdiv(N, BLOCK_N) programs, so below one row block per SM most of
 a GPU idles (shared-prefix teacher scoring: N ~ 256 is 4 programs on 132 SMs). Such N go to the chunked
-cuBLAS path (`kernels.reference`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
+cuBLAS path (`kernels.reference.linear_logprob`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
 The dW accumulator traffic is 8VH bytes per row block (read + write of fp32 [V, H]), N / BLOCK_N times:
 at N = 16384, V = 151936, H = 4096 that is about 1.3 TB through L2/HBM against 4NVH = 4e13 FLOPs for the
 dW matmuls, so dW is bound by it unless BLOCK_N grows; scripts/gpu_check.sh times it against the chunked path.
@@ -33,8 +34,12 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import reference
-from kernels.logprob import INTERPRET, _check_dtype, _guard_target, _normalizer_rows, _online_lse_update, _opd_row
+import kernels.reference.linear_logprob as chunked
+from kernels.common import DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, scale_grad
+from kernels.triton.common import (
+    INTERPRET, check_dtype, dlogits_tile, guard_target, logits_tile, normalizer_rows, online_lse_update, opd_row,
+    rowwise, to_dot,
+)
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
 # (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not. tl.dot needs every tile side >= 16,
@@ -48,48 +53,6 @@ GRAD_TILE_CANDIDATES = [GPU_TILES, (128, 128, 32, 8), (128, 64, 32, 4), (64, 64,
 MIN_ROW_BLOCKS_PER_SM = 1
 # Rows per dH launch: bounds the fp32 dH accumulator at DH_CHUNK_ROWS x H.
 DH_CHUNK_ROWS = 16384
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _to_dot(x, UPCAST: tl.constexpr):
-    # The Triton 3.9 interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 operands give the
-    # same result as the GPU's bf16 MMA (products of bf16 values are exact in fp32, sums in fp32).
-    if UPCAST:
-        return x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _logits_tile(
-    h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """(H[rows] @ W[cols]^T) / T in fp32 [BLOCK_N, BLOCK_V]; columns past V are -inf."""
-    ks = tl.arange(0, BLOCK_H)
-    row_ok = rows < N
-    col_ok = cols < V
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        k = k0 + ks
-        k_ok = k < H
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(_to_dot(h, UPCAST), _to_dot(wt, UPCAST), acc, input_precision=PRECISION)
-    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
-
-
-@triton.jit
-def _dlogits_tile(x, is_target, lse, rest, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """scale * (onehot - softmax), target entry scale * rest, cast to the operand dtype of the next matmul."""
-    p = tl.exp(x - lse[:, None])
-    d = tl.where(is_target, (scale * rest)[:, None], -scale[:, None] * p)
-    return _to_dot(d.to(dtype), UPCAST)
 
 
 @triton.jit
@@ -110,20 +73,20 @@ def _linear_fwd_kernel(
     x_y = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = _logits_tile(
+        x = logits_tile(
             h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
             PRECISION,
         )
         is_target = cols[None, :] == target[:, None]
-        m, s, s_rest = _online_lse_update(m, s, s_rest, x, is_target, 1)
+        m, s, s_rest = online_lse_update(m, s, s_rest, x, is_target, 1)
         x_y += tl.sum(tl.where(is_target, x, 0.0), axis=1)
     lse = m + tl.log(s)
-    student_lp = _guard_target(x_y - lse, target, V)
+    student_lp = guard_target(x_y - lse, target, V)
     tl.store(lp_ptr + rows, student_lp, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(rest_ptr + rows, s_rest / s, mask=row_ok)
     if OPD:
-        loss, grad = _opd_row(
+        loss, grad = opd_row(
             student_lp, tl.load(teacher_lp_ptr + rows, mask=row_ok, other=0.0),
             tl.load(rollout_lp_ptr + rows, mask=row_ok, other=0.0), kl_coef, log_ratio_cap,
             tl.load(normalizer_ptr + rows * stride_norm, mask=row_ok, other=1.0), IMPORTANCE_RATIO,
@@ -147,11 +110,11 @@ def _linear_dh_kernel(
     ks = tl.arange(0, BLOCK_H)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = _logits_tile(
+        x = logits_tile(
             h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
             PRECISION,
         )
-        d = _dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
+        d = dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
         for k0 in range(0, H, BLOCK_H):
             k = k0 + ks
             k_ok = k < H
@@ -159,7 +122,7 @@ def _linear_dh_kernel(
                         other=0.0)
             acc_ptrs = dh_ptr + rows[:, None] * H + k[None, :]
             acc_mask = row_ok[:, None] & k_ok[None, :]
-            part = tl.dot(d, _to_dot(w, UPCAST), input_precision=PRECISION)
+            part = tl.dot(d, to_dot(w, UPCAST), input_precision=PRECISION)
             tl.store(acc_ptrs, tl.load(acc_ptrs, mask=acc_mask, other=0.0) + part, mask=acc_mask)
         # The next vocab block reads these accumulators back: order the CTA's stores before those loads.
         tl.debug_barrier()
@@ -181,11 +144,11 @@ def _linear_dw_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         rest = tl.load(rest_ptr + rows, mask=row_ok, other=0.0)
         scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-        x = _logits_tile(
+        x = logits_tile(
             h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
             PRECISION,
         )
-        d = _dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
+        d = dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
         dt = tl.trans(d)  # [BLOCK_V, BLOCK_N]
         for k0 in range(0, H, BLOCK_H):
             k = k0 + ks
@@ -194,7 +157,7 @@ def _linear_dw_kernel(
                         other=0.0)
             acc_ptrs = dw_ptr + cols[:, None] * H + k[None, :]
             acc_mask = col_ok[:, None] & k_ok[None, :]
-            part = tl.dot(dt, _to_dot(h, UPCAST), input_precision=PRECISION)
+            part = tl.dot(dt, to_dot(h, UPCAST), input_precision=PRECISION)
             tl.store(acc_ptrs, tl.load(acc_ptrs, mask=acc_mask, other=0.0) + part, mask=acc_mask)
         tl.debug_barrier()
 
@@ -216,11 +179,6 @@ _TUNED = {
 _PLAIN = {"fwd": _linear_fwd_kernel, "dh": _linear_dh_kernel, "dw": _linear_dw_kernel}
 
 
-# ---------------------------------------------------------------------------------------------
-# Launch helpers
-# ---------------------------------------------------------------------------------------------
-
-
 def _kernel(name: str, tiles: dict | None):
     """(kernel, tile kwargs): the autotuned kernel when no tiles are fixed, else the plain one with them."""
     return (_TUNED[name], {}) if tiles is None else (_PLAIN[name], tiles)
@@ -237,10 +195,6 @@ def _use_chunked_path(hidden: torch.Tensor, tiles) -> bool:
     if tiles is not None or INTERPRET or not hidden.is_cuda:
         return False
     return not fills_gpu(hidden.shape[0], torch.cuda.get_device_properties(hidden.device).multi_processor_count)
-
-
-def _rowwise(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _tiles(tiles) -> dict | None:
@@ -318,16 +272,11 @@ def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, n
 
 
 def _prepare(hidden, weight, targets, temperature, chunk_tokens):
-    reference._check_linear(hidden, weight)
-    reference._check_common(hidden.shape[0], targets, temperature, chunk_tokens or 1)
-    _check_dtype(hidden, "fused-linear op")
-    targets = reference._check_targets(targets, weight.shape[0], hidden.device)
-    return _rowwise(hidden), _rowwise(weight), targets.contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# linear_token_logprobs
-# ---------------------------------------------------------------------------------------------
+    check_linear(hidden, weight)
+    check_common(hidden.shape[0], targets, temperature, chunk_tokens or 1)
+    check_dtype(hidden, "fused-linear op")
+    targets = check_targets(targets, weight.shape[0], hidden.device)
+    return rowwise(hidden), rowwise(weight), targets.contiguous()
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -366,16 +315,11 @@ def linear_token_logprobs(
     Without `tiles`, an N too small to fill the GPU runs the chunked cuBLAS path (module docstring).
     """
     if _use_chunked_path(hidden, tiles):
-        return reference.linear_token_logprobs(
-            hidden, weight, targets, temperature, chunk_tokens or reference.DEFAULT_CHUNK_TOKENS
+        return chunked.linear_token_logprobs(
+            hidden, weight, targets, temperature, chunk_tokens or DEFAULT_CHUNK_TOKENS
         )
     hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
     return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), tiles)
-
-
-# ---------------------------------------------------------------------------------------------
-# linear_opd_loss
-# ---------------------------------------------------------------------------------------------
 
 
 class _LinearOPDLoss(torch.autograd.Function):
@@ -386,7 +330,7 @@ class _LinearOPDLoss(torch.autograd.Function):
         kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, tiles = opts
         tiles = _tiles(tiles)
         inv_temp = 1.0 / temperature
-        normalizer = _normalizer_rows(normalizer, hidden.shape[0], hidden.device)
+        normalizer = normalizer_rows(normalizer, hidden.shape[0], hidden.device)
         opd = (teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio)
         student_lp, lse, rest, loss_rows, grad = _forward(hidden, weight, targets, inv_temp, tiles, opd)
         dhidden = dweight = None
@@ -400,7 +344,7 @@ class _LinearOPDLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_student_lp):
         dhidden, dweight = ctx.saved_tensors
-        scale = reference._scale_grad
+        scale = scale_grad
         return scale(dhidden, grad_loss), scale(dweight, grad_loss), None, None, None, None, None, None
 
 
@@ -419,20 +363,20 @@ def linear_opd_loss(
     chunk_tokens: int | None = None,
     tiles: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference.linear_opd_loss` in Triton: (loss fp32 scalar, student_lp fp32 [N] detached).
+    """`chunked.linear_opd_loss` in Triton: (loss fp32 scalar, student_lp fp32 [N] detached).
 
     dH and dW are computed in forward, only for inputs that need grad; backward scales them. Small N on a GPU
     runs the chunked cuBLAS path unless `tiles` is given, as in `linear_token_logprobs`.
     """
     if _use_chunked_path(hidden, tiles):
-        return reference.linear_opd_loss(
+        return chunked.linear_opd_loss(
             hidden, weight, targets, teacher_lp, rollout_lp, kl_coef=kl_coef, log_ratio_cap=log_ratio_cap,
             normalizer=normalizer, temperature=temperature, importance_ratio=importance_ratio,
-            chunk_tokens=chunk_tokens or reference.DEFAULT_CHUNK_TOKENS,
+            chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS,
         )
     hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
     n = hidden.shape[0]
-    reference._check_opd(n, teacher_lp, rollout_lp, normalizer)
+    check_opd(n, teacher_lp, rollout_lp, normalizer)
     opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), tiles)
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad

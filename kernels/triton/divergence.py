@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import reference
-from kernels.logprob import DEFAULT_BLOCK_V, _check_dtype, _rowwise
+from kernels.common import check_k, check_kl_args, topk_threshold
+from kernels.triton.common import DEFAULT_BLOCK_V, check_dtype, rowwise
 
 TOPK_CHUNK_ROWS = 4096  # rows per torch.topk call: bounds its [rows, k] values and workspace
 
@@ -145,7 +145,7 @@ class _ReverseKL(torch.autograd.Function):
         n, v = student_logits.shape
         device = student_logits.device
         topk = k is not None
-        thr = reference.topk_threshold(student_logits, k, TOPK_CHUNK_ROWS) if topk else None
+        thr = topk_threshold(student_logits, k, TOPK_CHUNK_ROWS) if topk else None
         kl, lse_s, lse_t = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
         ltail = torch.empty(n, dtype=torch.float32, device=device) if topk else kl
         argmax = torch.empty(n, dtype=torch.int32, device=device)
@@ -179,10 +179,10 @@ class _ReverseKL(torch.autograd.Function):
 
 
 def _prepare(student_logits, teacher_logits, temperature, chunk_tokens):
-    reference._check_kl_args(student_logits, teacher_logits, temperature, chunk_tokens or 1)
-    _check_dtype(student_logits, "reverse KL")
-    _check_dtype(teacher_logits, "reverse KL")
-    return _rowwise(student_logits), _rowwise(teacher_logits.detach())
+    check_kl_args(student_logits, teacher_logits, temperature, chunk_tokens or 1)
+    check_dtype(student_logits, "reverse KL")
+    check_dtype(teacher_logits, "reverse KL")
+    return rowwise(student_logits), rowwise(teacher_logits.detach())
 
 
 def full_reverse_kl(
@@ -194,7 +194,8 @@ def full_reverse_kl(
 ) -> torch.Tensor:
     """KL(p_s || p_t) per token over the full vocab -> fp32 [N]; differentiable in student_logits.
 
-    Same math as `reference.full_reverse_kl`; the teacher is frozen (detached). `chunk_tokens` is unused.
+    Same math as `kernels.reference.divergence.full_reverse_kl`; the teacher is frozen (detached).
+    `chunk_tokens` is unused.
     """
     student_logits, teacher_logits = _prepare(student_logits, teacher_logits, temperature, chunk_tokens)
     return _ReverseKL.apply(student_logits, teacher_logits, None, float(temperature), block_v)
@@ -208,9 +209,7 @@ def topk_reverse_kl(
     chunk_tokens: int | None = None,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """Reverse KL on the student's top-k support plus one tail bucket -> fp32 [N]; see `reference.topk_reverse_kl`."""
+    """Reverse KL on the student's top-k support plus one tail bucket -> fp32 [N]; see `kernels.reference`."""
     student_logits, teacher_logits = _prepare(student_logits, teacher_logits, temperature, chunk_tokens)
-    v = student_logits.shape[1]
-    if not 1 <= int(k) <= v:
-        raise ValueError(f"k must be in [1, V={v}], got {k}")
+    check_k(k, student_logits.shape[1])
     return _ReverseKL.apply(student_logits, teacher_logits, int(k), float(temperature), block_v)

@@ -1,8 +1,10 @@
 """Triton token log-probs and the fused sampled-token OPD loss on logits [N, V] (docs/design.md, "The step", 5-6).
 
-Math, per row i with x = logits[i] / T (fp32) and target y: lse = log sum_j exp(x_j) by an online
-log-sum-exp (running max from -inf, running sum), lp = x_y - lse, and d lp / d logits = (onehot - softmax) / T,
-whose target entry is written as sum_{j != y} p_j / T, summed over the other classes, never as 1 - p_y.
+Forward, per row i with x = logits[i] / T (fp32) and target y: lse = log sum_j exp(x_j) by an online
+log-sum-exp (running max from -inf, running sum), lp = x_y - lse.
+Gradient: d lp / d logits = (onehot - softmax) / T, whose target entry is written as sum_{j != y} p_j / T,
+summed over the other classes, never as 1 - p_y. The OPD loss chains d loss / d lp (`common.opd_row`, the
+math of `kernels.reference.logprob`) through it, in forward.
 Memory traffic:
 - `token_logprobs`: forward reads logits once and writes lp, lse and `rest` = sum_{j != y} p_j (fp32 [N]);
   backward reads logits once and writes dlogits once, in the logits dtype.
@@ -18,60 +20,13 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import reference
+from kernels.common import check_common, check_logits, check_opd, check_targets, scale_grad
+from kernels.triton.common import (
+    DEFAULT_BLOCK_V, INTERPRET, check_dtype, guard_target, normalizer_rows, online_lse_update, opd_row, rowwise,
+)
 
-INTERPRET = triton.knobs.runtime.interpret
 # A row whose padded width fits this block is read once and kept in registers (opd_loss reads it once).
 MAX_SINGLE_BLOCK = 128 if INTERPRET else 16384
-DEFAULT_BLOCK_V = 128 if INTERPRET else 4096
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared row math (also used by kernels.linear_logprob)
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _online_lse_update(m, s, s_rest, x, is_target, axis: tl.constexpr):
-    """One block of an online log-sum-exp: running max m, sum s of exp(x - m), and s_rest, the sum without y.
-
-    A max of -inf (a block, or a row so far, of -inf logits) is replaced by 0 before subtracting, so
-    exp(-inf - -inf) = NaN never appears; exp(-inf - 0) = 0 adds nothing.
-    """
-    m_new = tl.maximum(m, tl.max(x, axis=axis))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    if axis == 0:
-        e = tl.exp(x - m_safe)
-    else:
-        e = tl.exp(x - m_safe[:, None])
-    s = s * alpha + tl.sum(e, axis=axis)
-    s_rest = s_rest * alpha + tl.sum(tl.where(is_target, 0.0, e), axis=axis)
-    return m_new, s, s_rest
-
-
-@triton.jit
-def _opd_row(student_lp, teacher_lp, rollout_lp, kl_coef, log_ratio_cap, normalizer, IMPORTANCE_RATIO: tl.constexpr):
-    """(loss contribution, d loss / d student_lp) of tokens; the same math as `reference._opd_chunk`."""
-    advantage = kl_coef * (teacher_lp - rollout_lp)
-    if IMPORTANCE_RATIO:
-        log_ratio = student_lp - rollout_lp
-        ratio = tl.exp(tl.minimum(log_ratio, log_ratio_cap))
-        # Above the cap the ratio is a constant, so those tokens carry no gradient.
-        grad = tl.where(log_ratio < log_ratio_cap, -(advantage / normalizer) * ratio, 0.0)
-        loss = -(ratio * advantage) / normalizer
-    else:
-        grad = -advantage / normalizer
-        loss = grad
-    return loss, grad
-
-
-@triton.jit
-def _guard_target(lp, target, V):
-    """NaN where the target is outside [0, V): such an id selects no column, so the row would otherwise read
-    -lse. Targets from the host are checked there first (`reference._check_targets`); no device assert
-    here, since one kills the CUDA context."""
-    return tl.where((target >= 0) & (target < V), lp, float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +46,7 @@ def _row_lse(row_ptr, target, V, inv_temp, BLOCK_V: tl.constexpr):
         c = v0 + cols
         x = tl.load(row_ptr + c, mask=c < V, other=float("-inf")).to(tl.float32) * inv_temp
         is_target = c == target
-        m, s, s_rest = _online_lse_update(m, s, s_rest, x, is_target, 0)
+        m, s, s_rest = online_lse_update(m, s, s_rest, x, is_target, 0)
         x_y += tl.sum(tl.where(is_target, x, 0.0), axis=0)
     return m + tl.log(s), x_y, s_rest / s
 
@@ -114,7 +69,7 @@ def _logprob_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     lse, x_y, rest = _row_lse(logits_ptr + row * stride_row, target, V, inv_temp, BLOCK_V)
-    tl.store(lp_ptr + row, _guard_target(x_y - lse, target, V))
+    tl.store(lp_ptr + row, guard_target(x_y - lse, target, V))
     tl.store(lse_ptr + row, lse)
     tl.store(rest_ptr + row, rest)
 
@@ -148,7 +103,7 @@ def _opd_fwd_kernel(
         cols = tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
         is_target = cols == target
-        m, s, s_rest = _online_lse_update(
+        m, s, s_rest = online_lse_update(
             tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32), tl.zeros((), tl.float32),
             x, is_target, 0,
         )
@@ -157,8 +112,8 @@ def _opd_fwd_kernel(
         x_y = tl.sum(tl.where(is_target, x, 0.0), axis=0)
     else:
         lse, x_y, rest = _row_lse(row_ptr, target, V, inv_temp, BLOCK_V)
-    student_lp = _guard_target(x_y - lse, target, V)
-    loss, grad = _opd_row(
+    student_lp = guard_target(x_y - lse, target, V)
+    loss, grad = opd_row(
         student_lp, tl.load(teacher_lp_ptr + row), tl.load(rollout_lp_ptr + row),
         kl_coef, log_ratio_cap, tl.load(normalizer_ptr + row * stride_norm), IMPORTANCE_RATIO,
     )
@@ -177,22 +132,6 @@ def _opd_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_dtype(x: torch.Tensor, what: str) -> None:
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton {what} takes fp32/bf16/fp16, got {x.dtype}; use backend='reference' for fp64")
-
-
-def _normalizer_rows(normalizer, n: int, device: torch.device) -> torch.Tensor:
-    """fp32 [N] divisors on device: the step-wide count broadcast with stride 0, or per-token divisors."""
-    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=device)
-    return normalizer.reshape(1).expand(n) if normalizer.dim() == 0 else normalizer.contiguous()
-
-
-def _rowwise(x: torch.Tensor) -> torch.Tensor:
-    # Rows may be strided (a slice of a bigger buffer); the vocab axis must be contiguous.
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _block_v(v: int, block_v: int | None) -> tuple[int, int]:
@@ -254,11 +193,11 @@ def token_logprobs(
     `chunk_tokens` is accepted for the reference's signature and unused: rows are independent programs.
     `block_v` overrides the vocab block (tests use it to cover the one-block and many-block paths).
     """
-    reference._check_logits(logits)
-    reference._check_common(logits.shape[0], targets, temperature, chunk_tokens or 1)
-    _check_dtype(logits, "token_logprobs")
-    targets = reference._check_targets(targets, logits.shape[1], logits.device)
-    return _TokenLogprobs.apply(_rowwise(logits), targets.contiguous(), float(temperature), block_v)
+    check_logits(logits)
+    check_common(logits.shape[0], targets, temperature, chunk_tokens or 1)
+    check_dtype(logits, "token_logprobs")
+    targets = check_targets(targets, logits.shape[1], logits.device)
+    return _TokenLogprobs.apply(rowwise(logits), targets.contiguous(), float(temperature), block_v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +213,7 @@ class _OPDLoss(torch.autograd.Function):
         kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, block_v = opts
         n, v = logits.shape
         device = logits.device
-        normalizer = _normalizer_rows(normalizer, n, device)
+        normalizer = normalizer_rows(normalizer, n, device)
         student_lp = torch.empty(n, dtype=torch.float32, device=device)
         loss_rows = torch.empty(n, dtype=torch.float32, device=device)  # summed in torch: deterministic
         dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format) if need_grad else None
@@ -295,7 +234,7 @@ class _OPDLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_student_lp):
         (dlogits,) = ctx.saved_tensors
-        return reference._scale_grad(dlogits, grad_loss), None, None, None, None, None
+        return scale_grad(dlogits, grad_loss), None, None, None, None, None
 
 
 def opd_loss(
@@ -314,19 +253,19 @@ def opd_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token OPD loss on logits [N, V] -> (loss fp32 scalar, student_lp fp32 [N], no grad).
 
-    Same math and arguments as `reference.opd_loss`; the gradient is written during forward.
+    Same math and arguments as `kernels.reference.logprob.opd_loss`; the gradient is written during forward.
     """
-    reference._check_logits(logits)
+    check_logits(logits)
     n = logits.shape[0]
-    reference._check_common(n, targets, temperature, chunk_tokens or 1)
-    reference._check_opd(n, teacher_lp, rollout_lp, normalizer)
-    _check_dtype(logits, "opd_loss")
-    targets = reference._check_targets(targets, logits.shape[1], logits.device)
+    check_common(n, targets, temperature, chunk_tokens or 1)
+    check_opd(n, teacher_lp, rollout_lp, normalizer)
+    check_dtype(logits, "opd_loss")
+    targets = check_targets(targets, logits.shape[1], logits.device)
     # Float scalars go to the kernel as fp32 (Triton's type for a Python float); the normaliser as a
     # device tensor, so a 0-d tensor costs no host sync.
     opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), block_v)
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     return _OPDLoss.apply(
-        _rowwise(logits), targets.contiguous(), teacher_lp.detach().float().contiguous(),
+        rowwise(logits), targets.contiguous(), teacher_lp.detach().float().contiguous(),
         rollout_lp.detach().float().contiguous(), opts, need_grad,
     )

@@ -1,0 +1,135 @@
+"""Chunk math the chunked torch ops share: each op walks N in chunks of `chunk_tokens` rows, so the only
+fp32 [*, V] buffers are [chunk, V]; softmax math runs in fp32 (fp64 for fp64 inputs)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp64 inputs keep fp64 so that gradcheck and the float64 oracle tests are exact.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scaled(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """logits / T in the accumulation dtype. May alias `logits`: callers never write into it."""
+    x = logits.to(acc)
+    return x / temperature if temperature != 1.0 else x
+
+
+def normalizer_tensor(normalizer, acc: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A 0-d tensor stays on device: no host sync per micro-batch.
+    return torch.as_tensor(normalizer, dtype=acc, device=device)
+
+
+def chunk_rows(normalizer: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """The chunk's divisors: the one step-wide count, or per-token divisors (per-sequence normalisation)."""
+    return normalizer if normalizer.dim() == 0 else normalizer[s:e]
+
+
+def chunk_logprobs(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-prob and log-sum-exp of one [C, V] chunk of scaled logits."""
+    lse = torch.logsumexp(x, dim=-1)  # [C]
+    return x.gather(1, targets[:, None]).squeeze(1) - lse, lse
+
+
+def chunk_dlogits(
+    x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_lp: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """d(sum_t g_t * logp_t(y_t)) / d logits for one chunk: g * (onehot - softmax) / T, in x's dtype.
+
+    The target column is rebuilt as g * sum_{j != y} p_j rather than g * (1 - p_y): when p(y) -> 1,
+    1 - p_y cancels to 0 in fp32 while the sum of the other probabilities keeps full relative precision.
+    """
+    targets = targets[:, None]
+    probs = torch.exp(x - lse[:, None])  # [C, V]
+    probs.scatter_(1, targets, 0.0)
+    rest = probs.sum(dim=-1)  # = 1 - p(y)
+    scale = grad_lp / temperature
+    probs.mul_(-scale[:, None])
+    probs.scatter_(1, targets, (scale * rest)[:, None])
+    return probs
+
+
+def opd_chunk(
+    student_lp: torch.Tensor,
+    teacher_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    kl_coef: float,
+    log_ratio_cap: float,
+    normalizer: torch.Tensor,  # 0-d, or the chunk's per-token divisors
+    importance_ratio: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss contribution of one chunk and d loss / d student_lp (docs/design.md, "The loss and its gradient")."""
+    advantage = kl_coef * (teacher_lp - rollout_lp)  # A_t, detached by construction
+    if not importance_ratio:
+        # REINFORCE form -sum(A * student_lp)/N: its value is reported with ratio = 1.
+        return (-advantage / normalizer).sum(), -advantage / normalizer
+    log_ratio = student_lp - rollout_lp
+    ratio = torch.exp(torch.clamp(log_ratio, max=log_ratio_cap))
+    # Above the cap the ratio is a constant, so those tokens carry no gradient.
+    grad_student_lp = -(advantage / normalizer) * ratio * (log_ratio < log_ratio_cap)
+    return (-(ratio * advantage) / normalizer).sum(), grad_student_lp
+
+
+def chunk_reverse_kl(
+    xs: torch.Tensor, xt: torch.Tensor, support: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kl [C], p_s * (ell - kl) [C, V], log tail ratio [C] or None) for one chunk of scaled logits.
+
+    ell_j = log p_s(j) - log p_t(j) on the support and log(tail_s / tail_t) outside it; then
+    d KL / d x_s(j) = p_s(j) * (ell_j - KL) for both forms (the tail is one bucket whose mass moves with x_s).
+    """
+    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
+    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    p_s = torch.exp(logp_s)
+    ell = logp_s - logp_t
+    log_tail_ratio = None
+    if support is not None:
+        # Tail masses summed directly over the complement, never 1 - sum(top-k): that cancels when the
+        # top-k holds almost all the mass, exactly where log(tail_s / tail_t) is most sensitive.
+        log_tail_s = torch.logsumexp(logp_s.masked_fill(support, float("-inf")), dim=-1)
+        log_tail_t = torch.logsumexp(logp_t.masked_fill(support, float("-inf")), dim=-1)
+        log_tail_ratio = log_tail_s - log_tail_t
+        ell = torch.where(support, ell, log_tail_ratio[:, None])
+    # 0 * log 0 := 0: a token (or tail) the student gives no mass adds nothing, even against a -inf teacher.
+    weighted = torch.where(p_s > 0, p_s * ell, 0.0)
+    if support is None:
+        kl = weighted.sum(dim=-1)
+    else:
+        kl = torch.where(support, weighted, 0.0).sum(dim=-1)
+        kl = kl + torch.where(log_tail_s > float("-inf"), torch.exp(log_tail_s) * log_tail_ratio, 0.0)
+    dkl = torch.where(p_s > 0, p_s * (ell - kl[:, None]), 0.0)
+    # KL is unchanged by adding a constant to x_s, so the gradient sums to 0 over the row. At the argmax,
+    # p_s * (ell - KL) cancels when p_s -> 1 (ell and KL both tend to 0 and fp32 rounds them to 0), so that
+    # entry is rebuilt as minus the sum of the others, each accurate to fp32 relative precision.
+    top = xs.argmax(dim=-1, keepdim=True)
+    dkl.scatter_(1, top, 0.0)
+    dkl.scatter_(1, top, -dkl.sum(dim=-1, keepdim=True))
+    return kl, dkl, log_tail_ratio
+
+
+def linear_chunks(hidden, weight, temperature, chunk_tokens, dlogits_fn, need_dh, need_dw):
+    """Walk N in chunks: x = (H_c @ W^T) / T, dlogits = dlogits_fn(s, e, x), then dH_c = dlogits @ W and
+    dW += dlogits^T @ H_c. Returns dH [N, H] (hidden dtype) and dW [V, H] (summed in fp32, cast to the
+    weight dtype), None where not needed; dlogits_fn runs for every chunk either way."""
+    acc = acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    dhidden = torch.empty_like(hidden) if need_dh else None
+    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    for s in range(0, n, chunk_tokens):
+        e = min(s + chunk_tokens, n)
+        hidden_c = hidden[s:e]
+        x = scaled(hidden_c @ weight.T, temperature, acc)  # [C, V]
+        dlogits = dlogits_fn(s, e, x).to(hidden.dtype)
+        del x
+        if need_dh:
+            dhidden[s:e] = dlogits @ weight
+        if need_dw:
+            if dlogits.dtype == acc:
+                dweight.addmm_(dlogits.T, hidden_c)
+            else:
+                dweight += dlogits.T @ hidden_c  # matmul in bf16, sum across chunks in fp32
+    if need_dw:
+        dweight = dweight.to(weight.dtype)
+    return dhidden, dweight
