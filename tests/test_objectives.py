@@ -15,36 +15,12 @@ import kernels
 from kernels import reference
 from opd_local.config import LossConfig
 from opd_local.loss import check_loss_config, token_divisors
+from oracles import divergence64
 
 V = 211  # odd and prime: no chunk divides it
 
 
 pytestmark = pytest.mark.usefixtures("random_seed")
-
-
-def divergence64(objective, student_logits, teacher_logits, k=None, beta=0.5, support_logits=None):
-    """The objective per row, written from its definition in float64 (differentiable in student_logits).
-
-    topk_rkl's support is the top k of `support_logits` (default: student_logits): the logits as the
-    kernel rounds them, since a token that rounding moves across the k-th value changes the support."""
-    logp_s = torch.log_softmax(student_logits, dim=-1)
-    logp_t = torch.log_softmax(teacher_logits, dim=-1)
-    p_s, p_t = logp_s.exp(), logp_t.exp()
-    if objective == "full_rkl":
-        return (p_s * (logp_s - logp_t)).sum(-1)
-    if objective == "fkl":
-        return (p_t * (logp_t - logp_s)).sum(-1)
-    if objective == "jsd":
-        m = beta * p_t + (1 - beta) * p_s
-        return beta * (p_t * (logp_t - m.log())).sum(-1) + (1 - beta) * (p_s * (logp_s - m.log())).sum(-1)
-    # topk_rkl: the student's top-k tokens (held fixed) and one tail bucket on each side
-    support_logits = student_logits.detach() if support_logits is None else support_logits
-    threshold = torch.topk(support_logits, k, dim=-1).values[:, -1:]
-    support = support_logits >= threshold
-    head = torch.where(support, p_s * (logp_s - logp_t), 0.0).sum(-1)
-    tail_s = torch.where(support, 0.0, p_s).sum(-1)
-    tail_t = torch.where(support, 0.0, p_t).sum(-1)
-    return head + tail_s * (tail_s.log() - tail_t.log())
 
 
 def linear_inputs(n, h, dtype=torch.float32):
