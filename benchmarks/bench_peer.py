@@ -65,7 +65,8 @@ def opd_local_worker(job: dict) -> dict:
         *job["opd_args"],
     ]
     train(parse_config(argv, "bench_peer"))
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
     timed = [r for r in records if r["step"] >= 1]  # step 0 is the warm-up
     stages = {name: [r[f"time/{name}"] for r in timed] for name in ("sample", "score", "train", "push")}
     return {
@@ -92,7 +93,6 @@ def trl_row(group) -> dict:
 def trl_worker(job: dict, variant: str) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from opd_local.config import parse_config
@@ -151,7 +151,7 @@ def trl_worker(job: dict, variant: str) -> dict:
     trainer._generate = counted_generate
     trainer.compute_loss = clock.wrap("forward", trainer.compute_loss)
     trainer.accelerator.backward = clock.wrap("backward", trainer.accelerator.backward)
-    trainer.add_callback(StepClock(clock, TrainerCallback))
+    trainer.add_callback(step_clock_callback(clock))
     trainer.train()
     timed = clock.steps[1:]  # the first step is the warm-up
     return {
@@ -171,6 +171,7 @@ class Clock:
     def __init__(self):
         self.current: dict[str, float] = {}
         self.steps: list[dict[str, float]] = []
+        self.started = self.optimizer_started = 0.0  # perf_counter at the step's and the optimizer's start
 
     def add(self, name: str, value: float) -> None:
         self.current[name] = self.current.get(name, 0.0) + value
@@ -186,8 +187,11 @@ class Clock:
         return timed
 
 
-def StepClock(clock: Clock, base):
-    class _StepClock(base):
+def step_clock_callback(clock: Clock):
+    """A TrainerCallback that times each optimizer step, and the optimizer within it, into `clock`."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             clock.current = {}
             clock.started = time.perf_counter()
@@ -202,7 +206,7 @@ def StepClock(clock: Clock, base):
             clock.current["step"] = time.perf_counter() - clock.started
             clock.steps.append(clock.current)
 
-    return _StepClock()
+    return StepClock()
 
 
 # ---------------------------------------------------------------- driver

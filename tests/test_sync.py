@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from conftest import save_tiny_llama
 
 from opd_local.config import ModelConfig
 from opd_local.models import load_causal_lm
 from opd_local.sampler import HFSampler
 from opd_local.sync import _tied_storages, push_weights
-from conftest import save_tiny_llama
 
 
 def test_tied_weights_are_pushed_and_checksummed_under_every_name(tmp_path, tokenizer):
