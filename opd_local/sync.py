@@ -106,7 +106,7 @@ def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor], ti
     engine will store it: the sum of its bit patterns, which any flipped value changes.
 
     A tensor whose storage is in `tied` (the data pointers of weights that come under several names:
-    tied embeddings and lm_head, at 135M parameters a fifth of the push) is cast and summed once, and
+    tied embeddings and lm_head, at 135M parameters a sixth of the push) is cast and summed once, and
     its cast copy is what the engine gets under every name."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, tensor in named_tensors:
