@@ -133,11 +133,14 @@ def trl_worker(job: dict, variant: str) -> dict:
     clock = Clock()
     tokenize = trainer._tokenize_prompts
 
+    checked = []
+
     def checked_tokenize(prompts):
         ids = tokenize(prompts)
         unexpected = [i for i, p in enumerate(ids) if tuple(p) not in expected]
         if unexpected:
             raise AssertionError(f"TRL tokenized prompt {unexpected[0]} to ids that are not opd-local's")
+        checked.extend(tuple(p) for p in ids)
         return ids
 
     generate = clock.wrap("generate", trainer._generate)
@@ -153,6 +156,8 @@ def trl_worker(job: dict, variant: str) -> dict:
     trainer.accelerator.backward = clock.wrap("backward", trainer.accelerator.backward)
     trainer.add_callback(step_clock_callback(clock))
     trainer.train()
+    if set(checked) != expected:  # every student and teacher prompt went through the check
+        raise AssertionError("TRL did not tokenize every prompt of the job through the checked path")
     timed = clock.steps[1:]  # the first step is the warm-up
     return {
         "step_seconds": [s["step"] for s in timed],
