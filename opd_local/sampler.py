@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opd_local.config import ModelConfig
 from opd_local.models import load_causal_lm
@@ -77,6 +78,33 @@ class Sampler(abc.ABC):
         pass
 
 
+class RowSeededSampling(LogitsProcessor):
+    """Samples each row of a batched `generate` from softmax(logits / temperature) with the row's own
+    torch.Generator: one uniform per row and step, turned into a token by the inverse CDF. A row's
+    tokens then depend on its seed and its own logits only, not on the rows beside it (`generate`'s
+    own sampling draws every row from one global stream). Returns scores that leave only the drawn
+    token standing, for greedy decoding to take, and records its logprob under the sampled distribution."""
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.steps: list[torch.Tensor] = []  # per step: [rows] logprob of the drawn token
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logprobs = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        cdf = logprobs.exp().cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=g, device=scores.device) for g in self.generators])
+        # right: the first token whose cumulative mass exceeds the draw, so a token of probability 0 never is.
+        tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
+        self.steps.append(logprobs.gather(-1, tokens)[:, 0])
+        chosen = torch.full_like(scores, -math.inf)
+        return chosen.scatter_(-1, tokens, 0.0)
+
+    def logprobs(self) -> torch.Tensor:
+        """[rows, steps] on the host, copied once."""
+        return torch.stack(self.steps, dim=1).cpu()
+
+
 class HFSampler(Sampler):
     """transformers `generate` on a private copy of the student: the portable fallback."""
 
@@ -98,50 +126,47 @@ class HFSampler(Sampler):
         model.requires_grad_(False)
         return cls(model, eos_token_id, pad_token_id)
 
-    def generate(self, prompt_ids, n, temperature, max_tokens, seed):
-        seeds = per_prompt_seeds(seed, len(prompt_ids), n)
-        if temperature == 0.0:  # no randomness: batch every prompt into one call
-            return self._generate_batch(prompt_ids, n, temperature, max_tokens, seeds[0])
-        # One call per prompt: generate() draws from one global RNG, so a per-prompt seed
-        # needs a call of its own.
-        return [self._generate_batch([p], n, temperature, max_tokens, s)[0] for p, s in zip(prompt_ids, seeds)]
-
     @torch.no_grad()
-    def _generate_batch(self, prompt_ids, n, temperature, max_tokens, seed):
+    def generate(self, prompt_ids, n, temperature, max_tokens, seed):
+        """Every prompt's `n` samples in one batched `generate`; sample j of prompt i draws from its own
+        stream, `seed[i] + j`, so it does not depend on which other prompts share the call."""
         greedy = temperature == 0.0
-        # A fresh config so that the checkpoint's own top_k/top_p/penalties cannot reshape the
-        # distribution: rollout_lp must be the log-softmax of logits / temperature and nothing else.
+        sampling = None if greedy else RowSeededSampling(
+            [s + j for s in per_prompt_seeds(seed, len(prompt_ids), n) for j in range(n)], temperature, self.device
+        )
+        # A fresh config so that the checkpoint's own top_k/top_p/penalties cannot reshape the distribution:
+        # rollout_lp must be the log-softmax of logits / temperature and nothing else. Sampling itself is the
+        # logits processor's, so `generate` only takes the token it leaves standing.
         generation_config = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_k=None if greedy else 0,
-            top_p=None if greedy else 1.0,
+            do_sample=False,
             max_new_tokens=max_tokens,
-            num_return_sequences=n,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
-            output_scores=True,
+            output_scores=greedy,
             return_dict_in_generate=True,
         )
-        width = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
+        rows = [p for p in prompt_ids for _ in range(n)]  # greedy decoding takes no num_return_sequences
+        width = max(len(p) for p in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        for row, prompt in enumerate(prompt_ids):  # left padding, so every prompt ends at column `width`
+        for row, prompt in enumerate(rows):  # left padding, so every prompt ends at column `width`
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                generation_config=generation_config,
-            )
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([sampling] if sampling else []),
+        )
         new_tokens = out.sequences[:, width:].cpu()  # [len(prompts) * n, steps]
         steps = new_tokens.shape[1]
         if steps == 0:
             return [[Completion([], [], "length") for _ in range(n)] for _ in prompt_ids]
-        scores = torch.stack(out.scores, dim=1).float()  # [B * n, steps, V], already divided by T
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.to(scores.device)[..., None])[..., 0].cpu()
+        if greedy:
+            scores = torch.stack(out.scores, dim=1).float()  # [B * n, steps, V]
+            logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.to(scores.device)[..., None])[..., 0].cpu()
+        else:
+            logprobs = sampling.logprobs()
         completions = []
         for row in range(new_tokens.shape[0]):
             tokens = new_tokens[row].tolist()

@@ -29,7 +29,7 @@ def push_weights(sampler: Sampler, student, digests: list[torch.Tensor] | None =
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
     weights = parallel.engine_weights(student)
     if digests is not None:
-        weights = _digested(weights, sampler.dtype, digests)
+        weights = _digested(weights, sampler.dtype, digests, _tied_storages(student))
     sampler.push_weights(weights)
     return device_clock(device) - start
 
@@ -101,10 +101,32 @@ class WeightSync:
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor]):
+def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor], tied: frozenset[int] = frozenset()):
     """`named_tensors` cast to the engine's `dtype` (once, here), appending a checksum of each as the
-    engine will store it: the sum of its bit patterns, which any flipped value changes."""
+    engine will store it: the sum of its bit patterns, which any flipped value changes.
+
+    A tensor whose storage is in `tied` (the data pointers of weights that come under several names:
+    tied embeddings and lm_head, at 135M parameters a sixth of the push) is cast and summed once, and
+    its cast copy is what the engine gets under every name."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, tensor in named_tensors:
-        stored = tensor.detach().to(dtype)
-        digests.append(stored.view(_SAME_WIDTH_INT[dtype]).sum(dtype=torch.int64))
+        key = tensor.data_ptr() if tied else None
+        if key in tied and key in seen:
+            stored, digest = seen[key]
+        else:
+            stored = tensor.detach().to(dtype)
+            digest = stored.view(_SAME_WIDTH_INT[dtype]).sum(dtype=torch.int64)
+            if key in tied:
+                seen[key] = stored, digest
+        digests.append(digest)
         yield name, stored
+
+
+def _tied_storages(student) -> frozenset[int]:
+    """Data pointers of the parameters that appear under more than one name (none for a sharded model,
+    whose engine weights are gathered copies)."""
+    module = parallel.unwrap(student)
+    if parallel.is_sharded(student) or getattr(module, "hf_device_map", None):
+        return frozenset()
+    pointers = [p.data_ptr() for _, p in module.named_parameters(remove_duplicate=False)]
+    return frozenset(ptr for ptr in pointers if ptr and pointers.count(ptr) > 1)  # 0: no storage (meta, empty)

@@ -1,0 +1,45 @@
+"""build_optimizer: torch's fused AdamW where it applies, stepping like the `foreach` implementation."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from opd_local.config import Config
+from opd_local.loop import build_optimizer
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+
+
+def test_fused_adamw_steps_like_foreach():
+    cfg = Config()
+    cfg.optim.lr, cfg.optim.weight_decay = 1e-2, 0.1  # large enough that five steps move every weight visibly
+    fused_model, foreach_model = _model(), _model()
+    fused, _ = build_optimizer(fused_model, cfg)
+    assert fused.param_groups[0]["fused"] is True
+    reference = torch.optim.AdamW(
+        foreach_model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, foreach=True,
+    )
+    start = copy.deepcopy(fused_model.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(4, 16, generator=generator)
+        for model, optimizer in ((fused_model, fused), (foreach_model, reference)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for name, value in fused_model.state_dict().items():
+        other = foreach_model.state_dict()[name]
+        assert (value - start[name]).abs().max() > 1e-3  # the comparison is not between unmoved weights
+        torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_the_fused_kernel_cannot_take_keep_the_default():
+    model = torch.nn.Linear(4, 4).double()  # no fused AdamW kernel for float64
+    optimizer, _ = build_optimizer(model, Config())
+    assert not optimizer.param_groups[0]["fused"]
