@@ -145,8 +145,8 @@ class OptimConfig:
     grad_clip: float = knob(1.0, "max global gradient norm (0 = off)", ge=0)
     micro_batch_tokens: int = knob(
         0,
-        "token budget of one packed micro-batch (prompt + completion); 0 = 1024 on CPU, where the dense "
-        "block-diagonal mask grows with the square of the row, and 16384 on CUDA", ge=0
+        "token budget of one packed micro-batch (the tokens of its row: a shared student prompt counts once); "
+        "0 = 1024 on CPU and 16384 on CUDA", ge=0
     )
 
 
