@@ -195,3 +195,16 @@ def test_shared_prefix_forward_builds_no_quadratic_mask(tokenizer, tiny_model_di
     with torch.no_grad():
         packed_token_logprobs(model, batch)
     assert seen and max(k for _, k in seen) < t
+
+
+def test_rows_with_shared_prompts_leave_the_flash_path(tokenizer, tiny_model_dir, monkeypatch):
+    """flash-attn's varlen kernel sees whole sequences only: a row with shared prompts must go per run
+    (on a CPU, where flash-attn is absent, the flash path would fail if it were taken)."""
+    model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float64, torch.device("cpu"))
+    batch = pack_groups(_shared_groups(tokenizer))
+    results = {}
+    for path in ("flash", "per_sequence"):
+        monkeypatch.setenv("OPD_PACKED_ATTENTION", path)
+        with torch.no_grad():
+            results[path] = packed_token_logprobs(model, batch)
+    torch.testing.assert_close(results["flash"], results["per_sequence"], atol=0, rtol=0)
