@@ -91,16 +91,16 @@ def row_layout(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
     host = torch.cat([starts, pos[starts]]).tolist()  # one read: where each run starts, and at which position
     bounds, first_positions = host[: len(host) // 2] + [pos.shape[0]], host[len(host) // 2 :]
     runs = []
-    head_start = head_end = 0  # the run that began the current sequence
+    head_start = head_end = head_first = 0  # the run that began the current sequence
     for index, (start, end, first) in enumerate(zip(bounds, bounds[1:], first_positions)):
         if first == 0 or index == 0:  # a row may also begin mid-sequence: then it is a plain causal run
-            head_start, head_end = start, end
+            head_start, head_end, head_first = start, end, first
             runs.append((start, end, start, start))
             continue
-        if first > head_end - head_start:
+        if head_first != 0 or first > head_end - head_start:
             raise ValueError(
-                f"packed row: the run at {start} starts at position {first}, past the {head_end - head_start} "
-                f"tokens its sequence began with"
+                f"packed row: the run at {start} continues from position {first}, but its sequence's first run "
+                f"does not hold positions 0..{first - 1}"
             )
         runs.append((start, end, head_start, head_start + first))
     _layout_cache[:] = [position_ids, runs]

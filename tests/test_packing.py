@@ -130,8 +130,10 @@ def test_shared_prefix_layout():
     unshared = pack_groups([([5, 6, 7], [[9, 10]]), ([8], [[15, 16]])])
     assert not unshared.shared_prefix
     assert unshared.input_ids.tolist() == pack_sequences([[5, 6, 7], [8]], [[9, 10], [15, 16]]).input_ids.tolist()
-    with pytest.raises(ValueError, match="past the 2 tokens"):  # a continuation longer than its sequence's head
+    with pytest.raises(ValueError, match="does not hold positions 0..2"):  # a continuation longer than its sequence's head
         row_layout(torch.tensor([[0, 1, 3, 4]]))
+    with pytest.raises(ValueError, match="does not hold"):  # nor may it continue a row that began mid-sequence
+        row_layout(torch.tensor([[5, 6, 7, 5, 6]]))
 
 
 def test_split_groups_by_token_budget_keeps_groups_whole_when_they_fit():
