@@ -1,12 +1,13 @@
 """One OPD step, stage by stage: opd-local against the same step built from stock transformers parts.
 
-    python benchmarks/bench_step.py [--groups 4] [--samples 2] [--max_tokens 128] [--repeats 3]
+    python benchmarks/bench_step.py [--groups 4] [--samples 2] [--max_tokens 128] [--repeats 3] [--compare_student_prefix]
 
 Both pipelines run the step of docs/design.md on the same model, prompts and (for scoring and training)
 the same sampled completions:
 - opd-local: in-process vLLM sampling; the teacher runs each privileged prompt once and scores the
   group's completions on its KV cache (also timed packed, one prompt copy per completion); the
-  student over packed rows (no padding); the fused-linear kernels, so no [tokens, vocab] logits are
+  student over packed rows (no padding), each group's prompt once before its completions (with
+  --compare_student_prefix also timed with one prompt copy per completion); the fused-linear kernels, so no [tokens, vocab] logits are
   held; the weight push into vLLM; also the step with the full-vocabulary `full_rkl` objective;
 - stock: transformers `generate`; padded batches with an attention mask, full logits and
   `log_softmax`; the same loss; a `load_state_dict` copy into the generating model.
@@ -24,7 +25,8 @@ import time
 import torch
 
 from opd_local.config import Config, micro_batch_tokens
-from opd_local.loop import build_optimizer, train_on_rollouts
+from opd_local.loop import build_optimizer
+from opd_local.training import train_on_rollouts
 from opd_local.models import lm_head_weight, load_causal_lm
 from opd_local.rollouts import attach_teacher_scores, build_rollouts
 from opd_local.sampler import HFSampler
@@ -82,6 +84,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def compare_student_prefix(train_step, cfg: Config, repeats: int) -> dict[bool, float]:
+    """Median train-stage seconds with model.student_shared_prefix on and off, the two settings
+    alternating, so that load from other processes falls on both alike."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for shared in (True, False):
+            cfg.model.student_shared_prefix = shared
+            times[shared].append(median_seconds(train_step, 1))
+    cfg.model.student_shared_prefix = Config().model.student_shared_prefix
+    return {shared: statistics.median(t) for shared, t in times.items()}
+
+
 def opd_local_stages(work, args, policy, completions_from=None):
     """One opd-local step under `policy`, stage by stage: {pipeline: {stage: median s}}, the rollouts
     scored and trained on (sampled here unless `completions_from` gives them), and extra figures."""
@@ -122,12 +136,16 @@ def opd_local_stages(work, args, policy, completions_from=None):
         cfg.loss.objective = objective
         head = lm_head_weight(teacher).detach() if objective == "full_rkl" else None
         row["train"] = median_seconds(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy, head), args.repeats)
+        if args.compare_student_prefix and objective == "sampled_rkl":
+            extras_train = compare_student_prefix(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy), cfg, args.repeats)
         row["push"] = median_seconds(lambda: push_weights(engine, trained), args.repeats)
         row["sample"] = main_row["sample"]
         del trained, optimizer
     cfg.loss.objective = "sampled_rkl"
     engine.close()
     extras = {"sampled_tokens": sampled["tokens"], "packed_score": packed_score, "policy": policy.describe()}
+    if args.compare_student_prefix:
+        extras["student_prefix"] = extras_train
     return seconds, completions, kept, extras
 
 
@@ -168,6 +186,10 @@ def main() -> None:
         help="model.dtype settings to run opd-local under, side by side (the first one's rollouts are scored and trained on by all)",
     )
     parser.add_argument("--stock_precision", default="auto", help="model.dtype of the stock pipeline ('none' skips it)")
+    parser.add_argument(
+        "--compare_student_prefix", action="store_true",
+        help="also time the train stage with model.student_shared_prefix on and off, alternating",
+    )
     args = parser.parse_args()
     work = load_workload(args)
     cfg, device = work.cfg, work.device
@@ -205,6 +227,11 @@ def main() -> None:
             f"--dtype {setting}: sampling {extra['sampled_tokens'] / row['sample']:.1f} tok/s; teacher scoring with the prompt "
             f"run once per group {row['score']:.3f} s, packed with each completion {extra['packed_score']:.3f} s"
         )
+
+        if "student_prefix" in extra:
+            on, off = extra["student_prefix"][True], extra["student_prefix"][False]
+            print(f"--dtype {setting}: train with the student prompt once per group {on:.3f} s, once per completion "
+                  f"{off:.3f} s ({off / on:.2f}x), alternating, median of {args.repeats}")
 
     def ratio_line(slow: str, fast: str) -> str:
         a, b = seconds[slow], seconds[fast]

@@ -7,6 +7,11 @@ and its attention function runs each sequence on its own, through
 - `flash_attention_2` on CUDA when flash-attn is installed (transformers' varlen path, from position_ids);
 - else `flex_attention` on CUDA, with a block-sparse mask of the sequences (compiled once, by us);
 - else plain SDPA one sequence at a time (`is_causal`, no mask: the flash kernel on CUDA).
+A student row may also hold a group's completions behind one copy of their prompt (`packing.pack_groups`):
+each completion attends to the prompt and to itself, never to a sibling. `row_layout` reads that from the
+position ids; flex takes it into its block mask, the per-sequence path attends each completion to the
+prompt's keys and its own, and flash-attn (whole sequences only) hands such rows to the per-sequence path.
+eager and plain sdpa get the same layout as a dense mask (`shared_prefix_mask`).
 The path can be forced with OPD_PACKED_ATTENTION=flash|flex|per_sequence|sdpa (sdpa: transformers' dense
 mask, the old behaviour). Anything else (padding masks, a KV cache: generation, shared-prefix scoring) is
 handed to transformers' own SDPA code unchanged.
@@ -66,20 +71,84 @@ def _packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
     )
 
 
-# Sequence boundaries of the last packed row seen: every layer of one forward gets the same position_ids
+# The layout of the last packed row seen: every layer of one forward gets the same position_ids
 # tensor, so the host reads them once per forward, not once per layer.
-_bounds_cache: list = [None, None]
+_layout_cache: list = [None, None]
 
 
-def sequence_bounds(position_ids: torch.Tensor) -> list[int]:
-    """[0, end_1, ..., T] of the sequences in one row: a new one starts wherever the position does not go up by 1."""
-    if _bounds_cache[0] is position_ids:
-        return _bounds_cache[1]
+def row_layout(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """`(start, end, prefix_start, prefix_end)` per run of one packed row: its queries attend causally
+    to the run itself and to all of `[prefix_start, prefix_end)`.
+
+    A run is a stretch where the position goes up by 1. One that starts at position 0 begins a new
+    sequence and has no prefix; one that starts at p > 0 is a completion sharing the prompt of the
+    sequence before it (`packing.pack_groups`): its prefix is that sequence's first p tokens.
+    """
+    if _layout_cache[0] is position_ids:
+        return _layout_cache[1]
     pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-    bounds = [0, *starts.tolist(), pos.shape[0]]
-    _bounds_cache[:] = [position_ids, bounds]
-    return bounds
+    starts = torch.cat([pos.new_zeros(1), torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1])
+    host = torch.cat([starts, pos[starts]]).tolist()  # one read: where each run starts, and at which position
+    bounds, first_positions = host[: len(host) // 2] + [pos.shape[0]], host[len(host) // 2 :]
+    runs = []
+    head_start = head_end = head_first = 0  # the run that began the current sequence
+    for index, (start, end, first) in enumerate(zip(bounds, bounds[1:], first_positions)):
+        if first == 0 or index == 0:  # a row may also begin mid-sequence: then it is a plain causal run
+            head_start, head_end, head_first = start, end, first
+            runs.append((start, end, start, start))
+            continue
+        if head_first != 0 or first > head_end - head_start:
+            raise ValueError(
+                f"packed row: the run at {start} continues from position {first}, but its sequence's first run "
+                f"does not hold positions 0..{first - 1}"
+            )
+        runs.append((start, end, head_start, head_start + first))
+    _layout_cache[:] = [position_ids, runs]
+    return runs
+
+
+def has_shared_prefix(runs: list[tuple[int, int, int, int]]) -> bool:
+    return any(prefix_end > prefix_start for _, _, prefix_start, prefix_end in runs)
+
+
+def _layout_vectors(runs, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query token: where its run starts, and its prefix's [start, end)."""
+    lengths = torch.tensor([end - start for start, end, _, _ in runs], device=device)
+    per_run = torch.tensor([[start, ps, pe] for start, _, ps, pe in runs], device=device)
+    run_start, prefix_start, prefix_end = torch.repeat_interleave(per_run, lengths, dim=0).unbind(1)
+    return run_start, prefix_start, prefix_end
+
+
+def layout_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The row's dense `[1, 1, T, T]` bool mask, True where a query may attend a key."""
+    t = position_ids.shape[1]
+    run_start, prefix_start, prefix_end = _layout_vectors(row_layout(position_ids), position_ids.device)
+    q = torch.arange(t, device=position_ids.device)[:, None]
+    kv = torch.arange(t, device=position_ids.device)[None, :]
+    own = (kv >= run_start[:, None]) & (kv <= q)
+    prefix = (kv >= prefix_start[:, None]) & (kv < prefix_end[:, None])
+    return (own | prefix)[None, None]
+
+
+def supports_shared_prefix(config) -> bool:
+    """Whether a model can run rows whose completions share a prompt: its attention either reads the
+    layout from position_ids (`PACKED_SDPA`) or takes it as a dense mask (sdpa, eager). flash_attention_2
+    sees only whole sequences, and a sliding window would need its own mask."""
+    return config._attn_implementation in (PACKED_SDPA, "sdpa", "eager") and not uses_sliding_window(config)
+
+
+def shared_prefix_mask(config, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """What a row with shared prompts passes as attention_mask: None where `PACKED_SDPA` reads the layout
+    itself, else the dense mask, as bool for sdpa and additive in `dtype` for eager (which adds it)."""
+    implementation = config._attn_implementation
+    if not supports_shared_prefix(config):
+        raise ValueError(f"attn_implementation={implementation}: cannot attend a shared prompt's completions")
+    if implementation == PACKED_SDPA and packed_path(position_ids.device) != "sdpa":
+        return None
+    mask = layout_mask(position_ids)
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def _flex_attention():
@@ -94,7 +163,7 @@ _compiled_flex = []
 _flex_failed: list = []
 
 
-def _flex(query, key, value, bounds, scaling):
+def _flex(query, key, value, runs, scaling):
     from torch.nn.attention.flex_attention import create_block_mask
 
     if not _compiled_flex:
@@ -102,16 +171,36 @@ def _flex(query, key, value, bounds, scaling):
         flex = _flex_attention()
         _compiled_flex.append(torch.compile(flex) if query.is_cuda else flex)
     t = query.shape[2]
-    lengths = torch.tensor([e - s for s, e in zip(bounds, bounds[1:])], device=query.device)
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=query.device), lengths)
+    run_start, prefix_start, prefix_end = _layout_vectors(runs, query.device)
 
-    def causal_within_sequence(b, h, q_idx, kv_idx):
-        return (seq_id[q_idx] == seq_id[kv_idx]) & (q_idx >= kv_idx)
+    def within_run_or_prefix(b, h, q_idx, kv_idx):
+        own = (kv_idx >= run_start[q_idx]) & (kv_idx <= q_idx)
+        return own | ((kv_idx >= prefix_start[q_idx]) & (kv_idx < prefix_end[q_idx]))
 
     # Compiled on CUDA so that the [T, T] predicate is never materialised, only its [T/128, T/128] block map.
-    block_mask = create_block_mask(causal_within_sequence, None, None, t, t, device=query.device, _compile=query.is_cuda)
+    block_mask = create_block_mask(within_run_or_prefix, None, None, t, t, device=query.device, _compile=query.is_cuda)
     groups = query.shape[1] // key.shape[1]
     return _compiled_flex[0](query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+
+
+def _per_run(query, key, value, runs, dropout, scaling):
+    """One SDPA call per run: causal on its own tokens, after the prefix's keys when it has one."""
+    outputs = []
+    for start, end, prefix_start, prefix_end in runs:
+        q = query[:, :, start:end]
+        if prefix_end == prefix_start:
+            outputs.append(torch.nn.functional.scaled_dot_product_attention(
+                q, key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling, is_causal=True
+            ))
+            continue
+        k = torch.cat([key[:, :, prefix_start:prefix_end], key[:, :, start:end]], dim=2)
+        v = torch.cat([value[:, :, prefix_start:prefix_end], value[:, :, start:end]], dim=2)
+        # Causal aligned to the bottom right: every query sees the whole prefix and its run up to itself.
+        mask = torch.ones(end - start, k.shape[2], dtype=torch.bool, device=q.device).tril(prefix_end - prefix_start)
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling
+        ))
+    return torch.cat(outputs, dim=2)  # [1, Hq, T, D]
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -122,16 +211,17 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
     if not plain or position_ids is None or path == "sdpa":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if path == "flash":
+    runs = row_layout(position_ids)
+    # flash-attn's varlen kernel takes whole sequences only: rows with shared prompts go per run.
+    if path == "flash" and not has_shared_prefix(runs):
         from transformers.integrations.flash_attention import flash_attention_forward
 
         return flash_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
-    bounds = sequence_bounds(position_ids)
     if path == "flex" and not _flex_failed:
         if dropout:
             raise ValueError("flex_attention takes no attention dropout; set OPD_PACKED_ATTENTION=per_sequence")
         try:
-            return _flex(query, key, value, bounds, scaling).transpose(1, 2).contiguous(), None
+            return _flex(query, key, value, runs, scaling).transpose(1, 2).contiguous(), None
         except Exception as exc:  # a torch/triton pair whose flex compile fails: same math, one call per sequence
             _flex_failed.append(exc)
             warnings.warn(f"flex_attention failed ({type(exc).__name__}: {exc}); packed rows now run one SDPA call "
@@ -139,16 +229,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = torch.cat(
-        [
-            torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True
-            )
-            for s, e in zip(bounds, bounds[1:])
-        ],
-        dim=2,
-    )  # [1, Hq, T, D]
-    return out.transpose(1, 2).contiguous(), None
+    return _per_run(query, key, value, runs, dropout, scaling).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)

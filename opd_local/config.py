@@ -57,6 +57,12 @@ class ModelConfig:
         "teacher scoring: each privileged prompt runs once and its KV cache serves the group's K completions "
         "(a sharded teacher always packs every completion with its own copy of the prompt)",
     )
+    student_shared_prefix: bool = knob(
+        True,
+        "training forward: a group's K completions follow one copy of the student prompt, each attending to the prompt "
+        "and itself (P + K*C tokens instead of K*(P+C)); the same loss and gradients as one copy per completion, "
+        "which attn_implementation=flash_attention_2 and sliding-window models always get",
+    )
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16"] = knob(
         "auto",
@@ -139,8 +145,8 @@ class OptimConfig:
     grad_clip: float = knob(1.0, "max global gradient norm (0 = off)", ge=0)
     micro_batch_tokens: int = knob(
         0,
-        "token budget of one packed micro-batch (prompt + completion); 0 = 1024 on CPU, where the dense "
-        "block-diagonal mask grows with the square of the row, and 16384 on CUDA", ge=0
+        "token budget of one packed micro-batch (the tokens of its row: a shared student prompt counts once); "
+        "0 = 1024 on CPU and 16384 on CUDA", ge=0
     )
 
 
@@ -368,8 +374,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], source: s
 # would continue another run from this one's weights and data cursor.
 FIXED_ON_RESUME = ("model.", "data.", "run.seed")
 CHANGEABLE_ON_RESUME = (
-    "model.teacher_placement", "model.teacher_offload_dir", "model.teacher_shared_prefix", "model.attn_implementation",
-    "model.cache_dir",
+    "model.teacher_placement", "model.teacher_offload_dir", "model.teacher_shared_prefix", "model.student_shared_prefix",
+    "model.attn_implementation", "model.cache_dir",
 )
 
 

@@ -20,7 +20,7 @@ from opd_local.checkpoint import apply_optim_config, load_training_state, save_f
 from opd_local.config import Config, check_config, micro_batch_tokens
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
-from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
+from opd_local.loss import needs_teacher_hidden
 from opd_local.metrics import MetricsLogger, device_clock, timed
 from opd_local.models import (
     FrozenTeacher,
@@ -28,14 +28,14 @@ from opd_local.models import (
     load_frozen_teacher,
     load_student,
 )
-from opd_local.packing import pack_sequences, split_by_token_budget, to_device
-from opd_local.precision import PrecisionPolicy, resolve_precision
+from opd_local.precision import resolve_precision
 from opd_local.report import write_report
 from opd_local.run_directory import check_run_directory, start_run_directory
-from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
+from opd_local.rollouts import attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import make_sampler, rollout_seeds
 from opd_local.sync import WeightSync
+from opd_local.training import train_on_rollouts
 
 
 def train(cfg: Config) -> Path:
@@ -206,67 +206,3 @@ def build_optimizer(student, cfg: Config):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.optim.warmup_steps + 1)))
     return optimizer, scheduler
-
-
-def train_on_rollouts(
-    student, optimizer, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, teacher_head=None
-) -> dict[str, float]:
-    """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
-    local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
-    n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
-    student = parallel.as_distributed(student)
-    device = next(student.parameters()).device
-    optimizer.zero_grad(set_to_none=True)
-    if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
-        return {"optim/skipped": 1.0}
-    # loss, sum |student_lp - rollout_lp|: summed on the device and read once after the step, since a
-    # read per micro-batch would hold the host until that micro-batch's kernels had run.
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
-    micro_batches = split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)) if kept else []
-    # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
-    # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
-    passes = dist.all_reduce_max(len(micro_batches))
-    for i in range(passes):
-        members = [kept[j] for j in micro_batches[i]] if i < len(micro_batches) else []
-        batch, teacher_lp, rollout_lp, teacher_hidden = _pack_rollouts(members, device, teacher_head)
-        divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
-        divisors = to_device(divisors, device) if isinstance(divisors, torch.Tensor) else divisors
-        with parallel.gradient_sync(student, enabled=i == passes - 1):
-            with precision.autocast():
-                loss, student_lp = student(
-                    opd_micro_batch_loss, batch, teacher_lp, rollout_lp, cfg.loss, divisors, cfg.rollout.temperature,
-                    teacher_hidden, teacher_head, precision.compute,
-                )
-            (loss if members else 0.0 * loss).backward()
-        if members:
-            sums += torch.stack([loss.detach(), (student_lp.detach() - rollout_lp).abs().sum()]).double()
-    params = [p for p in student.parameters() if p.requires_grad]
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)
-    totals = dist.all_reduce_sum(sums)
-    return {
-        "opd/loss": float(totals[0]),
-        "rollout/trainer_lp_mismatch": float(totals[1]) / n_active,
-        "optim/grad_norm": float(grad_norm),
-        "optim/skipped": 0.0,
-    }
-
-
-def _pack_rollouts(members: list[Rollout], device: torch.device, teacher_head):
-    """The packed micro-batch and its per-token teacher_lp, rollout_lp and teacher hidden states.
-
-    No members (an idle pass) gives one placeholder token, so that the pass still runs every layer.
-    """
-    if not members:
-        batch = pack_sequences([[0]], [[0]]).to(device)
-        zero = torch.zeros(1, device=device)
-        hidden = None if teacher_head is None else torch.zeros(1, teacher_head.shape[1], device=device)
-        return batch, zero, zero, hidden
-    batch = pack_sequences([r.group.student_prompt_ids for r in members], [r.completion_ids for r in members]).to(device)
-    teacher_lp = to_device(torch.cat([r.teacher_lp for r in members]), device)
-    rollout_lp = to_device(torch.cat([r.rollout_lp for r in members]), device)
-    teacher_hidden = torch.cat([r.teacher_hidden for r in members]) if teacher_head is not None else None
-    return batch, teacher_lp, rollout_lp, teacher_hidden

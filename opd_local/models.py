@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from opd_local.attention import model_attention
+from opd_local.attention import model_attention, shared_prefix_mask
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -226,20 +226,25 @@ def lm_head_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Last-layer hidden states of one packed row: `[1, T, H]`.
 
     No attention mask and `use_cache=False`: transformers then infers block-diagonal attention
     from the restarting `position_ids`. With a cache, that detection is skipped and later
-    sequences silently attend to earlier ones.
+    sequences silently attend to earlier ones. A `[1, 1, T, T]` mask, when given, replaces that inference.
     """
-    out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
 
 def active_hidden_states(model, batch) -> torch.Tensor:
     """Hidden states at the packed batch's active positions, `[N_active, H]`."""
-    hidden = final_hidden_states(model, batch.input_ids, batch.position_ids)[0]  # [T, H]
+    mask = None
+    if batch.shared_prefix:  # transformers would take each completion after the first for a new sequence
+        mask = shared_prefix_mask(model.config, batch.position_ids, next(model.parameters()).dtype)
+    hidden = final_hidden_states(model, batch.input_ids, batch.position_ids, mask)[0]  # [T, H]
     return hidden.index_select(0, batch.logit_positions)
 
 

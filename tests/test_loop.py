@@ -16,6 +16,7 @@ from opd_local.packing import pack_sequences
 from opd_local.precision import PrecisionPolicy
 from opd_local.rollouts import Rollout
 from opd_local.scoring import packed_token_logprobs, score_completions
+from opd_local.training import pack_micro_batch, plan_micro_batches
 
 # The weights' own float64 throughout: what the exact gradient tests run under.
 FP64 = PrecisionPolicy("cpu", torch.float64, torch.float64, torch.float64, torch.float64, "test: float64")
@@ -154,6 +155,82 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tokenizer):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-12, rtol=1e-9, msg=name)
+
+
+def _group_rollouts(student, tokenizer):
+    """Three groups of 3 (ragged, one of a single token), 1 and 2 completions, their members interleaved
+    as a step's rollouts can be; rollout_lp is the student's own unshared logprob."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)["input_ids"]
+        for text in ("2+2?", "Name a colour.", "Count to three.")
+    ]
+    groups = []
+    for i, text in enumerate(("2+2?", "Name a colour.", "Count to three.")):
+        row = PrivilegedRow(f"r{i}", ({"role": "user", "content": text},), ({"role": "user", "content": text},), None, None)
+        groups.append(PromptGroup(row, prompts[i], prompts[i]))
+    rollouts = []
+    for i, length in [(0, 9), (1, 5), (0, 1), (2, 7), (0, 14), (2, 3)]:
+        completion = torch.randint(0, len(tokenizer), (length,), generator=g).tolist()
+        (own_lp,) = score_completions(student, [prompts[i]], [completion], micro_batch_tokens=10_000).logprobs
+        teacher_lp = own_lp + 0.5 * torch.randn(length, generator=g)
+        rollouts.append(Rollout(i, groups[i], completion, own_lp, "length", teacher_lp))
+    return rollouts
+
+
+@pytest.mark.parametrize("implementation,path", [("sdpa", "per_sequence"), ("sdpa", "sdpa"), ("eager", "")])
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_student_shared_prefix_gives_the_unshared_loss_and_gradients(
+    tiny_model_dir, tokenizer, monkeypatch, float64_norms, implementation, path, normalize
+):
+    """The prompt once per group, its K completions behind it: the same loss and the same gradient of
+    every parameter as one prompt copy per completion (float64). Budgets: everything in one
+    micro-batch; groups whole but one per micro-batch; groups cut into parts."""
+    monkeypatch.setenv("OPD_PACKED_ATTENTION", path)
+    student = load_causal_lm(tiny_model_dir, ModelConfig(attn_implementation=implementation), torch.float64, torch.device("cpu"))
+    rollouts = _group_rollouts(student, tokenizer)
+    longest_group = 3 * 41 + 9 + 1 + 14  # P < 41 for every prompt here
+    # relative: eager takes its softmax in fp32 whatever the model's dtype
+    tolerance = 1e-6 if implementation == "eager" else 1e-12
+    for budget in (100_000, longest_group, 45):
+        results = {}
+        for shared in (False, True):
+            model = copy.deepcopy(student)
+            cfg = Config()
+            cfg.model.student_shared_prefix = shared
+            cfg.loss.normalize = normalize
+            cfg.optim.micro_batch_tokens = budget
+            optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+            stats = train_on_rollouts(model, optimizer, rollouts, cfg, FP64)
+            results[shared] = stats, {n: p.grad for n, p in model.named_parameters()}
+        (stats_u, grads_u), (stats_s, grads_s) = results[False], results[True]
+        # the same student_lp: rollout_lp is rounded to fp32 by scoring, identically on both sides
+        lp_tolerance = 1e-8 if implementation == "eager" else 1e-14
+        assert stats_s["rollout/trainer_lp_mismatch"] == pytest.approx(stats_u["rollout/trainer_lp_mismatch"], abs=lp_tolerance)
+        assert stats_s["opd/loss"] == pytest.approx(stats_u["opd/loss"], rel=tolerance, abs=1e-15)
+        assert stats_s["optim/grad_norm"] > 0
+        for name, grad in grads_u.items():
+            error = float((grads_s[name] - grad).abs().max())
+            assert error <= tolerance * float(grad.abs().max()), f"budget {budget}: {name} off by {error}"
+
+
+def test_micro_batch_plan_counts_the_shared_layout(tiny_model_dir, tokenizer):
+    """Groups stay whole in a micro-batch when they fit; each micro-batch's real row fits the budget, and
+    a group cut into parts carries its prompt in each."""
+    student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    rollouts = _group_rollouts(student, tokenizer)
+    prompt = {r.group_index: len(r.group.student_prompt_ids) for r in rollouts}
+    whole = plan_micro_batches(rollouts, 100_000, shared_prefix=True)
+    assert [[[r.group_index for r in seg] for seg in batch] for batch in whole] == [[[0, 0, 0], [1], [2, 2]]]
+    budget = prompt[0] + 14 + 9  # group 0 (P + 24) does not fit: cut in two
+    plan = plan_micro_batches(rollouts, budget, shared_prefix=True)
+    for batch in plan:
+        row = pack_micro_batch(batch, torch.device("cpu")).row
+        assert row.input_ids.shape[1] <= budget
+        assert row.input_ids.shape[1] == sum(prompt[seg[0].group_index] + sum(len(r.completion_ids) for r in seg) for seg in batch)
+    segments = [[len(r.completion_ids) for r in seg] for batch in plan for seg in batch if seg[0].group_index == 0]
+    assert segments == [[9, 1], [14]]
+    assert sorted(id(r) for b in plan for seg in b for r in seg) == sorted(id(r) for r in rollouts)
 
 
 def test_mismatched_teacher_tokenizer_is_refused(tiny_model_dir, tmp_path, tokenizer):
