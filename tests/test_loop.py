@@ -204,8 +204,9 @@ def test_student_shared_prefix_gives_the_unshared_loss_and_gradients(
             stats = train_on_rollouts(model, optimizer, rollouts, cfg, FP64)
             results[shared] = stats, {n: p.grad for n, p in model.named_parameters()}
         (stats_u, grads_u), (stats_s, grads_s) = results[False], results[True]
-        # the same student_lp: rollout_lp is rounded to fp32 by scoring, identically on both sides
-        lp_tolerance = 1e-8 if implementation == "eager" else 1e-14
+        # the same student_lp: rollout_lp is rounded to fp32 by scoring, identically on both sides;
+        # eager's fp32 softmax leaves each logprob within a few 1e-7 of float64, in either layout
+        lp_tolerance = 1e-6 if implementation == "eager" else 1e-14
         assert stats_s["rollout/trainer_lp_mismatch"] == pytest.approx(stats_u["rollout/trainer_lp_mismatch"], abs=lp_tolerance)
         assert stats_s["opd/loss"] == pytest.approx(stats_u["opd/loss"], rel=tolerance, abs=1e-15)
         assert stats_s["optim/grad_norm"] > 0
