@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from opd_local.config import Config, micro_batch_tokens
+from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loop import build_optimizer, train_on_rollouts
 from opd_local.models import lm_head_weight, load_causal_lm
 from opd_local.rollouts import attach_teacher_scores, build_rollouts
 from opd_local.sampler import HFSampler
 from opd_local.precision import resolve_precision
 from opd_local.scoring import score_completions
-from opd_local.sync import push_weights
+from opd_local.sync import push_model_weights
 from opd_local.vllm_sampler import VLLMSampler
 from workload import add_workload_args, load_workload
 
@@ -122,7 +122,7 @@ def opd_local_stages(work, args, policy, completions_from=None):
         cfg.loss.objective = objective
         head = lm_head_weight(teacher).detach() if objective == "full_rkl" else None
         row["train"] = median_seconds(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy, head), args.repeats)
-        row["push"] = median_seconds(lambda: push_weights(engine, trained), args.repeats)
+        row["push"] = median_seconds(lambda: push_model_weights(engine, trained), args.repeats)
         row["sample"] = main_row["sample"]
         del trained, optimizer
     cfg.loss.objective = "sampled_rkl"
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     work = load_workload(args)
     cfg, device = work.cfg, work.device
-    cfg.optim.micro_batch_tokens = micro_batch_tokens(cfg.optim, device.type)
+    cfg.optim.micro_batch_tokens = resolve_micro_batch_tokens(cfg.optim, device.type)
     seconds: dict[str, dict[str, float]] = {}
     extras = {}
     completions = kept = None

@@ -144,7 +144,8 @@ class OptimConfig:
     )
 
 
-def micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
+def resolve_micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
+    """`optim.micro_batch_tokens`, with 0 resolved by the device type."""
     if optim.micro_batch_tokens > 0:
         return optim.micro_batch_tokens
     return 16384 if device_type == "cuda" else 1024

@@ -21,7 +21,7 @@ from opd_local.data import PromptGroup, extract_final_answer, normalize_answer
 from opd_local import parallel
 from opd_local.models import FrozenTeacher
 from opd_local.sampler import HFSampler, Sampler
-from opd_local.sync import push_weights
+from opd_local.sync import push_model_weights
 
 TRACE_CACHE = "trace_cache.json"
 TRACE_RECORDS = "trace_eval.jsonl"
@@ -128,11 +128,11 @@ def teacher_greedy(sampler: Sampler, teacher: FrozenTeacher, student, eos_token_
 
     def generate_with_engine(prompts, max_tokens):
         with teacher.scope():
-            push_weights(sampler, teacher.model)
+            push_model_weights(sampler, teacher.model)
         try:
             return sampler.greedy(prompts, max_tokens)
         finally:
-            push_weights(sampler, student)
+            push_model_weights(sampler, student)
 
     return generate_with_engine
 
@@ -179,7 +179,7 @@ def build_teacher_traces(
     completions = generate_greedy([g.teacher_prompt_ids for _, g in flat], max_tokens)
     keep = [(split, g, c) for (split, g), c in zip(flat, completions) if c.token_ids]
     with teacher.scope():
-        teacher_lps = parallel.score(
+        teacher_lps = parallel.score_completions_distributed(
             teacher.model,
             [g.teacher_prompt_ids for _, g, _ in keep],
             [c.token_ids for _, _, c in keep],
@@ -211,7 +211,7 @@ def evaluate_traces(
     student, traces: list[TeacherTrace], micro_batch_tokens: int, compute_dtype: torch.dtype | None = None
 ) -> tuple[dict[str, float], list[dict]]:
     """Token-weighted trace gaps per split, and one record per row."""
-    student_lps = parallel.score(
+    student_lps = parallel.score_completions_distributed(
         student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces],
         micro_batch_tokens=micro_batch_tokens, compute_dtype=compute_dtype,
     ).logprobs

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from opd_local import dist, parallel
 from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
-from opd_local.config import Config, check_config, micro_batch_tokens
+from opd_local.config import Config, check_config, resolve_micro_batch_tokens
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import needs_teacher_hidden, opd_micro_batch_loss, token_divisors
@@ -76,7 +76,7 @@ def train(cfg: Config) -> Path:
     optimizer, scheduler = build_optimizer(student, cfg)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
     weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
-    token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
+    token_budget = resolve_micro_batch_tokens(cfg.optim, ctx.device.type)
     cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
     if resume:
         progress = load_training_state(resume.checkpoint, student, optimizer, scheduler, ctx)
@@ -133,7 +133,7 @@ def train(cfg: Config) -> Path:
             rollouts = build_rollouts(step_groups, completions)
             scorable = [r for r in rollouts if r.kept]
             with teacher.scope():
-                teacher_scores = parallel.score(
+                teacher_scores = parallel.score_completions_distributed(
                     teacher.model,
                     # plain: the control, the teacher on the student's own prompt; the gain over it is what
                     # the privileged context adds.
@@ -212,7 +212,7 @@ def train_on_rollouts(
     # read per micro-batch would hold the host until that micro-batch's kernels had run.
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     lengths = [len(r.group.student_prompt_ids) + len(r.completion_ids) for r in kept]
-    micro_batches = split_by_token_budget(lengths, micro_batch_tokens(cfg.optim, device.type)) if kept else []
+    micro_batches = split_by_token_budget(lengths, resolve_micro_batch_tokens(cfg.optim, device.type)) if kept else []
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
     # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
     passes = dist.all_reduce_max(len(micro_batches))

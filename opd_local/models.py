@@ -149,7 +149,7 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def engine_weights(model, only=None):
+def merged_named_weights(model, only=None):
     """`(name, tensor)` pairs in the plain checkpoint layout an inference engine loads.
 
     For a PEFT model the LoRA deltas are added to the base weights (PEFT's own `get_delta_weight`)
@@ -182,8 +182,8 @@ def engine_weights(model, only=None):
         yield f"{module_name}.{leaf}", weight
 
 
-def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `engine_weights(model)`, read without touching the values (so no gathering)."""
+def merged_weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of `merged_named_weights(model)`, read without touching the values (so no gathering)."""
     base = model.get_base_model() if is_peft_model(model) else model
     return {
         name.replace(".base_layer.", "."): tuple(param.shape)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from opd_local import dist
 from opd_local.cli import run_refusing
-from opd_local.config import micro_batch_tokens, parse_config
+from opd_local.config import resolve_micro_batch_tokens, parse_config
 from opd_local.data import GroupStream
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.models import FrozenTeacher, load_causal_lm, load_frozen_teacher
@@ -36,7 +36,7 @@ def main() -> None:
     teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, precision.teacher, ctx.device))
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
     evaluator = Evaluator(
-        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, micro_batch_tokens(cfg.optim, ctx.device.type),
+        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, resolve_micro_batch_tokens(cfg.optim, ctx.device.type),
         compute_dtype=precision.compute,
     )
     evaluator.prepare(
