@@ -34,7 +34,8 @@ from opd_local.report import write_report
 from opd_local.run_directory import check_run_directory, start_run_directory
 from opd_local.rollouts import Rollout, attach_teacher_scores, build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import make_sampler, rollout_seeds
+from opd_local.engines import make_sampler
+from opd_local.sampler import rollout_seeds
 from opd_local.sync import WeightSync
 
 

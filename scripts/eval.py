@@ -18,7 +18,7 @@ from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.models import FrozenTeacher, load_causal_lm, load_frozen_teacher
 from opd_local.precision import resolve_precision
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import make_sampler
+from opd_local.engines import make_sampler
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def test_help_lists_every_knob():
 
 def test_unavailable_sampler_says_how_to_install(monkeypatch):
     import opd_local.vllm_sampler as vllm_sampler
-    from opd_local.sampler import make_sampler
+    from opd_local.engines import make_sampler
 
     monkeypatch.setattr(vllm_sampler, "vllm_available", lambda: False)
     cfg = Config()
