@@ -26,7 +26,7 @@ import torch
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loop import build_optimizer, train_on_rollouts
 from opd_local.models import lm_head_weight, load_causal_lm
-from opd_local.rollouts import attach_teacher_scores, build_rollouts
+from opd_local.rollouts import build_rollouts
 from opd_local.sampler import HFSampler
 from opd_local.precision import resolve_precision
 from opd_local.scoring import score_completions
@@ -115,7 +115,9 @@ def opd_local_stages(work, args, policy, completions_from=None):
     # The same scoring with every completion packed behind its own copy of the privileged prompt.
     packed_score = median_seconds(lambda: score(shared_prefix=False), args.repeats)
     full_row["score"] = median_seconds(lambda: score(True), args.repeats)
-    attach_teacher_scores(rollouts, *score(True))
+    scores = score(True)
+    for rollout, teacher_lp, teacher_hidden in zip(kept, scores.logprobs, scores.hiddens):
+        rollout.record_teacher_scores(teacher_lp, teacher_hidden)
     for row, objective in ((main_row, "sampled_rkl"), (full_row, "full_rkl")):
         trained = copy.deepcopy(student)
         optimizer, _ = build_optimizer(trained, cfg)

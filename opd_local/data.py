@@ -6,9 +6,7 @@ prompt (the same + the worked solution + the pinned `Final: <answer>` line). The
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -485,68 +483,3 @@ def tokenize_groups(
     if rows and not groups:
         raise DataError(f"{problems[0]}; all {len(rows)} rows are over-long, nothing left to train on")
     return groups, dropped
-
-
-# ---------------------------------------------------------------- stream
-
-
-class GroupStream:
-    """A deterministic stream of PromptGroups: each epoch visits every group once, shuffled with seed + epoch."""
-
-    def __init__(self, groups: list[PromptGroup], seed: int, shuffle: bool = True):
-        if not groups:
-            raise ValueError("GroupStream needs at least one prompt group")
-        self.groups = list(groups)
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.position = 0
-        # Detects a resume against different data, which could not reproduce the run: the rows' ids and
-        # their content, as both prompts' token ids (so a changed row or tokenizer counts too).
-        digest = hashlib.sha256()
-        for g in self.groups:
-            digest.update(json.dumps([g.row.row_id, g.student_prompt_ids, g.teacher_prompt_ids]).encode())
-        self.fingerprint = digest.hexdigest()[:16]
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.groups)))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        return order
-
-    def next_groups(self, n: int) -> list[PromptGroup]:
-        out = []
-        while len(out) < n:
-            if self.position == len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._epoch_order(self.epoch)
-            take = min(n - len(out), len(self._order) - self.position)
-            out.extend(self.groups[i] for i in self._order[self.position : self.position + take])
-            self.position += take
-        return out
-
-    def first_groups(self, n: int) -> list[PromptGroup]:
-        """The first `n` groups of epoch 0: the rows a run trains on first, whatever it has drawn so far."""
-        return [self.groups[i] for i in self._epoch_order(0)[:n]]
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "fingerprint": self.fingerprint,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "shuffle", "fingerprint"):
-            if state[key] != getattr(self, key):
-                what = "the training rows (ids or content) differ from the checkpoint's" if key == "fingerprint" else f"data stream {key}"
-                raise ValueError(
-                    f"cannot resume: {what} ({key} was {state[key]!r}, now {getattr(self, key)!r}); a resume must read the same rows"
-                )
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._order = self._epoch_order(self.epoch)

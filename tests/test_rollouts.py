@@ -5,7 +5,7 @@ import math
 import torch
 
 from opd_local.data import PrivilegedRow, PromptGroup
-from opd_local.rollouts import attach_teacher_scores, build_rollouts, count_groups
+from opd_local.rollouts import build_rollouts, count_groups
 from opd_local.sampler import Completion
 
 
@@ -24,7 +24,8 @@ def test_malformed_completions_are_dropped_and_groups_counted():
     ]
     rollouts = build_rollouts(groups, completions)
     assert [r.drop_reason for r in rollouts] == [None, "rollout_lp_nonfinite", "rollout_lp_count", "empty_completion", None]
-    attach_teacher_scores(rollouts, [torch.tensor([-0.5, -0.5]), torch.tensor([-1.0, -math.inf, -1.0])])
+    rollouts[0].record_teacher_scores(torch.tensor([-0.5, -0.5]))
+    rollouts[4].record_teacher_scores(torch.tensor([-1.0, -math.inf, -1.0]))
     assert rollouts[4].drop_reason == "teacher_lp_nonfinite"
     assert torch.equal(rollouts[0].teacher_lp, torch.tensor([-0.5, -0.5]))
     counts = count_groups(len(groups), rollouts)
