@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from opd_local.data import PromptGroup, extract_final_answer, normalize_answer
 from opd_local import parallel
+from opd_local.answers import FINAL_LINE, answers_match
+from opd_local.data import PromptGroup
 from opd_local.metrics import span
 from opd_local.sampler import HFSampler, Sampler
 from opd_local.sync import push_model_weights
@@ -25,9 +25,6 @@ from opd_local.teacher import Teacher
 
 TRACE_CACHE = "trace_cache.json"
 TRACE_RECORDS = "trace_eval.jsonl"
-
-# A "Final:" line, tolerating the markdown small models wrap around it.
-_FINAL_LINE = re.compile(r"^[ \t*`_]*Final[ \t]*:[^\n]*", re.MULTILINE)
 
 
 @dataclass
@@ -44,7 +41,7 @@ class TeacherTrace:
 def _span_by_decoding(ids: list[int], tokenizer) -> tuple[int, int] | None:
     """Map the last `Final:` line's characters back to tokens by decoding growing prefixes."""
     text = tokenizer.decode(ids)
-    matches = list(_FINAL_LINE.finditer(text))
+    matches = list(FINAL_LINE.finditer(text))
     if not matches:
         return None
     start_char, end_char = matches[-1].start(), matches[-1].end()
@@ -135,11 +132,6 @@ def teacher_greedy(sampler: Sampler, teacher: Teacher, student, eos_token_id: in
             push_model_weights(sampler, student)
 
     return generate_with_engine
-
-
-def answers_match(completion_text: str, answer: str | None) -> bool:
-    predicted = extract_final_answer(completion_text)
-    return answer is not None and predicted is not None and predicted == normalize_answer(answer)
 
 
 def _cache_key(groups_by_split: dict[str, list[PromptGroup]], teacher_name: str, max_tokens: int, compute_dtype) -> str:

@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from opd_local.config import ModelConfig
-from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.answers import answers_match
+from opd_local.data import PromptGroup
 from opd_local.evaluation import (
     TeacherTrace,
-    answers_match,
     build_teacher_traces,
     evaluate_traces,
     final_answer_span,
     trace_gaps,
 )
 from opd_local.models import load_causal_lm
+from opd_local.rows import PrivilegedRow
 from opd_local.sampler import Completion
 from opd_local.teacher import Teacher
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from opd_local.config import Config, LossConfig, ModelConfig
-from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.data import PromptGroup
+from opd_local.rows import PrivilegedRow
 from opd_local.loop import train, train_on_rollouts
 from opd_local.loss import opd_micro_batch_loss
 from opd_local.metrics import read_metrics, span

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from opd_local.config import ModelConfig
-from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.data import PromptGroup
+from opd_local.rows import PrivilegedRow
 from opd_local.models import load_causal_lm
 from opd_local.rollouts import build_rollouts
 from opd_local.sampler import Completion
