@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from opd_local import dist, parallel
 from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
-from opd_local.config import Config, check_config, resolve_micro_batch_tokens
+from opd_local.config import Config, resolve_micro_batch_tokens
+from opd_local.config_parsing import check_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import opd_micro_batch_loss, token_divisors

@@ -75,23 +75,24 @@ class GroupStream:
         self._order = self._epoch_order(self.epoch)
 
 
+# Each run total and the per-step metric (summed over ranks) it adds up.
+TOTALS_OF = {
+    "groups/sampled_total": "groups/sampled",
+    "groups/filtered_total": "groups/filtered",
+    "groups/failed_total": "groups/failed",
+    "opd/active_tokens_total": "opd/active_tokens",
+}
+
+
 class RunTotals:
     """Totals over every step so far, logged each step as the `_total` metrics (docs/design.md, "Metrics")."""
 
-    # each total and the per-step metric (summed over ranks) it adds up
-    SUMS = {
-        "groups/sampled_total": "groups/sampled",
-        "groups/filtered_total": "groups/filtered",
-        "groups/failed_total": "groups/failed",
-        "opd/active_tokens_total": "opd/active_tokens",
-    }
-
     def __init__(self):
-        self.totals = {name: 0 for name in self.SUMS}
+        self.totals = {name: 0 for name in TOTALS_OF}
 
     def add(self, step_metrics: dict[str, float]) -> dict[str, int]:
         """Add one step's counts; returns the totals as metrics."""
-        for name, per_step in self.SUMS.items():
+        for name, per_step in TOTALS_OF.items():
             self.totals[name] += int(step_metrics[per_step])
         return dict(self.totals)
 
@@ -99,7 +100,7 @@ class RunTotals:
         return dict(self.totals)
 
     def load_state_dict(self, state: dict) -> None:
-        missing = set(self.SUMS) - set(state)
+        missing = set(TOTALS_OF) - set(state)
         if missing:
             raise ValueError(f"cannot resume: the checkpoint's run totals lack {sorted(missing)}")
-        self.totals = {name: int(state[name]) for name in self.SUMS}
+        self.totals = {name: int(state[name]) for name in TOTALS_OF}

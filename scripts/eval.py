@@ -12,7 +12,8 @@ from pathlib import Path
 
 from opd_local import dist
 from opd_local.cli import run_refusing
-from opd_local.config import parse_config, resolve_micro_batch_tokens
+from opd_local.config import resolve_micro_batch_tokens
+from opd_local.config_parsing import parse_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.models import load_causal_lm

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from opd_local.config import Config, ConfigError, check_config, parse_config
+from opd_local.config import Config, ConfigError
+from opd_local.config_parsing import check_config, parse_config
 
 
 def test_cli_overrides_yaml_which_overrides_defaults(tmp_path):

@@ -8,7 +8,12 @@ import pytest
 
 from opd_local.answers import extract_final_answer, normalize_answer
 from opd_local.config import DataConfig
-from opd_local.data import PromptGroup, load_rows, load_train_and_heldout, tokenize_groups
+from opd_local.data import (
+    PromptGroup,
+    load_rows,
+    load_train_and_heldout,
+    tokenize_groups,
+)
 from opd_local.progress import GroupStream
 from opd_local.rows import DataError
 from opd_local.tasks.gsm8k import to_row as gsm8k_to_row

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from opd_local.config import ModelConfig
 from opd_local.answers import answers_match
+from opd_local.config import ModelConfig
 from opd_local.data import PromptGroup
 from opd_local.evaluation import (
     TeacherTrace,

@@ -72,7 +72,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_opd_local_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert "opd_local.loop" in graph and graph["opd_local.loop"], "the walk found no imports: it reads nothing"
+    assert graph.get("opd_local.loop"), "the walk found no imports: it reads nothing"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 
 from opd_local.config import Config, LossConfig, ModelConfig
 from opd_local.data import PromptGroup
-from opd_local.rows import PrivilegedRow
 from opd_local.loop import train, train_on_rollouts
 from opd_local.loss import opd_micro_batch_loss
 from opd_local.metrics import read_metrics, span
@@ -16,6 +15,7 @@ from opd_local.models import load_causal_lm
 from opd_local.packing import pack_sequences
 from opd_local.precision import PrecisionPolicy
 from opd_local.rollouts import Rollout
+from opd_local.rows import PrivilegedRow
 from opd_local.scoring import packed_token_logprobs, score_completions
 
 # The weights' own float64 throughout: what the exact gradient tests run under.

@@ -5,7 +5,7 @@ import torch
 
 from opd_local import parallel
 from opd_local.config import ModelConfig
-from opd_local.models import merged_named_weights, load_frozen_teacher
+from opd_local.models import load_frozen_teacher, merged_named_weights
 
 CPU = torch.device("cpu")
 

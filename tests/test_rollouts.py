@@ -5,8 +5,8 @@ import math
 import torch
 
 from opd_local.data import PromptGroup
-from opd_local.rows import PrivilegedRow
 from opd_local.rollouts import build_rollouts, count_groups
+from opd_local.rows import PrivilegedRow
 from opd_local.sampler import Completion
 
 

@@ -10,7 +10,12 @@ import re
 from collections.abc import Mapping
 
 from opd_local.answers import final_line, normalize_answer
-from opd_local.rows import DataError, PrivilegedRow, check_no_privileged_leak, require_string
+from opd_local.rows import (
+    DataError,
+    PrivilegedRow,
+    check_no_privileged_leak,
+    require_string,
+)
 
 NAME = "gsm8k"
 COLUMNS = ("question", "answer")  # what a source's columns must include to be read as this task

@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from opd_local.answers import normalize_answer
-from opd_local.rows import DataError, PrivilegedRow, check_no_privileged_leak, require_string
+from opd_local.rows import (
+    DataError,
+    PrivilegedRow,
+    check_no_privileged_leak,
+    require_string,
+)
 
 NAME = "messages"
 COLUMNS = ("messages", "teacher_messages")
