@@ -135,6 +135,7 @@ def train(cfg: Config) -> Path:
         metrics["optim/lr"] = scheduler.get_last_lr()[0]
         logger.log(step, metrics)
         if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
+            # "cumulative" is the checkpoint format's key for the run totals.
             progress = {"stream": stream.state_dict(), "cumulative": totals.state_dict()}
             save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
 
