@@ -18,7 +18,7 @@ import torch
 from opd_local import parallel
 from opd_local.answers import FINAL_LINE, answers_match
 from opd_local.data import PromptGroup
-from opd_local.metrics import span
+from opd_local.metrics import span as stage_span  # `span` here is the final-answer span
 from opd_local.sampler import HFSampler, Sampler
 from opd_local.sync import push_model_weights
 from opd_local.teacher import Teacher
@@ -271,7 +271,7 @@ class Evaluator:
 
     def run(self, step: int, student, sampler: Sampler) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        with span(metrics, "eval", next(student.parameters()).device):
+        with stage_span(metrics, "eval", next(student.parameters()).device):
             gaps, records = evaluate_traces(student, self.traces, self.micro_batch_tokens, self.compute_dtype)
             metrics.update(gaps)
             metrics["eval/teacher_final_accuracy"] = teacher_final_accuracy(self.traces)
