@@ -23,7 +23,7 @@ from opd_local.models import load_causal_lm
 from opd_local.precision import PARITY_THRESHOLDS, resolve_precision
 from opd_local.packing import pack_sequences
 from opd_local.scoring import packed_token_logprobs, score_completions
-from opd_local.sync import push_weights
+from opd_local.sync import push_model_weights
 from opd_local.vllm_sampler import VLLMSampler
 from workload import add_workload_args, load_workload
 
@@ -43,7 +43,7 @@ def measure(work, args, dtype_setting: str, scale: float) -> dict[str, float]:
     with torch.no_grad():
         student.get_decoder().norm.weight.mul_(scale)
     engine = VLLMSampler(work.model_path, cfg, work.device, policy.engine)
-    push_weights(engine, student)
+    push_model_weights(engine, student)
     probe_ids = work.tokenizer(cfg.sync.probe_text)["input_ids"]
     probe = probe_delta(engine, student, probe_ids, policy.compute)
 

@@ -20,7 +20,7 @@ import torch
 
 from opd_local.models import load_causal_lm
 from opd_local.sampler import HFSampler
-from opd_local.sync import push_weights
+from opd_local.sync import push_model_weights
 from opd_local.vllm_sampler import VLLMSampler
 from workload import add_workload_args, load_workload
 
@@ -38,7 +38,7 @@ def time_generate(sampler, prompts, args) -> tuple[float, int]:
 
 
 def time_push(sampler, student, repeats: int) -> float:
-    return statistics.median(push_weights(sampler, student) for _ in range(repeats))
+    return statistics.median(push_model_weights(sampler, student) for _ in range(repeats))
 
 
 def main() -> None:

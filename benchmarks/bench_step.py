@@ -24,15 +24,15 @@ import time
 
 import torch
 
-from opd_local.config import Config, micro_batch_tokens
+from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loop import build_optimizer
 from opd_local.training import train_on_rollouts
 from opd_local.models import lm_head_weight, load_causal_lm
-from opd_local.rollouts import attach_teacher_scores, build_rollouts
+from opd_local.rollouts import build_rollouts
 from opd_local.sampler import HFSampler
 from opd_local.precision import resolve_precision
 from opd_local.scoring import score_completions
-from opd_local.sync import push_weights
+from opd_local.sync import push_model_weights
 from opd_local.vllm_sampler import VLLMSampler
 from workload import add_workload_args, load_workload
 
@@ -129,7 +129,9 @@ def opd_local_stages(work, args, policy, completions_from=None):
     # The same scoring with every completion packed behind its own copy of the privileged prompt.
     packed_score = median_seconds(lambda: score(shared_prefix=False), args.repeats)
     full_row["score"] = median_seconds(lambda: score(True), args.repeats)
-    attach_teacher_scores(rollouts, *score(True))
+    scores = score(True)
+    for rollout, teacher_lp, teacher_hidden in zip(kept, scores.logprobs, scores.hiddens):
+        rollout.record_teacher_scores(teacher_lp, teacher_hidden)
     for row, objective in ((main_row, "sampled_rkl"), (full_row, "full_rkl")):
         trained = copy.deepcopy(student)
         optimizer, _ = build_optimizer(trained, cfg)
@@ -138,7 +140,7 @@ def opd_local_stages(work, args, policy, completions_from=None):
         row["train"] = median_seconds(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy, head), args.repeats)
         if args.compare_student_prefix and objective == "sampled_rkl":
             extras_train = compare_student_prefix(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy), cfg, args.repeats)
-        row["push"] = median_seconds(lambda: push_weights(engine, trained), args.repeats)
+        row["push"] = median_seconds(lambda: push_model_weights(engine, trained), args.repeats)
         row["sample"] = main_row["sample"]
         del trained, optimizer
     cfg.loss.objective = "sampled_rkl"
@@ -193,7 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     work = load_workload(args)
     cfg, device = work.cfg, work.device
-    cfg.optim.micro_batch_tokens = micro_batch_tokens(cfg.optim, device.type)
+    cfg.optim.micro_batch_tokens = resolve_micro_batch_tokens(cfg.optim, device.type)
     seconds: dict[str, dict[str, float]] = {}
     extras = {}
     completions = kept = None

@@ -10,7 +10,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
-from opd_local.config import parse_config
+from opd_local.config_parsing import parse_config
 
 # What a bad setting, file, row, model path or checkpoint raises (ConfigError and DataError are
 # ValueErrors; a missing file an OSError; a missing package an ImportError; a device a RuntimeError).

@@ -1,43 +1,24 @@
-"""Rows with a privileged teacher prompt: load, validate, tokenize, and stream them.
+"""Rows with a privileged teacher prompt: read from a source, checked, and tokenized into prompt groups.
 
-Step 1 of the OPD step. Each row becomes a student prompt (problem + answer format) and a teacher
-prompt (the same + the worked solution + the pinned `Final: <answer>` line). The loop draws them through a seeded GroupStream.
+Step 1 of the OPD step. A source is the bundled GSM8K subset, a local json/jsonl/parquet file or
+directory, or a hub id; its records become rows through their task (`opd_local/tasks`), and each
+row becomes a student prompt and a teacher prompt. The loop draws them through a seeded GroupStream.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from opd_local.config import BUNDLED_GSM8K, DataConfig
+from opd_local.rows import DataError, PrivilegedRow
+from opd_local.tasks import TASKS
 
-FORMATS = ("gsm8k", "messages")
-FIELDS = {"gsm8k": ("question", "answer"), "messages": ("messages", "teacher_messages", "answer", "privileged")}
-ROLES = ("system", "user", "assistant")
+FORMATS = tuple(TASKS)
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-# The format instruction comes before the problem: SmolLM2-135M then ends 17% of its greedy replies
-# with a `Final:` line, against 0% with the same instruction after the problem.
-STUDENT_INSTRUCTION = "Solve the problem step by step, then write the last line as `Final: <number>`."
-
-
-class DataError(ValueError):
-    """A row (or a source) that cannot be used; the message names the row id and the field."""
-
-
-@dataclass(frozen=True)
-class PrivilegedRow:
-    row_id: str  # "bundled:gsm8k/train#17" or "path/to/x.jsonl#3" (0-based row index)
-    student_messages: tuple[dict, ...]  # the problem + answer-format instruction
-    teacher_messages: tuple[dict, ...]  # the same + privileged worked solution + pinned final line
-    answer: str | None  # normalized expected final answer
-    privileged: str | None  # text that must never reach the student
 
 
 @dataclass
@@ -55,197 +36,16 @@ class PromptGroup:
         return self.student_prompt_ids if teacher_context == "plain" else self.teacher_prompt_ids
 
 
-# ---------------------------------------------------------------- answers
-
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_FINAL_LINE = re.compile(r"^Final\s*:(.*)$")
-_CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
-
-
-def normalize_answer(text: str) -> str:
-    """Collapse whitespace, drop trailing ".", and drop thousands commas ("1,000" -> "1000").
-
-    The comma rule is GSM8K's convention ("#### 1,080"); it also applies to model output so that
-    "Final: 1,080" matches "1080".
-    """
-    text = " ".join(text.split()).rstrip(".").rstrip()
-    return _THOUSANDS_COMMA.sub("", text)
-
-
-def _strip_markup(text: str) -> str:
-    # Small models wrap answers in markdown ("**42**.", "`42`"); peel until stable.
-    previous = None
-    while text != previous:
-        previous = text
-        text = text.strip().strip("*`").rstrip(".")
-    return text
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The normalized answer on the last line of the form `Final: <answer>`, or None if there is none."""
-    for line in reversed(text.splitlines()):
-        match = _FINAL_LINE.match(line.strip().strip("*`").strip())
-        if match:
-            answer = normalize_answer(_strip_markup(match.group(1)))
-            if answer:
-                return answer
-    return None
-
-
-# ---------------------------------------------------------------- rows
-
-
-def _require_string(record: Mapping, key: str, row_id: str, field: str | None = None) -> str:
-    field = field or key
-    if record.get(key) is None:
-        raise DataError(f"{row_id}: field {field!r} is missing")
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(f"{row_id}: field {field!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{row_id}: field {field!r} is empty")
-    return value
-
-
-def _pinned_line(answer: str) -> str:
-    return f"Final: {answer}"
-
-
-def plain_words(text: str) -> str:
-    """Lower case, thousands commas dropped, punctuation as spaces, whitespace collapsed: copies of a
-    text that differ only in those compare equal."""
-    return " ".join(re.sub(r"[^\w]+", " ", _THOUSANDS_COMMA.sub("", text).lower()).split())
-
-
-def _stated_answer(answer: str) -> re.Pattern:
-    """`answer` given as an answer ("the answer is 42", "Answer: 42", "#### 42"), not merely a number
-    that the problem happens to contain; 420 and 42.5 are other numbers."""
-    return re.compile(
-        r"(?:\b(?:final answer|answer|result)\s*(?:is|equals|=|:)|####)\s*[*`$]*\s*"
-        + re.escape(answer.lower())
-        + r"(?![\w]|[.,]\d)"
-    )
-
-
-def check_no_privileged_leak(row: PrivilegedRow) -> None:
-    """Raise DataError if the privileged text or the final answer reaches a student message.
-
-    The privileged text is compared as plain words, so a copy with its case, punctuation or line
-    breaks changed still counts; the answer counts as a `Final: <answer>` line or stated as the answer.
-    """
-    privileged = plain_words(row.privileged or "")
-    for i, message in enumerate(row.student_messages):
-        content = message["content"]
-        where = f"{row.row_id}: field 'messages[{i}].content'"
-        if privileged and f" {privileged} " in f" {plain_words(content)} ":
-            raise DataError(f"{where} contains the privileged text")
-        if row.answer is None:
-            continue
-        if any(extract_final_answer(line) == row.answer for line in content.splitlines()):
-            raise DataError(f"{where} contains the pinned line {_pinned_line(row.answer)!r}")
-        prose = " ".join(_THOUSANDS_COMMA.sub("", content).lower().split())
-        if _stated_answer(row.answer).search(prose):
-            raise DataError(f"{where} states the final answer {row.answer!r}")
-
-
-def check_adds_privileged(row: PrivilegedRow) -> None:
-    """Raise DataError if the teacher prompt is the student prompt (as plain words): nothing privileged to learn from."""
-    if plain_words(_text(row.teacher_messages)) == plain_words(_text(row.student_messages)):
-        raise DataError(
-            f"{row.row_id}: field 'teacher_messages' adds nothing to 'messages'; with model.teacher_context=privileged "
-            "the teacher prompt must hold what the student does not see (or use model.teacher_context=plain)"
-        )
-
-
-def _text(messages: Sequence[dict]) -> str:
-    return "\n".join(m["content"] for m in messages)
-
-
-def gsm8k_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
-    """A GSM8K record {question, answer: "steps <<calc>> ...\\n#### N"} as a privileged pair."""
-    question = _require_string(record, "question", row_id).strip()
-    raw_answer = _require_string(record, "answer", row_id)
-    if "#### " not in raw_answer:
-        raise DataError(f"{row_id}: field 'answer' has no '#### <final answer>' marker")
-    solution, _, final = raw_answer.rpartition("#### ")
-    answer = normalize_answer(final)
-    if not answer:
-        raise DataError(f"{row_id}: field 'answer' has nothing after '#### '")
-    # The <<48/2=24>> calculator annotations are GSM8K tooling, not prose a model should imitate.
-    solution = _CALC_ANNOTATION.sub("", solution).strip()
-
-    student_content = f"{STUDENT_INSTRUCTION}\n\nProblem: {question}"
-    # Small teachers follow this layout best: the solution is shown as a finished answer that ends in
-    # the pinned line, then they are asked to rewrite it (62% correct `Final:` lines for
-    # SmolLM2-135M, against 0% with the solution fenced off as a "reference only" block).
-    teacher_content = (
-        f"{student_content}\n\n"
-        f"A correct worked solution:\n{solution}\n{_pinned_line(answer)}\n\n"
-        f"Rewrite this solution step by step in your own words, then end with exactly one line "
-        f"`{_pinned_line(answer)}`."
-    )
-    # No system message: the tokenizer's chat template adds its own default, identically for both.
-    row = PrivilegedRow(
-        row_id=row_id,
-        student_messages=({"role": "user", "content": student_content},),
-        teacher_messages=({"role": "user", "content": teacher_content},),
-        answer=answer,
-        privileged=solution or None,
-    )
-    check_no_privileged_leak(row)
-    return row
-
-
-def _messages(record: Mapping, field: str, row_id: str) -> tuple[dict, ...]:
-    value = record.get(field)
-    if value is None:
-        raise DataError(f"{row_id}: field {field!r} is missing")
-    if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-        raise DataError(f"{row_id}: field {field!r} must be a non-empty list of {{role, content}} messages")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(message, Mapping):
-            raise DataError(f"{row_id}: field {where!r} must be a {{role, content}} mapping")
-        role = message.get("role")
-        if role not in ROLES:
-            raise DataError(f"{row_id}: field '{where}.role' is {role!r}; expected one of {ROLES}")
-        content = _require_string(message, "content", row_id, f"{where}.content")
-        # Only role/content: arrow's schema unification adds null keys that templates would render.
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "user":
-        raise DataError(f"{row_id}: field '{field}[{len(messages) - 1}].role' must be 'user' (the prompt ends on the user turn)")
-    return tuple(messages)
-
-
-def messages_to_row(record: Mapping, row_id: str) -> PrivilegedRow:
-    """A generic row {messages, teacher_messages, answer?, privileged?} as a privileged pair."""
-    student_messages = _messages(record, "messages", row_id)
-    teacher_messages = _messages(record, "teacher_messages", row_id)
-    answer = None
-    if record.get("answer") is not None:
-        answer = normalize_answer(_require_string(record, "answer", row_id))
-    privileged = None
-    if record.get("privileged") is not None:
-        privileged = _require_string(record, "privileged", row_id)
-    row = PrivilegedRow(row_id, student_messages, teacher_messages, answer, privileged)
-    check_no_privileged_leak(row)
-    return row
-
-
 # ---------------------------------------------------------------- sources
 
 
 def _detect_format(columns: Sequence[str], source: str) -> str:
     found = set(columns)
-    if {"question", "answer"} <= found:
-        return "gsm8k"
-    if {"messages", "teacher_messages"} <= found:
-        return "messages"
-    raise DataError(
-        f"{source}: cannot tell the row format from columns {sorted(found)}; expected either "
-        "gsm8k (question, answer) or messages (messages, teacher_messages)"
-    )
+    for name, task in TASKS.items():
+        if set(task.COLUMNS) <= found:
+            return name
+    expected = " or ".join(f"{name} ({', '.join(task.COLUMNS)})" for name, task in TASKS.items())
+    raise DataError(f"{source}: cannot tell the row format from columns {sorted(found)}; expected either {expected}")
 
 
 def _bundled_records(source: str, split: str) -> tuple[list[dict], str]:
@@ -377,14 +177,14 @@ def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "mai
         raise DataError(f"{tag}: holds no rows")
     if fmt == "auto":
         fmt = _detect_format(columns, tag)
-    to_row = gsm8k_to_row if fmt == "gsm8k" else messages_to_row
+    to_row = TASKS[fmt].to_row
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
             raise DataError(f"{tag}#{i}: row must be a JSON object, got {type(record).__name__}")
     try:
         return [to_row(record, f"{tag}#{i}") for i, record in enumerate(records)]
     except DataError as err:
-        mixed = _mixed_type_columns(dataset, FIELDS[fmt]) if dataset is not None else []
+        mixed = _mixed_type_columns(dataset, TASKS[fmt].FIELDS) if dataset is not None else []
         if not mixed:
             raise
         # datasets (5.x) stores a column whose JSON types differ between rows as raw JSON and decodes
@@ -485,68 +285,3 @@ def tokenize_groups(
     if rows and not groups:
         raise DataError(f"{problems[0]}; all {len(rows)} rows are over-long, nothing left to train on")
     return groups, dropped
-
-
-# ---------------------------------------------------------------- stream
-
-
-class GroupStream:
-    """A deterministic stream of PromptGroups: each epoch visits every group once, shuffled with seed + epoch."""
-
-    def __init__(self, groups: list[PromptGroup], seed: int, shuffle: bool = True):
-        if not groups:
-            raise ValueError("GroupStream needs at least one prompt group")
-        self.groups = list(groups)
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.position = 0
-        # Detects a resume against different data, which could not reproduce the run: the rows' ids and
-        # their content, as both prompts' token ids (so a changed row or tokenizer counts too).
-        digest = hashlib.sha256()
-        for g in self.groups:
-            digest.update(json.dumps([g.row.row_id, g.student_prompt_ids, g.teacher_prompt_ids]).encode())
-        self.fingerprint = digest.hexdigest()[:16]
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.groups)))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        return order
-
-    def next_groups(self, n: int) -> list[PromptGroup]:
-        out = []
-        while len(out) < n:
-            if self.position == len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._epoch_order(self.epoch)
-            take = min(n - len(out), len(self._order) - self.position)
-            out.extend(self.groups[i] for i in self._order[self.position : self.position + take])
-            self.position += take
-        return out
-
-    def first_groups(self, n: int) -> list[PromptGroup]:
-        """The first `n` groups of epoch 0: the rows a run trains on first, whatever it has drawn so far."""
-        return [self.groups[i] for i in self._epoch_order(0)[:n]]
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "fingerprint": self.fingerprint,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "shuffle", "fingerprint"):
-            if state[key] != getattr(self, key):
-                what = "the training rows (ids or content) differ from the checkpoint's" if key == "fingerprint" else f"data stream {key}"
-                raise ValueError(
-                    f"cannot resume: {what} ({key} was {state[key]!r}, now {getattr(self, key)!r}); a resume must read the same rows"
-                )
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._order = self._epoch_order(self.epoch)

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from opd_local.data import PromptGroup, extract_final_answer, normalize_answer
 from opd_local import parallel
-from opd_local.models import FrozenTeacher
+from opd_local.answers import FINAL_LINE, answers_match
+from opd_local.data import PromptGroup
+from opd_local.metrics import span as stage_span  # `span` here is the final-answer span
 from opd_local.sampler import HFSampler, Sampler
-from opd_local.sync import push_weights
+from opd_local.sync import push_model_weights
+from opd_local.teacher import Teacher
 
 TRACE_CACHE = "trace_cache.json"
 TRACE_RECORDS = "trace_eval.jsonl"
-
-# A "Final:" line, tolerating the markdown small models wrap around it.
-_FINAL_LINE = re.compile(r"^[ \t*`_]*Final[ \t]*:[^\n]*", re.MULTILINE)
 
 
 @dataclass
@@ -44,7 +41,7 @@ class TeacherTrace:
 def _span_by_decoding(ids: list[int], tokenizer) -> tuple[int, int] | None:
     """Map the last `Final:` line's characters back to tokens by decoding growing prefixes."""
     text = tokenizer.decode(ids)
-    matches = list(_FINAL_LINE.finditer(text))
+    matches = list(FINAL_LINE.finditer(text))
     if not matches:
         return None
     start_char, end_char = matches[-1].start(), matches[-1].end()
@@ -109,7 +106,7 @@ def trace_gaps(student_lp: torch.Tensor, teacher_lp: torch.Tensor, span: tuple[i
     return out
 
 
-def teacher_greedy(sampler: Sampler, teacher: FrozenTeacher, student, eos_token_id: int, pad_token_id: int):
+def teacher_greedy(sampler: Sampler, teacher: Teacher, student, eos_token_id: int, pad_token_id: int):
     """A `(prompts, max_tokens) -> completions` function that decodes greedily with the teacher.
 
     When the two models have the same weight layout, the engine briefly holds the teacher's
@@ -128,18 +125,13 @@ def teacher_greedy(sampler: Sampler, teacher: FrozenTeacher, student, eos_token_
 
     def generate_with_engine(prompts, max_tokens):
         with teacher.scope():
-            push_weights(sampler, teacher.model)
+            push_model_weights(sampler, teacher.model)
         try:
             return sampler.greedy(prompts, max_tokens)
         finally:
-            push_weights(sampler, student)
+            push_model_weights(sampler, student)
 
     return generate_with_engine
-
-
-def answers_match(completion_text: str, answer: str | None) -> bool:
-    predicted = extract_final_answer(completion_text)
-    return answer is not None and predicted is not None and predicted == normalize_answer(answer)
 
 
 def _cache_key(groups_by_split: dict[str, list[PromptGroup]], teacher_name: str, max_tokens: int, compute_dtype) -> str:
@@ -158,17 +150,14 @@ def build_teacher_traces(
     groups_by_split: dict[str, list[PromptGroup]],
     *,
     generate_greedy,  # (teacher prompt ids, max_tokens) -> list of completions
-    teacher: FrozenTeacher,
+    teacher: Teacher,
     tokenizer,
-    teacher_name: str,
     max_tokens: int,
-    micro_batch_tokens: int,
     cache_dir: Path | None,
     write_cache: bool = True,
-    compute_dtype: torch.dtype | None = None,
 ) -> list[TeacherTrace]:
     """Teacher traces and scores for every eval row, from the cache when it matches."""
-    key = _cache_key(groups_by_split, teacher_name, max_tokens, compute_dtype)
+    key = _cache_key(groups_by_split, teacher.name, max_tokens, teacher.compute_dtype)
     cache_path = Path(cache_dir) / TRACE_CACHE if cache_dir is not None else None
     if cache_path is not None and cache_path.exists():
         cached = json.loads(cache_path.read_text())
@@ -178,14 +167,7 @@ def build_teacher_traces(
     flat = [(split, g) for split, groups in groups_by_split.items() for g in groups]
     completions = generate_greedy([g.teacher_prompt_ids for _, g in flat], max_tokens)
     keep = [(split, g, c) for (split, g), c in zip(flat, completions) if c.token_ids]
-    with teacher.scope():
-        teacher_lps = parallel.score(
-            teacher.model,
-            [g.teacher_prompt_ids for _, g, _ in keep],
-            [c.token_ids for _, _, c in keep],
-            micro_batch_tokens=micro_batch_tokens,
-            compute_dtype=compute_dtype,
-        ).logprobs
+    teacher_lps = teacher.trace_logprobs([g.teacher_prompt_ids for _, g, _ in keep], [c.token_ids for _, _, c in keep])
     traces = []
     for (split, group, completion), teacher_lp in zip(keep, teacher_lps):
         answer = group.row.answer
@@ -211,7 +193,7 @@ def evaluate_traces(
     student, traces: list[TeacherTrace], micro_batch_tokens: int, compute_dtype: torch.dtype | None = None
 ) -> tuple[dict[str, float], list[dict]]:
     """Token-weighted trace gaps per split, and one record per row."""
-    student_lps = parallel.score(
+    student_lps = parallel.score_completions_distributed(
         student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces],
         micro_batch_tokens=micro_batch_tokens, compute_dtype=compute_dtype,
     ).logprobs
@@ -276,32 +258,30 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return self.cfg.eval.every > 0 and step % self.cfg.eval.every == 0
 
-    def prepare(self, generate_greedy, teacher, teacher_name: str) -> None:
+    def prepare(self, generate_greedy, teacher: Teacher) -> None:
         self.traces = build_teacher_traces(
             self.groups_by_split,
             generate_greedy=generate_greedy,
             teacher=teacher,
             tokenizer=self.tokenizer,
-            teacher_name=teacher_name,
             max_tokens=self.cfg.eval.max_trace_tokens,
-            micro_batch_tokens=self.micro_batch_tokens,
             cache_dir=self.run_dir,
             write_cache=self.write,
-            compute_dtype=self.compute_dtype,
         )
 
     def run(self, step: int, student, sampler: Sampler) -> dict[str, float]:
-        start = time.perf_counter()
-        metrics, records = evaluate_traces(student, self.traces, self.micro_batch_tokens, self.compute_dtype)
-        metrics["eval/teacher_final_accuracy"] = teacher_final_accuracy(self.traces)
-        metrics["eval/trace_span_found"] = sum(t.span is not None for t in self.traces) / max(len(self.traces), 1)
-        if self.cfg.eval.greedy_accuracy:
-            metrics["eval/student_greedy_accuracy"] = greedy_accuracy(
-                sampler, self.groups_by_split["heldout"], self.tokenizer, self.cfg.eval.greedy_max_tokens
-            )
-        if self.write:
-            with open(self.run_dir / TRACE_RECORDS, "a") as f:
-                for record in records:
-                    f.write(json.dumps({"step": step, **record}) + "\n")
-        metrics["time/eval"] = time.perf_counter() - start
+        metrics: dict[str, float] = {}
+        with stage_span(metrics, "eval", next(student.parameters()).device):
+            gaps, records = evaluate_traces(student, self.traces, self.micro_batch_tokens, self.compute_dtype)
+            metrics.update(gaps)
+            metrics["eval/teacher_final_accuracy"] = teacher_final_accuracy(self.traces)
+            metrics["eval/trace_span_found"] = sum(t.span is not None for t in self.traces) / max(len(self.traces), 1)
+            if self.cfg.eval.greedy_accuracy:
+                metrics["eval/student_greedy_accuracy"] = greedy_accuracy(
+                    sampler, self.groups_by_split["heldout"], self.tokenizer, self.cfg.eval.greedy_max_tokens
+                )
+            if self.write:
+                with open(self.run_dir / TRACE_RECORDS, "a") as f:
+                    for record in records:
+                        f.write(json.dumps({"step": step, **record}) + "\n")
         return metrics

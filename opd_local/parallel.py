@@ -255,7 +255,7 @@ def call(model, fn, *args, **kwargs):
     return fn(unwrap(model), *args, **kwargs)
 
 
-def score(
+def score_completions_distributed(
     model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, shared_prefix: bool = False, **kwargs
 ) -> CompletionScores:
     """`scoring.score_completions` on a plain, replicated or sharded model.
@@ -298,7 +298,7 @@ def _reassemble(parts: list[tuple[list[int], CompletionScores]], n: int, with_hi
 
 
 def _fsdp_groups(model: DistributedModel) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
-    """The FSDP2 root and the sharded layers, with their parameter-name prefixes in `engine_weights` naming."""
+    """The FSDP2 root and the sharded layers, with their parameter-name prefixes in `merged_named_weights` naming."""
     from torch.distributed.fsdp import FSDPModule
 
     base = model.module.get_base_model() if models.is_peft_model(model.module) else model.module
@@ -306,8 +306,8 @@ def _fsdp_groups(model: DistributedModel) -> tuple[nn.Module, list[tuple[str, nn
     return model.root, layers
 
 
-def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """`models.engine_weights` (full tensors, LoRA merged, tied weights under every name) for any placement.
+def gather_engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """`models.merged_named_weights` (full tensors, LoRA merged, tied weights under every name) for any placement.
 
     Sharded weights are gathered one layer at a time (collectives: every rank iterates to the end),
     and each tensor is a copy because the gathered memory is freed when the layer reshards.
@@ -331,7 +331,7 @@ def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         groups = [(prefix, lambda m=m: _run_hooks(m, "pre"), lambda m=m: _run_hooks(m, "post")) for prefix, m in layers]
         yield from _engine_weights_by_layer(module, groups)
         return
-    yield from models.engine_weights(module)
+    yield from models.merged_named_weights(module)
 
 
 def _run_hooks(layer: nn.Module, when: str) -> None:
@@ -349,18 +349,18 @@ def _run_hooks(layer: nn.Module, when: str) -> None:
 def _engine_weights_by_layer(module: nn.Module, groups) -> Iterator[tuple[str, torch.Tensor]]:
     """What lies outside every group first, then each group between its `load()` and `unload()`."""
     prefixes = tuple(prefix for prefix, _, _ in groups)
-    yield from models.engine_weights(module, only=lambda n: not n.startswith(prefixes))
+    yield from models.merged_named_weights(module, only=lambda n: not n.startswith(prefixes))
     for prefix, load, unload in groups:
         load()
         try:
-            yield from models.engine_weights(module, only=lambda n, p=prefix: n.startswith(p))
+            yield from models.merged_named_weights(module, only=lambda n, p=prefix: n.startswith(p))
         finally:
             unload()
 
 
 def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    """The names and full shapes `engine_weights` would give, without gathering anything."""
-    return models.engine_weight_shapes(unwrap(model))
+    """The names and full shapes `gather_engine_weights` would give, without gathering anything."""
+    return models.merged_weight_shapes(unwrap(model))
 
 
 def full_lm_head(model) -> torch.Tensor:

@@ -36,6 +36,15 @@ class Rollout:
     def kept(self) -> bool:
         return self.drop_reason is None
 
+    def record_teacher_scores(self, teacher_lp: torch.Tensor, teacher_hidden: torch.Tensor | None = None) -> None:
+        """Store the teacher's logprobs (and hidden states), dropping the rollout when they are unusable.
+
+        The logprobs come from the same hidden states, so a non-finite hidden state shows up in them.
+        """
+        self.teacher_lp = teacher_lp
+        self.teacher_hidden = teacher_hidden
+        self.drop_reason = _logprob_problem(teacher_lp, len(self.completion_ids), "teacher_lp")
+
 
 @dataclass
 class GroupCounts:
@@ -72,22 +81,6 @@ def build_rollouts(groups: list[PromptGroup], completions: list[list[Completion]
     return rollouts
 
 
-def attach_teacher_scores(
-    rollouts: list[Rollout], teacher_lps: list[torch.Tensor], teacher_hiddens: list[torch.Tensor] | None = None
-) -> None:
-    """Store the teacher's logprobs (and hidden states) on the kept rollouts, in order, and drop unusable ones.
-
-    The logprobs come from the same hidden states, so a non-finite hidden state shows up in them.
-    """
-    kept = [r for r in rollouts if r.kept]
-    if len(kept) != len(teacher_lps):
-        raise RuntimeError(f"teacher returned {len(teacher_lps)} score vectors for {len(kept)} rollouts")
-    for i, (rollout, teacher_lp) in enumerate(zip(kept, teacher_lps)):
-        rollout.teacher_lp = teacher_lp
-        rollout.teacher_hidden = None if teacher_hiddens is None else teacher_hiddens[i]
-        rollout.drop_reason = _logprob_problem(teacher_lp, len(rollout.completion_ids), "teacher_lp")
-
-
 def count_groups(num_groups: int, rollouts: list[Rollout]) -> GroupCounts:
     counts = GroupCounts()
     by_group: dict[int, list[Rollout]] = {i: [] for i in range(num_groups)}
@@ -105,7 +98,8 @@ def count_groups(num_groups: int, rollouts: list[Rollout]) -> GroupCounts:
     return counts
 
 
-def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: int, cumulative: dict) -> dict[str, float]:
+def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: int) -> dict[str, float]:
+    """The step's rollout and group counts, summed over ranks."""
     counts = count_groups(num_groups, rollouts)
     rkl_sum = sum(float((r.rollout_lp - r.teacher_lp).sum()) for r in kept)
     local = [
@@ -122,10 +116,6 @@ def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: in
     active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = (
         float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
     )
-    cumulative["groups/sampled_total"] += int(sampled)
-    cumulative["groups/filtered_total"] += int(filtered)
-    cumulative["groups/failed_total"] += int(failed)
-    cumulative["opd/active_tokens_total"] += int(active)
     return {
         "opd/sampled_reverse_kl": rkl_sum / active if active else float("nan"),
         "opd/active_tokens": active,
@@ -133,7 +123,6 @@ def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: in
         "groups/filtered": filtered,
         "groups/failed": failed,
         "groups/drawn": groups_drawn,
-        **cumulative,
         "rollout/completions": drawn,
         "rollout/dropped_completions": drawn - n_kept,
         "rollout/completion_len_mean": active / n_kept if n_kept else 0.0,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd_local.checkpoint import CHECKPOINTS, newest_intact_checkpoint
-from opd_local.config import Config, ConfigError, apply_overrides, load_yaml, resume_changes, save_yaml
+from opd_local.config import Config, ConfigError
+from opd_local.config_parsing import apply_overrides, load_yaml, resume_changes, save_yaml
 from opd_local.metrics import drop_records_from
 
 CONFIG_FILE = "config.yaml"

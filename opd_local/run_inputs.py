@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from opd_local.config import Config, check_config, resolve_teacher_weights
-from opd_local.data import PromptGroup, check_adds_privileged, count_duplicates, load_train_and_heldout, tokenize_groups
+from opd_local.config import Config, resolve_teacher_weights
+from opd_local.config_parsing import check_config
+from opd_local.data import PromptGroup, count_duplicates, load_train_and_heldout, tokenize_groups
 from opd_local.loss import check_loss_config
 from opd_local.models import check_same_tokenizer, load_tokenizer, resolve_model_path
+from opd_local.rows import check_adds_privileged
 
 
 @dataclass

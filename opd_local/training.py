@@ -14,7 +14,7 @@ import torch
 
 from opd_local import dist, parallel
 from opd_local.attention import supports_shared_prefix
-from opd_local.config import Config, micro_batch_tokens
+from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loss import opd_micro_batch_loss, token_divisors
 from opd_local.packing import PackedBatch, pack_groups, split_groups_by_token_budget, to_device
 from opd_local.precision import PrecisionPolicy
@@ -93,7 +93,7 @@ def train_on_rollouts(
     # read per micro-batch would hold the host until that micro-batch's kernels had run.
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     shared = cfg.model.student_shared_prefix and supports_shared_prefix(student.config)
-    micro_batches = plan_micro_batches(kept, micro_batch_tokens(cfg.optim, device.type), shared)
+    micro_batches = plan_micro_batches(kept, resolve_micro_batch_tokens(cfg.optim, device.type), shared)
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
     # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
     passes = dist.all_reduce_max(len(micro_batches))

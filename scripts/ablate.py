@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from opd_local.sweep import load_grid, run_sweep, write_results
+from sweep import load_grid, run_sweep, write_results  # scripts/sweep.py, beside this file
 
 
 def visible_gpus(choice: str) -> list[str]:

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from opd_local import dist
 from opd_local.cli import run_refusing
-from opd_local.config import micro_batch_tokens, parse_config
-from opd_local.data import GroupStream
+from opd_local.config import resolve_micro_batch_tokens
+from opd_local.config_parsing import parse_config
+from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
-from opd_local.models import FrozenTeacher, load_causal_lm, load_frozen_teacher
+from opd_local.models import load_causal_lm
 from opd_local.precision import resolve_precision
+from opd_local.progress import GroupStream
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import make_sampler
+from opd_local.teacher import Teacher
 
 
 def main() -> None:
@@ -29,22 +31,21 @@ def main() -> None:
     out_dir = Path(cfg.run.out_dir)
     inputs = load_run_inputs(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    student_path, teacher_path, tokenizer = inputs.student_path, inputs.teacher_path, inputs.tokenizer
+    student_path, tokenizer = inputs.student_path, inputs.tokenizer
     first_train = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
 
     student = load_causal_lm(student_path, cfg.model, precision.master, ctx.device)
-    teacher = FrozenTeacher(load_frozen_teacher(teacher_path, cfg.model, precision.teacher, ctx.device))
+    teacher = Teacher.build(cfg, inputs, precision, ctx)  # never the evaluated student's base: it is a saved model
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
     evaluator = Evaluator(
-        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, micro_batch_tokens(cfg.optim, ctx.device.type),
+        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, resolve_micro_batch_tokens(cfg.optim, ctx.device.type),
         compute_dtype=precision.compute,
     )
-    evaluator.prepare(
-        teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher, teacher_path
-    )
+    evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
     metrics = evaluator.run(0, student, sampler)
     sampler.close()
-    (out_dir / "eval_metrics.json").write_text(json.dumps({"student": cfg.model.student, "teacher": teacher_path, **metrics}, indent=2))
+    teacher.close()
+    (out_dir / "eval_metrics.json").write_text(json.dumps({"student": cfg.model.student, "teacher": teacher.name, **metrics}, indent=2))
     width = max(len(k) for k in metrics)
     for key in sorted(metrics):
         print(f"{key:<{width}}  {metrics[key]:.4f}")

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from opd_local.config import Config, ConfigError, check_config, parse_config
+from opd_local.config import Config, ConfigError
+from opd_local.config_parsing import check_config, parse_config
 
 
 def test_cli_overrides_yaml_which_overrides_defaults(tmp_path):
@@ -43,7 +44,7 @@ def test_help_lists_every_knob():
 
 def test_unavailable_sampler_says_how_to_install(monkeypatch):
     import opd_local.vllm_sampler as vllm_sampler
-    from opd_local.sampler import make_sampler
+    from opd_local.engines import make_sampler
 
     monkeypatch.setattr(vllm_sampler, "vllm_available", lambda: False)
     cfg = Config()

@@ -6,19 +6,18 @@ import json
 
 import pytest
 
+from opd_local.answers import extract_final_answer, normalize_answer
 from opd_local.config import DataConfig
 from opd_local.data import (
-    DataError,
-    GroupStream,
     PromptGroup,
-    extract_final_answer,
-    gsm8k_to_row,
     load_rows,
     load_train_and_heldout,
-    messages_to_row,
-    normalize_answer,
     tokenize_groups,
 )
+from opd_local.progress import GroupStream
+from opd_local.rows import DataError
+from opd_local.tasks.gsm8k import to_row as gsm8k_to_row
+from opd_local.tasks.messages import to_row as messages_to_row
 
 GOOD_GSM8K = {
     "question": "A shop sells 1,000 pens on Monday and 80 on Tuesday. How many pens in total?",

@@ -3,18 +3,20 @@
 import pytest
 import torch
 
+from opd_local.answers import answers_match
 from opd_local.config import ModelConfig
-from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.data import PromptGroup
 from opd_local.evaluation import (
     TeacherTrace,
-    answers_match,
     build_teacher_traces,
     evaluate_traces,
     final_answer_span,
     trace_gaps,
 )
-from opd_local.models import FrozenTeacher, load_causal_lm
+from opd_local.models import load_causal_lm
+from opd_local.rows import PrivilegedRow
 from opd_local.sampler import Completion
+from opd_local.teacher import Teacher
 
 
 def _span_text(tokenizer, text, answer, eos=False):
@@ -112,7 +114,7 @@ def test_trace_cache_is_reused_not_regenerated(tiny_teacher_dir, tokenizer, tmp_
         ids = tokenizer.encode("2 + 3 = 5.\nFinal: 5", add_special_tokens=False)[:max_tokens]
         return [Completion(ids, [0.0] * len(ids), "stop") for _ in prompts]
 
-    kwargs = dict(generate_greedy=generate_greedy, teacher=FrozenTeacher(teacher), tokenizer=tokenizer, teacher_name="t", micro_batch_tokens=4096, cache_dir=tmp_path)
+    kwargs = dict(generate_greedy=generate_greedy, teacher=Teacher(teacher, micro_batch_tokens=4096, name="t"), tokenizer=tokenizer, cache_dir=tmp_path)
     first = build_teacher_traces(groups, max_tokens=64, **kwargs)
     second = build_teacher_traces(groups, max_tokens=64, **kwargs)
     assert calls == [1]

@@ -7,14 +7,15 @@ import torch
 from safetensors.torch import load_file
 
 from opd_local.config import Config, LossConfig, ModelConfig
-from opd_local.data import PrivilegedRow, PromptGroup
+from opd_local.data import PromptGroup
 from opd_local.loop import train, train_on_rollouts
 from opd_local.loss import opd_micro_batch_loss
-from opd_local.metrics import read_metrics, timed
+from opd_local.metrics import read_metrics, span
 from opd_local.models import load_causal_lm
 from opd_local.packing import pack_sequences
 from opd_local.precision import PrecisionPolicy
 from opd_local.rollouts import Rollout
+from opd_local.rows import PrivilegedRow
 from opd_local.scoring import packed_token_logprobs, score_completions
 from opd_local.training import pack_micro_batch, plan_micro_batches
 
@@ -304,7 +305,7 @@ def test_stage_time_includes_the_device_work_it_queued():
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize(device)
     metrics = {}
-    with timed(metrics, "time/stage", device):
+    with span(metrics, "stage", device):
         start.record()
         for _ in range(50):
             x = torch.tanh(x @ x)

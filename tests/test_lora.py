@@ -6,11 +6,12 @@ import torch
 
 from opd_local.config import Config, ModelConfig
 from opd_local.loop import build_optimizer, train_on_rollouts
-from opd_local.models import FrozenTeacher, apply_lora, engine_weights, load_causal_lm
+from opd_local.models import apply_lora, load_causal_lm, merged_named_weights
 from opd_local.precision import resolve_precision
 from opd_local.sampler import HFSampler
 from opd_local.scoring import score_completions
-from opd_local.sync import parity_probe, push_weights
+from opd_local.sync import parity_probe, push_model_weights
+from opd_local.teacher import Teacher
 from test_loop import _rollouts
 
 FP32 = resolve_precision("float32", torch.device("cpu"))
@@ -36,7 +37,7 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
     assert any(".lora_B." in n for n in changed)  # B starts at zero: a changed B means a real delta
 
     # The engine receives base + delta under the plain checkpoint names; PEFT's own merge agrees.
-    pushed = dict(engine_weights(student))
+    pushed = dict(merged_named_weights(student))
     merged = copy.deepcopy(student).merge_and_unload()
     assert pushed.keys() == dict(merged.named_parameters(remove_duplicate=False)).keys()
     for name, weight in merged.named_parameters(remove_duplicate=False):
@@ -45,11 +46,11 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
 
     engine = HFSampler.load(tiny_model_dir, ModelConfig(), torch.device("cpu"), tokenizer.eos_token_id, tokenizer.pad_token_id)
     probe = tokenizer("Final: 42. The answer is forty-two.")["input_ids"]
-    push_weights(engine, student)
+    push_model_weights(engine, student)
     assert parity_probe(engine, student, probe, threshold=1e-4)["sync/parity_max_abs"] < 1e-4
 
     # The teacher is the same module with the adapter off: exactly the base model's scores.
-    teacher = FrozenTeacher(student, adapter_off=True)
+    teacher = Teacher(student, micro_batch_tokens=4096, adapter_off=True)
     prompt, completion = probe[:5], probe[5:]
     with teacher.scope():
         (teacher_lp,) = score_completions(teacher.model, [prompt], [completion], micro_batch_tokens=4096).logprobs

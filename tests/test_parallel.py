@@ -5,7 +5,7 @@ import torch
 
 from opd_local import parallel
 from opd_local.config import ModelConfig
-from opd_local.models import engine_weights, load_frozen_teacher
+from opd_local.models import load_frozen_teacher, merged_named_weights
 
 CPU = torch.device("cpu")
 
@@ -40,12 +40,12 @@ def test_offloaded_teacher_scores_and_pushes_like_the_plain_one(tiny_teacher_dir
     assert offloaded.lm_head.weight.device == CPU  # read directly by the scoring pass, so kept in place
     prompts = [tokenizer("Tom has 3 apples.")["input_ids"], tokenizer("2+2?")["input_ids"]]
     completions = [tokenizer(" He buys 5 more: 8.")["input_ids"], tokenizer(" 4")["input_ids"]]
-    want = parallel.score(plain, prompts, completions, micro_batch_tokens=16).logprobs  # two micro-batches
-    got = parallel.score(offloaded, prompts, completions, micro_batch_tokens=16).logprobs
+    want = parallel.score_completions_distributed(plain, prompts, completions, micro_batch_tokens=16).logprobs  # two micro-batches
+    got = parallel.score_completions_distributed(offloaded, prompts, completions, micro_batch_tokens=16).logprobs
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, atol=0, rtol=0)
-    plain_weights = dict(engine_weights(plain))
-    pushed = dict(parallel.engine_weights(offloaded))
+    plain_weights = dict(merged_named_weights(plain))
+    pushed = dict(parallel.gather_engine_weights(offloaded))
     assert pushed.keys() == plain_weights.keys()
     for name, weight in plain_weights.items():
         assert torch.equal(pushed[name], weight), name
@@ -63,6 +63,6 @@ def test_cpu_placed_teacher_copies_from_pinned_memory(tiny_teacher_dir, tokenize
     host = [t for hook in hooks for t in hook.weights_map.dataset.state_dict.values()]
     assert host and all(t.is_pinned() for t in host)
     prompts, completions = [tokenizer("Tom has 3 apples.")["input_ids"]], [tokenizer(" He buys 5 more: 8.")["input_ids"]]
-    (want,) = parallel.score(plain, prompts, completions, micro_batch_tokens=64).logprobs
-    (got,) = parallel.score(offloaded, prompts, completions, micro_batch_tokens=64).logprobs
+    (want,) = parallel.score_completions_distributed(plain, prompts, completions, micro_batch_tokens=64).logprobs
+    (got,) = parallel.score_completions_distributed(offloaded, prompts, completions, micro_batch_tokens=64).logprobs
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

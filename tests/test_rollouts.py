@@ -4,8 +4,10 @@ import math
 
 import torch
 
-from opd_local.data import PrivilegedRow, PromptGroup
-from opd_local.rollouts import attach_teacher_scores, build_rollouts, count_groups
+from opd_local.data import PromptGroup
+from opd_local.progress import RunTotals
+from opd_local.rollouts import build_rollouts, count_groups
+from opd_local.rows import PrivilegedRow
 from opd_local.sampler import Completion
 
 
@@ -24,10 +26,25 @@ def test_malformed_completions_are_dropped_and_groups_counted():
     ]
     rollouts = build_rollouts(groups, completions)
     assert [r.drop_reason for r in rollouts] == [None, "rollout_lp_nonfinite", "rollout_lp_count", "empty_completion", None]
-    attach_teacher_scores(rollouts, [torch.tensor([-0.5, -0.5]), torch.tensor([-1.0, -math.inf, -1.0])])
+    rollouts[0].record_teacher_scores(torch.tensor([-0.5, -0.5]))
+    rollouts[4].record_teacher_scores(torch.tensor([-1.0, -math.inf, -1.0]))
     assert rollouts[4].drop_reason == "teacher_lp_nonfinite"
     assert torch.equal(rollouts[0].teacher_lp, torch.tensor([-0.5, -0.5]))
     counts = count_groups(len(groups), rollouts)
     assert (counts.sampled, counts.filtered, counts.failed) == (1, 1, 2)
     assert counts.sampled + counts.filtered + counts.failed == len(groups)
     assert counts.drop_reasons["rollout_lp_count"] == 1
+
+
+def test_run_totals_add_up_steps_and_resume_from_a_checkpoint_dict():
+    step = {"groups/sampled": 3.0, "groups/filtered": 1.0, "groups/failed": 0.0, "opd/active_tokens": 40.0}
+    totals = RunTotals()
+    totals.add(step)
+    after_two = totals.add({**step, "groups/failed": 2.0})
+    assert after_two == {
+        "groups/sampled_total": 6, "groups/filtered_total": 2, "groups/failed_total": 2, "opd/active_tokens_total": 80,
+    }
+    # A checkpoint's progress holds the totals as this dict of metric names.
+    resumed = RunTotals()
+    resumed.load_state_dict(dict(after_two))
+    assert resumed.add(step)["opd/active_tokens_total"] == 120 and totals.state_dict() == after_two

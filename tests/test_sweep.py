@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from opd_local.sweep import load_grid, pending_runs, results_table, run_summary, run_sweep, write_results
+
+def _load_script(name: str):
+    """A module of scripts/, which is not a package: loaded from its file, as scripts/ablate.py imports it."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load_script("sweep")
+load_grid, pending_runs, results_table = sweep.load_grid, sweep.pending_runs, sweep.results_table
+run_summary, run_sweep, write_results = sweep.run_summary, sweep.run_sweep, sweep.write_results
 
 
 def write_grid(tmp_path, base, axes, seeds) -> str:

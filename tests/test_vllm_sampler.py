@@ -18,7 +18,7 @@ from opd_local.loop import build_optimizer  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS, resolve_precision  # noqa: E402
 from opd_local.sampler import HFSampler, rollout_seeds  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
-from opd_local.sync import StaleWeightsError, WeightSync, parity_probe, push_weights  # noqa: E402
+from opd_local.sync import StaleWeightsError, WeightSync, parity_probe, push_model_weights  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -121,7 +121,7 @@ def test_seeded_batch_larger_than_one_scheduler_step(engine, tokenizer):
 
 def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokenizer):
     probe = tokenizer("Final: 42. The answer is forty-two.")["input_ids"]
-    push_weights(engine, student)
+    push_model_weights(engine, student)
     before = torch.tensor(engine.score(probe))
     assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
 
@@ -132,7 +132,7 @@ def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokeniz
 
     with pytest.raises(StaleWeightsError, match="do not match"):
         parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)  # the push was skipped
-    push_weights(engine, student)
+    push_model_weights(engine, student)
     after = torch.tensor(engine.score(probe))
     assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
     assert (after - before).abs().max() > 100 * LOGPROB_ATOL

@@ -32,11 +32,12 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from opd_local.config import Config, apply_overrides, save_yaml
+from opd_local.config import Config
+from opd_local.config_parsing import apply_overrides, save_yaml
 from opd_local.metrics import read_metrics
 from opd_local.report import run_total, series, to_float
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 GAP_DROP = 0.2  # "steps and time to a 20% gap reduction"
 
 

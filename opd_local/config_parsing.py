@@ -1,0 +1,265 @@
+"""From text to a checked Config: YAML files, `--section.key value` flags, and every setting's check.
+
+YAML files override the defaults of `opd_local/config.py`; `--section.key value` (or `--key value`
+where the key name is unique across sections) overrides YAML. `--help` lists every knob.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import operator
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from opd_local.config import Config, ConfigError, resolve_teacher_weights
+
+
+def _sections(cfg: Config):
+    for section in dataclasses.fields(cfg):
+        yield section.name, getattr(cfg, section.name)
+
+
+def _field_type(section_obj: Any, name: str) -> type:
+    hints = typing.get_type_hints(type(section_obj))
+    return hints[name]
+
+
+def _choices(typ: type) -> tuple | None:
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    """`value` (command-line text or a YAML scalar) as `typ`.
+
+    Nothing is truncated, stringified or matched loosely: 2.5 is not an int, YAML null is not the
+    text "None", and "CPU" or "gpu" is not the choice "cpu".
+    """
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    choices = _choices(typ)
+    if choices is not None:
+        if isinstance(value, bool) and str(value).lower() in choices:
+            return str(value).lower()  # YAML reads `enforce_eager: true` as a boolean
+        if value not in choices:
+            raise ConfigError(f"{where}: {'null' if value is None else repr(value)} is not one of {', '.join(choices)}")
+        return value
+    if value is None:
+        hint = ' (write "" for empty)' if typ is str else ""
+        raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got null{hint}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, str) else None
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        number = value
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value)
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, float) and number.is_integer():  # "1e9" for a parameter count
+            return int(number)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got {value!r}")
+
+
+_KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+_BOUNDS = (("ge", operator.ge, "at least"), ("gt", operator.gt, "above"), ("le", operator.le, "at most"), ("lt", operator.lt, "below"))
+
+
+def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
+    if f.metadata.get("nonempty") and not str(value).strip():
+        raise ConfigError(f"{where}: must not be empty")
+    for key, holds, words in _BOUNDS:
+        bound = f.metadata.get(key)
+        if bound is not None and not holds(value, bound):
+            raise ConfigError(f"{where}: {value!r} must be {words} {bound}")
+
+
+def _set_field(section: Any, f: dataclasses.Field, value: Any, where: str) -> None:
+    value = _coerce(value, _field_type(section, f.name), where)
+    _check_value(value, f, where)
+    setattr(section, f.name, value)
+
+
+def check_config(cfg: Config) -> Config:
+    """Every setting's type, range and choice, then the rules between settings; raises ConfigError.
+
+    parse_config runs it, and so does train(), for configs built in code.
+    """
+    for section_name, section in _sections(cfg):
+        for f in dataclasses.fields(section):
+            _set_field(section, f, getattr(section, f.name), f"{section_name}.{f.name}")
+    resolve_teacher_weights(cfg.model)
+    generation = max(cfg.rollout.max_tokens, cfg.eval.max_trace_tokens, cfg.eval.greedy_max_tokens)
+    if cfg.data.max_prompt_tokens + generation > cfg.rollout.max_model_len:
+        raise ConfigError(
+            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} plus the longest generation (rollout.max_tokens, "
+            f"eval.max_trace_tokens, eval.greedy_max_tokens) = {generation} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
+        )
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ConfigError("run.overwrite starts a new run and run.resume continues one: give one of them")
+    if cfg.run.resume and Path(cfg.run.resume).resolve() != Path(cfg.run.out_dir).resolve():
+        raise ConfigError(f"run.out_dir={cfg.run.out_dir!r} differs from run.resume={cfg.run.resume!r}: a resumed run stays in its directory")
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], source: str) -> Config:
+    """Set `overrides[section][key]` on `cfg`, each checked; unknown sections or keys are errors."""
+    sections = dict(_sections(cfg))
+    if not isinstance(overrides or {}, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(overrides).__name__}")
+    for section_name, values in (overrides or {}).items():
+        if section_name not in sections:
+            raise ConfigError(f"{source}: unknown config section {section_name!r}; known: {sorted(sections)}")
+        section = sections[section_name]
+        if not isinstance(values or {}, dict):
+            raise ConfigError(f"{source}: section {section_name!r} must be a mapping of keys, got {values!r}")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        for key, value in (values or {}).items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key {section_name}.{key}; known: {sorted(fields)}")
+            where = f"--{section_name}.{key}" if source == "command line" else f"{source}: {section_name}.{key}"
+            _set_field(section, fields[key], value, where)
+    return cfg
+
+
+# Settings that decide which model trains on which rows in which order: a resume that changed them
+# would continue another run from this one's weights and data cursor.
+FIXED_ON_RESUME = ("model.", "data.", "run.seed")
+CHANGEABLE_ON_RESUME = (
+    "model.teacher_placement", "model.teacher_offload_dir", "model.teacher_shared_prefix", "model.student_shared_prefix", "model.attn_implementation",
+    "model.cache_dir",
+)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def resume_changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Settings `cfg` changes from the run's saved config, as {key: (saved, now)}; refuses the fixed ones."""
+    before, after = flatten(saved), flatten(cfg)
+    ignored = ("run.resume", "run.out_dir", "run.overwrite", "run.verbose")
+    changes = {key: (before[key], after[key]) for key in after if before[key] != after[key] and key not in ignored}
+    for key, (old, new) in changes.items():
+        if key.startswith(FIXED_ON_RESUME) and key not in CHANGEABLE_ON_RESUME:
+            raise ConfigError(
+                f"--{key} {new!r} differs from the run's {old!r}: a resume continues the same model, data and seed; "
+                "start a new run (another run.out_dir) to change it"
+            )
+    return changes
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print its usage block and exit; one line says it
+        raise ConfigError(f"command line: {message} (--help lists every flag)")
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with `--config` plus one `--section.key` flag per field (and `--key` where unique)."""
+    parser = _Parser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML file of overrides, by section")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback instead of one line")
+    defaults = Config()
+    counts: dict[str, int] = {}
+    for _, section in _sections(defaults):
+        for f in dataclasses.fields(section):
+            counts[f.name] = counts.get(f.name, 0) + 1
+    for section_name, section in _sections(defaults):
+        group = parser.add_argument_group(section_name)
+        for f in dataclasses.fields(section):
+            flags = [f"--{section_name}.{f.name}"]
+            if counts[f.name] == 1 and f.name not in ("config", "debug"):
+                flags.append(f"--{f.name}")
+            typ = _field_type(section, f.name)
+            choices = _choices(typ)
+            extra = {"nargs": "?", "const": "true"} if typ is bool else {}  # `--overwrite` alone means true
+            group.add_argument(
+                *flags,
+                dest=f"{section_name}.{f.name}",
+                metavar="{" + ",".join(choices) + "}" if choices else type(getattr(section, f.name)).__name__.upper(),
+                help=f"{f.metadata['help']} (default: {getattr(section, f.name)!r})",
+                **extra,
+            )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str = "opd-local") -> Config:
+    """Defaults, then `--config` YAML, then CLI flags; every setting checked (ConfigError names the bad one).
+
+    With `--resume RUN_DIR` the run's saved config.yaml takes the place of the defaults, so the
+    resumed run is the same run; flags given alongside override it, and train() refuses those that
+    would make it another run.
+    """
+    parser = build_arg_parser(description)
+    args = vars(parser.parse_args(argv))
+    args.pop("debug", None)
+    cfg = Config()
+    resume = args.get("run.resume")
+    if resume:
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {resume}: no config.yaml there; is it a run directory?")
+        apply_overrides(cfg, load_yaml(saved), source=str(saved))
+        cfg.run.out_dir = str(resume)
+        cfg.run.overwrite = False  # the action that started that run, not part of continuing it
+    if "config" in args:
+        path = args.pop("config")
+        apply_overrides(cfg, load_yaml(path), source=path)
+    cli: dict[str, dict[str, Any]] = {}
+    for dotted, value in args.items():
+        section, key = dotted.split(".", 1)
+        cli.setdefault(section, {})[key] = value
+    return check_config(apply_overrides(cfg, cli, source="command line"))

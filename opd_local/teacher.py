@@ -1,0 +1,123 @@
+"""The frozen teacher of a run: its weights, where they live, and its scores (docs/design.md, "The step", 4).
+
+`Teacher.build` makes it in one call, for training and for stand-alone evaluation alike. With LoRA
+on the teacher's own base model, the teacher is the student with the adapter switched off, so no
+second copy is held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from opd_local import parallel
+from opd_local.config import Config, resolve_micro_batch_tokens
+from opd_local.loss import needs_teacher_hidden
+from opd_local.models import load_frozen_teacher
+from opd_local.rollouts import Rollout
+
+
+class Teacher:
+    """A frozen model that scores completions behind the teacher prompt.
+
+    `head` is the full lm_head weight, held when the objective reads the teacher's hidden states
+    (frozen, so one reference serves every step); `offload_dir` is where a disk-placed teacher's
+    layers live until `close()`.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        micro_batch_tokens: int,
+        name: str = "",
+        adapter_off: bool = False,
+        context: str = "privileged",
+        head: torch.Tensor | None = None,
+        chunk_tokens: int = 1024,
+        shared_prefix: bool = False,
+        compute_dtype: torch.dtype | None = None,
+        offload_dir: Path | None = None,
+    ):
+        self.model = model
+        self.name = name
+        self.adapter_off = adapter_off
+        self.context = context
+        self.head = head
+        self.micro_batch_tokens = micro_batch_tokens
+        self.chunk_tokens = chunk_tokens
+        self.shared_prefix = shared_prefix
+        self.compute_dtype = compute_dtype
+        self.offload_dir = offload_dir
+
+    @classmethod
+    def build(cls, cfg: Config, inputs, precision, ctx, student=None, layout: str = "none") -> Teacher:
+        """The run's teacher from `inputs` (`RunInputs`), placed by `model.teacher_placement`.
+
+        Without a `student` (stand-alone evaluation of a saved model, which has no adapter to switch
+        off) the teacher's weights are always loaded.
+        """
+        offload_dir = None
+        if inputs.teacher_weights == "base_adapter_off" and student is not None:
+            model, adapter_off = student, True
+        else:
+            placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
+            offload_dir = Path(cfg.model.teacher_offload_dir or Path(cfg.run.out_dir) / "teacher-offload") / f"rank{ctx.rank}"
+            frozen = load_frozen_teacher(inputs.teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
+            model = parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward)
+            adapter_off = False
+        return cls(
+            model,
+            micro_batch_tokens=resolve_micro_batch_tokens(cfg.optim, ctx.device.type),
+            name=inputs.teacher_path,
+            adapter_off=adapter_off,
+            context=cfg.model.teacher_context,
+            head=parallel.full_lm_head(model) if needs_teacher_hidden(cfg.loss) else None,
+            chunk_tokens=cfg.loss.chunk_tokens,
+            shared_prefix=cfg.model.teacher_shared_prefix,
+            compute_dtype=precision.compute,
+            offload_dir=offload_dir,
+        )
+
+    def scope(self):
+        """Where the teacher's weights are in force: the student's base with the adapter off, or always."""
+        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+
+    def score(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """Score the rollouts still kept, record the scores on them, and return those the scores leave kept."""
+        scorable = [r for r in rollouts if r.kept]
+        with self.scope():
+            scores = parallel.score_completions_distributed(
+                self.model,
+                # plain: the control, the teacher on the student's own prompt; the gain over it is what
+                # the privileged context adds.
+                [r.group.training_teacher_prompt(self.context) for r in scorable],
+                [r.completion_ids for r in scorable],
+                micro_batch_tokens=self.micro_batch_tokens,
+                chunk_tokens=self.chunk_tokens,
+                return_hidden=self.head is not None,
+                shared_prefix=self.shared_prefix,
+                compute_dtype=self.compute_dtype,
+            )
+        if len(scores.logprobs) != len(scorable):
+            raise RuntimeError(f"teacher returned {len(scores.logprobs)} score vectors for {len(scorable)} rollouts")
+        for i, rollout in enumerate(scorable):
+            rollout.record_teacher_scores(scores.logprobs[i], None if scores.hiddens is None else scores.hiddens[i])
+        return [r for r in scorable if r.kept]
+
+    def trace_logprobs(self, prompts: list[list[int]], traces: list[list[int]]) -> list[torch.Tensor]:
+        """Logprobs of the teacher's own traces behind their prompts (evaluation), each packed with its own prompt."""
+        with self.scope():
+            return parallel.score_completions_distributed(
+                self.model, prompts, traces, micro_batch_tokens=self.micro_batch_tokens, compute_dtype=self.compute_dtype
+            ).logprobs
+
+    def close(self) -> None:
+        if self.offload_dir is not None and self.offload_dir.exists():
+            # Copies of frozen weights that nothing resumes from: a disk-placed 8B teacher is 16 GB per rank.
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the shared parent, once the last rank's folder is gone
+                self.offload_dir.parent.rmdir()
