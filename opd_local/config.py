@@ -82,7 +82,12 @@ class DataConfig:
     heldout_split: str = knob("test", "split of `heldout` to use", nonempty=True)
     format: Literal["auto", "gsm8k", "messages"] = knob("auto", "row format: auto, gsm8k (question/answer), messages (messages/teacher_messages)")
     hub_config: str = knob("main", "dataset config name passed to datasets.load_dataset for hub ids")
-    max_train_rows: int = knob(0, "cap on training rows (0 = all)", ge=0)
+    max_train_rows: int = knob(
+        -1,
+        "cap on training rows: 0 = all; -1 = auto (4 for bundled:gsm8k, the default job's small set revisited every "
+        "step; all rows of any other source)",
+        ge=-1,
+    )
     max_heldout_rows: int = knob(16, "cap on held-out rows (0 = all)", ge=0)
     max_prompt_tokens: int = knob(768, "longest allowed prompt; longer rows are refused before step 0, naming the row", ge=1)
     drop_overlong: bool = knob(False, "drop over-long rows and count them instead of refusing the run")
@@ -93,7 +98,7 @@ class DataConfig:
 class RolloutConfig:
     sampler: Literal["auto", "vllm", "hf"] = knob("auto", "rollout engine: auto (vllm when installed, else hf), vllm, hf")
     groups_per_step: int = knob(4, "prompt groups per optimizer step (across all ranks)", ge=1)
-    samples_per_group: int = knob(2, "completions sampled per prompt (K)", ge=1)
+    samples_per_group: int = knob(4, "completions sampled per prompt (K)", ge=1)
     temperature: float = knob(1.0, "sampling temperature; rollout_lp and student_lp use it, teacher_lp does not", gt=0)
     max_tokens: int = knob(128, "completion length cap", ge=1)
     gpu_memory_utilization: float = knob(0.3, "vLLM on GPU: fraction of GPU memory for the engine", gt=0, le=1)
@@ -108,7 +113,7 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     objective: Literal["sampled_rkl", "full_rkl", "topk_rkl", "fkl", "jsd"] = knob(
-        "sampled_rkl",
+        "full_rkl",
         "token objective: sampled_rkl (sampled-token reverse KL with IS ratio), full_rkl, topk_rkl, fkl (forward KL), "
         "jsd (generalised JSD); all but sampled_rkl use the full vocabulary from the teacher's hidden states",
     )
@@ -127,7 +132,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = knob(5e-5, "AdamW learning rate", gt=0)
+    lr: float = knob(1e-4, "AdamW learning rate", gt=0)
     weight_decay: float = knob(0.0, "AdamW weight decay", ge=0)
     beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = knob(0.95, "AdamW beta2", ge=0, lt=1)
@@ -139,6 +144,13 @@ class OptimConfig:
         "token budget of one packed micro-batch (the tokens of its row: a shared student prompt counts once); "
         "0 = 1024 on CPU and 16384 on CUDA", ge=0
     )
+
+
+def resolve_max_train_rows(data: DataConfig) -> int:
+    """`data.max_train_rows`, with -1 resolved by the source: the bundled rows' default job trains on 4."""
+    if data.max_train_rows >= 0:
+        return data.max_train_rows
+    return 4 if data.train == BUNDLED_GSM8K else 0
 
 
 def resolve_micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
@@ -163,7 +175,7 @@ class SyncConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = knob(4, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)", ge=0)
+    every: int = knob(10, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)", ge=0)
     train_rows: int = knob(8, "training rows evaluated too (the first ones the run trains on), for the _train metrics", ge=0)
     max_trace_tokens: int = knob(256, "length cap of the teacher's greedy traces", ge=1)
     greedy_max_tokens: int = knob(256, "length cap of the student's greedy answers", ge=1)
@@ -172,11 +184,11 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = knob(12, "optimizer steps", ge=1)
+    steps: int = knob(50, "optimizer steps", ge=1)
     seed: int = knob(0, "seed for data order, sampling and init", ge=0)
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints", nonempty=True)
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")
-    save_every: int = knob(4, "write a resumable checkpoint every N steps (0 = off)", ge=0)
+    save_every: int = knob(25, "write a resumable checkpoint every N steps (0 = off)", ge=0)
     keep_checkpoints: int = knob(2, "resumable checkpoints kept, oldest deleted first (0 = all)", ge=0)
     resume: str = knob(
         "",

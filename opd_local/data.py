@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opd_local.config import BUNDLED_GSM8K, DataConfig
+from opd_local.config import BUNDLED_GSM8K, DataConfig, resolve_max_train_rows
 from opd_local.rows import DataError, PrivilegedRow
 from opd_local.tasks import TASKS
 
@@ -229,7 +229,7 @@ def count_duplicates(rows: Sequence[PrivilegedRow]) -> int:
 
 def load_train_and_heldout(cfg: DataConfig) -> tuple[list[PrivilegedRow], list[PrivilegedRow]]:
     """Training and held-out rows; a held-out row whose student prompt is also a training prompt is an error."""
-    train = load_rows(cfg.train, cfg.train_split, cfg.format, cfg.hub_config, cfg.max_train_rows)
+    train = load_rows(cfg.train, cfg.train_split, cfg.format, cfg.hub_config, resolve_max_train_rows(cfg))
     heldout = load_rows(cfg.heldout, cfg.heldout_split, cfg.format, cfg.hub_config, cfg.max_heldout_rows)
     train_ids = {_prompt_key(row): row.row_id for row in train}
     overlap = [(row.row_id, train_ids[_prompt_key(row)]) for row in heldout if _prompt_key(row) in train_ids]

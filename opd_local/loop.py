@@ -19,7 +19,6 @@ from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.config_parsing import check_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
-from opd_local.loss import needs_teacher_hidden
 from opd_local.metrics import MetricsLogger, span
 from opd_local.models import check_context_fits, load_student
 from opd_local.precision import resolve_precision

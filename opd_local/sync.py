@@ -29,7 +29,7 @@ def push_model_weights(sampler: Sampler, model, digests: list[torch.Tensor] | No
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
     weights = parallel.gather_engine_weights(model)
     if digests is not None:
-        weights = _digested(weights, sampler.dtype, digests, _tied_storages(student))
+        weights = _digested(weights, sampler.dtype, digests, _tied_storages(model))
     sampler.push_weights(weights)
     return device_clock(device) - start
 

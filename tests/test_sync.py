@@ -8,7 +8,7 @@ from conftest import save_tiny_llama
 from opd_local.config import ModelConfig
 from opd_local.models import load_causal_lm
 from opd_local.sampler import HFSampler
-from opd_local.sync import _tied_storages, push_weights
+from opd_local.sync import _tied_storages, push_model_weights
 
 
 def test_tied_weights_are_pushed_and_checksummed_under_every_name(tmp_path, tokenizer):
@@ -20,7 +20,7 @@ def test_tied_weights_are_pushed_and_checksummed_under_every_name(tmp_path, toke
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
     digests: list[torch.Tensor] = []
-    push_weights(engine, student, digests)
+    push_model_weights(engine, student, digests)
     names = [name for name, _ in student.named_parameters(remove_duplicate=False)]
     expected = [
         p.detach().to(torch.bfloat16).view(torch.int16).sum(dtype=torch.int64)
