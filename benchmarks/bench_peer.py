@@ -41,6 +41,9 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 LEARNING_RATE = 1e-5
 BETAS = (0.9, 0.95)
+# The peer's job on opd-local's side: its sampled-token objective, and every bundled training row
+# (the default job trains on 4 rows revisited, which would repeat the same prompts every step).
+JOB_FLAGS = ["--loss.objective", "sampled_rkl", "--data.max_train_rows", "0"]
 TRL_VARIANTS = {
     "fp32": dict(bf16=False, gradient_checkpointing=False),
     "bf16": dict(bf16=True, gradient_checkpointing=False),
@@ -52,7 +55,7 @@ TRL_VARIANTS = {
 
 
 def opd_local_worker(job: dict) -> dict:
-    from opd_local.config import parse_config
+    from opd_local.config_parsing import parse_config
     from opd_local.loop import train
 
     run_dir = Path(job["scratch"]) / "opd-local"
@@ -62,7 +65,7 @@ def opd_local_worker(job: dict) -> dict:
         "--optim.lr", str(LEARNING_RATE), "--optim.beta1", str(BETAS[0]), "--optim.beta2", str(BETAS[1]),
         "--run.steps", str(job["steps"] + 1), "--eval.every", "0", "--run.save_every", "0",
         "--run.save_final", "false", "--run.out_dir", str(run_dir), "--run.overwrite", "true",
-        *job["opd_args"],
+        *JOB_FLAGS, *job["opd_args"],
     ]
     train(parse_config(argv, "bench_peer"))
     with open(run_dir / "metrics.jsonl") as f:
@@ -95,11 +98,11 @@ def trl_worker(job: dict, variant: str) -> dict:
     from datasets import Dataset
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from opd_local.config import parse_config
-    from opd_local.data import GroupStream
+    from opd_local.config_parsing import parse_config
+    from opd_local.progress import GroupStream
     from opd_local.run_inputs import load_run_inputs
 
-    cfg = parse_config(job["opd_args"], "bench_peer")
+    cfg = parse_config([*JOB_FLAGS, *job["opd_args"]], "bench_peer")
     inputs = load_run_inputs(cfg)
     tokenizer = inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
@@ -305,7 +308,7 @@ def report(args, summary: dict[str, dict]) -> None:
     print(
         f"job: {args.groups} prompts x {args.samples} completions, max_tokens {args.max_tokens}, AdamW lr {LEARNING_RATE}; "
         f"{args.rounds} round(s) x {args.steps} timed steps per side after one warm-up step; opd-local flags: "
-        f"{' '.join(args.opd_args) or '(defaults)'}"
+        f"{' '.join([*JOB_FLAGS, *args.opd_args])} (the rest defaults)"
     )
     print(f"{'side':<14}{'s/step':>8}{'tok/step':>10}{'tok/s':>8}{'RSS GiB':>9}  stages (s/step)")
     for side, s in summary.items():
