@@ -116,7 +116,7 @@ def test_loss_gradient_is_closed_form_at_rollout_weights(tiny_model_dir, tokeniz
     """
     student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float64, torch.device("cpu"))
     rollouts = _rollouts(student, tokenizer, teacher_shift=0.7)
-    loss_cfg = LossConfig(kl_coef=1.5)
+    loss_cfg = LossConfig(objective="sampled_rkl", kl_coef=1.5)
     batch = pack_sequences([r.group.student_prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
     with torch.no_grad():  # theta_rollout exactly: the same packed forward, in float64
         rollout_lp = packed_token_logprobs(student, batch)
@@ -148,6 +148,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny_model_dir, tokenizer):
     for budget in (100_000, 1):  # one packed micro-batch vs one sequence per micro-batch
         model = copy.deepcopy(student)
         cfg = Config()
+        cfg.loss.objective = "sampled_rkl"
         cfg.optim.micro_batch_tokens = budget
         cfg.optim.lr = 0.0
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
@@ -198,6 +199,7 @@ def test_student_shared_prefix_gives_the_unshared_loss_and_gradients(
         for shared in (False, True):
             model = copy.deepcopy(student)
             cfg = Config()
+            cfg.loss.objective = "sampled_rkl"
             cfg.model.student_shared_prefix = shared
             cfg.loss.normalize = normalize
             cfg.optim.micro_batch_tokens = budget
