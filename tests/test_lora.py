@@ -27,6 +27,7 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
     student = _lora_student(tiny_model_dir)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     cfg = Config()
+    cfg.loss.objective = "sampled_rkl"  # the rollouts carry teacher logprobs, not hidden states
     cfg.optim.lr = 1e-2
     optimizer, _ = build_optimizer(student, cfg)
     for _ in range(2):

@@ -84,7 +84,7 @@ def _loss_and_grads(student, batch, teacher_lp, rollout_lp, compute_dtype):
     student.zero_grad(set_to_none=True)
     with autocast_to("cpu", compute_dtype):
         loss, student_lp = opd_micro_batch_loss(
-            student, batch, teacher_lp, rollout_lp, LossConfig(), float(len(teacher_lp)), 1.0, compute_dtype=compute_dtype
+            student, batch, teacher_lp, rollout_lp, LossConfig(objective="sampled_rkl"), float(len(teacher_lp)), 1.0, compute_dtype=compute_dtype
         )
     loss.backward()
     return loss.detach(), student_lp, {n: p.grad.clone() for n, p in student.named_parameters()}

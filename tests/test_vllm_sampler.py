@@ -160,7 +160,8 @@ def test_bf16_push_passes_and_a_push_that_never_arrives_fails(bf16_engine, tiny_
     assert weight_sync.push_and_check(bf16_engine, student)["sync/parity_max_abs"] < PARITY_THRESHOLDS[torch.bfloat16]
     before = torch.tensor(bf16_engine.score(probe))
 
-    cfg = Config()  # one AdamW step at the default learning rate
+    cfg = Config()
+    cfg.optim.lr = 5e-5  # one AdamW step small enough to stay under the bf16 threshold: only the movement check sees it
     optimizer, _ = build_optimizer(student, cfg)
     batch = pack_sequences([probe[:1]], [probe[1:]])
     with policy.autocast():
