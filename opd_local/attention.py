@@ -119,15 +119,20 @@ def _layout_vectors(runs, device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return run_start, prefix_start, prefix_end
 
 
+def _may_attend(q_idx, kv_idx, run_start, prefix_start, prefix_end):
+    """True where query `q_idx` sees key `kv_idx`: causally within its own run, or anywhere in its prefix.
+    The dense mask broadcasts it over [T, T]; flex evaluates it per block."""
+    own = (kv_idx >= run_start) & (kv_idx <= q_idx)
+    return own | ((kv_idx >= prefix_start) & (kv_idx < prefix_end))
+
+
 def layout_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """The row's dense `[1, 1, T, T]` bool mask, True where a query may attend a key."""
     t = position_ids.shape[1]
     run_start, prefix_start, prefix_end = _layout_vectors(row_layout(position_ids), position_ids.device)
     q = torch.arange(t, device=position_ids.device)[:, None]
     kv = torch.arange(t, device=position_ids.device)[None, :]
-    own = (kv >= run_start[:, None]) & (kv <= q)
-    prefix = (kv >= prefix_start[:, None]) & (kv < prefix_end[:, None])
-    return (own | prefix)[None, None]
+    return _may_attend(q, kv, run_start[:, None], prefix_start[:, None], prefix_end[:, None])[None, None]
 
 
 def supports_shared_prefix(config) -> bool:
@@ -174,8 +179,7 @@ def _flex(query, key, value, runs, scaling):
     run_start, prefix_start, prefix_end = _layout_vectors(runs, query.device)
 
     def within_run_or_prefix(b, h, q_idx, kv_idx):
-        own = (kv_idx >= run_start[q_idx]) & (kv_idx <= q_idx)
-        return own | ((kv_idx >= prefix_start[q_idx]) & (kv_idx < prefix_end[q_idx]))
+        return _may_attend(q_idx, kv_idx, run_start[q_idx], prefix_start[q_idx], prefix_end[q_idx])
 
     # Compiled on CUDA so that the [T, T] predicate is never materialised, only its [T/128, T/128] block map.
     block_mask = create_block_mask(within_run_or_prefix, None, None, t, t, device=query.device, _compile=query.is_cuda)
