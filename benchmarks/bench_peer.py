@@ -245,7 +245,12 @@ def summarize(results: list[dict]) -> dict:
     seconds = [s for r in results for s in r["step_seconds"]]
     tokens = [t for r in results for t in r["active_tokens"]]
     stages = {name: statistics.fmean(v for r in results for v in r["stages"][name]) for name in results[0]["stages"]}
+    # Cost per token: a straight line through (active tokens, seconds) of every timed step; the steps'
+    # lengths vary with sampling, which is what spreads the points.
+    fit = statistics.linear_regression(tokens, seconds) if len(set(tokens)) > 1 else None
     return {
+        "fixed_s": fit.intercept if fit else float("nan"),
+        "ms_per_token": fit.slope * 1e3 if fit else float("nan"),
         "s_per_step": statistics.fmean(seconds),
         "tokens_per_step": statistics.fmean(tokens),
         "tokens_per_s": sum(tokens) / sum(seconds),
@@ -315,7 +320,8 @@ def report(args, summary: dict[str, dict]) -> None:
         stages = ", ".join(f"{name} {value:.2f}" for name, value in s["stages"].items())
         rounds = "/".join(f"{v:.1f}" for v in s["per_round_tokens_per_s"])
         print(f"{side:<14}{s['s_per_step']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.1f}{s['peak_rss_gib']:>9.2f}  "
-              f"{stages}; tok/s by round {rounds}{'; ' + s['optimizer'] if s['optimizer'] else ''}")
+              f"{stages}; tok/s by round {rounds}; fit {s['fixed_s']:.1f} s + {s['ms_per_token']:.1f} ms/token"
+              f"{'; ' + s['optimizer'] if s['optimizer'] else ''}")
     trl_sides = [side for side in summary if side.startswith("trl-")]
     if trl_sides:
         best = max(trl_sides, key=lambda side: summary[side]["tokens_per_s"])

@@ -309,6 +309,9 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved progress."""
     module = parallel.unwrap(student)
     sharded_dir = Path(checkpoint) / SHARDED
+    # Which AdamW implementation steps is this run's choice (build_optimizer's), not the saved run's:
+    # a state dict carries its `fused` and `foreach` flags, which would otherwise win.
+    implementation = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
     if sharded_dir.exists() or parallel.is_sharded(student):
@@ -338,6 +341,8 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
     else:
         load_model(module, str(checkpoint / "model.safetensors"), device=str(next(module.parameters()).device))
         optimizer.load_state_dict(state["optimizer"])
+    for group, flags in zip(optimizer.param_groups, implementation):
+        group.update(flags)
     scheduler.load_state_dict(state["scheduler"])
     progress = read_progress(checkpoint)
     saved_ranks = progress.get("world_size", len(list(Path(checkpoint).glob("rng_rank*.pt"))))

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+METRICS_FILE = "metrics.jsonl"
+
 SUMMARY_KEYS = (
     ("opd/sampled_reverse_kl", "rkl", "{:.4f}"),
     ("opd/active_tokens", "tok", "{:.0f}"),
@@ -71,7 +73,7 @@ class MetricsLogger:
         purge_step: int | None = None,
     ):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         # Every rank checks for wandb so that a missing install stops all ranks alike, before step 0.
         wandb = import_wandb() if wandb_project else None
         self._file = open(self.path, "a") if enabled else None
@@ -121,7 +123,7 @@ def format_summary(step: int, metrics: dict[str, float]) -> str:
     return " ".join(parts)
 
 
-def drop_records_from(run_dir: Path, step: int, names=("metrics.jsonl", "trace_eval.jsonl")) -> None:
+def drop_records_from(run_dir: Path, step: int, names=(METRICS_FILE, "trace_eval.jsonl")) -> None:
     """Rewrite the run's JSONL logs without records of `step` and later (atomically)."""
     for name in names:
         path = Path(run_dir) / name
@@ -134,5 +136,5 @@ def drop_records_from(run_dir: Path, step: int, names=("metrics.jsonl", "trace_e
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    with open(Path(run_dir) / "metrics.jsonl") as f:
+    with open(Path(run_dir) / METRICS_FILE) as f:
         return [json.loads(line) for line in f if line.strip()]

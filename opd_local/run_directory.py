@@ -15,12 +15,12 @@ from pathlib import Path
 from opd_local.checkpoint import CHECKPOINTS, newest_intact_checkpoint
 from opd_local.config import Config, ConfigError
 from opd_local.config_parsing import apply_overrides, load_yaml, resume_changes, save_yaml
-from opd_local.metrics import drop_records_from
+from opd_local.metrics import METRICS_FILE, drop_records_from
 
 CONFIG_FILE = "config.yaml"
 # What a run writes into its directory; `--overwrite` deletes these and nothing else (a sweep keeps
 # its own files, train.log and attempts.jsonl, in the same folder).
-RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "trace_eval.jsonl", "trace_cache.json", "summary.md", "eval_metrics.json")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, "trace_eval.jsonl", "trace_cache.json", "summary.md", "eval_metrics.json")
 RUN_FOLDERS = (CHECKPOINTS, "final", "charts")
 RUN_GLOBS = ("events.out.tfevents.*",)
 

@@ -4,6 +4,9 @@
 
 Writes eval_metrics.json, trace_eval.jsonl and the teacher-trace cache into --out_dir and prints
 the teacher-trace gaps and greedy exact match. Takes the same flags as scripts/train.py.
+A training run's directory is refused as --out_dir: its trace_eval.jsonl holds the run's own
+evaluations. Evaluating into the same directory again replaces the last evaluation's records and
+reuses its teacher traces.
 """
 
 import json
@@ -15,7 +18,8 @@ from opd_local.cli import run_refusing
 from opd_local.config import resolve_micro_batch_tokens
 from opd_local.config_parsing import parse_config
 from opd_local.engines import make_sampler
-from opd_local.evaluation import Evaluator, teacher_greedy
+from opd_local.evaluation import TRACE_RECORDS, Evaluator, teacher_greedy
+from opd_local.metrics import METRICS_FILE
 from opd_local.models import load_causal_lm
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream
@@ -29,6 +33,11 @@ def main() -> None:
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     print(precision.describe())
     out_dir = Path(cfg.run.out_dir)
+    if (out_dir / METRICS_FILE).exists():
+        raise ValueError(
+            f"--out_dir {out_dir} holds a training run ({METRICS_FILE}); scripts/eval.py would write its records "
+            f"among the run's own in {TRACE_RECORDS}. Choose another --out_dir, e.g. --out_dir {out_dir / 'eval'}"
+        )
     inputs = load_run_inputs(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     student_path, tokenizer = inputs.student_path, inputs.tokenizer
@@ -42,6 +51,7 @@ def main() -> None:
         compute_dtype=precision.compute,
     )
     evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
+    (out_dir / TRACE_RECORDS).unlink(missing_ok=True)  # the Evaluator appends: one evaluation per directory
     metrics = evaluator.run(0, student, sampler)
     sampler.close()
     teacher.close()

@@ -135,9 +135,24 @@ def test_eval_script_scores_a_checkpoint_against_a_teacher(tiny_model_dir, tiny_
         "--eval.greedy_max_tokens", "8", "--run.device", "cpu", "--out_dir", str(out),
     ]
     subprocess.run(cmd, check=True, timeout=600)
+    subprocess.run(cmd, check=True, timeout=600)  # a second evaluation replaces the first one's records
     metrics = json.loads((out / "eval_metrics.json").read_text())
     assert {"eval/trace_gap", "eval/trace_gap_train", "eval/student_greedy_accuracy", "eval/teacher_final_accuracy"} <= set(metrics)
     records = [json.loads(line) for line in (out / "trace_eval.jsonl").read_text().splitlines()]
     assert sorted(r["split"] for r in records) == ["heldout"] * 3 + ["train"] * 2
     # two different random models: the student is far from the teacher on the teacher's own text
     assert metrics["eval/trace_gap"] > 0.1
+
+
+def test_eval_script_refuses_a_training_run_directory(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    result = subprocess.run(
+        [sys.executable, "scripts/eval.py", "--student", "unused", "--out_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "holds a training run" in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # nothing of the run was touched

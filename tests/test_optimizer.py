@@ -43,3 +43,34 @@ def test_parameters_the_fused_kernel_cannot_take_keep_the_default():
     model = torch.nn.Linear(4, 4).double()  # no fused AdamW kernel for float64
     optimizer, _ = build_optimizer(model, Config())
     assert not optimizer.param_groups[0]["fused"]
+
+
+def test_resume_keeps_this_runs_adamw_implementation(tmp_path):
+    """A checkpoint saved by a `foreach` AdamW resumes into the fused one build_optimizer chose, with
+    its moments and step count, and steps like the saved implementation would have."""
+    from opd_local import dist
+    from opd_local.checkpoint import load_training_state, save_training_state
+
+    cfg = Config()
+    cfg.optim.lr = 1e-2
+    ctx = dist.init_distributed("cpu")
+    saved_model = _model()
+    saved = torch.optim.AdamW(saved_model.parameters(), lr=cfg.optim.lr, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(saved, lambda s: 1.0)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    saved_model(x).square().mean().backward()
+    saved.step()
+    checkpoint = save_training_state(tmp_path, 1, saved_model, saved, scheduler, {"step": 1}, ctx, keep=0)
+
+    resumed_model = _model()
+    resumed, resumed_scheduler = build_optimizer(resumed_model, cfg)
+    load_training_state(checkpoint, resumed_model, resumed, resumed_scheduler, ctx)
+    assert resumed.param_groups[0]["fused"] is True and not resumed.param_groups[0]["foreach"]
+    assert int(resumed.state[resumed.param_groups[0]["params"][0]]["step"]) == 1
+
+    for model, optimizer in ((resumed_model, resumed), (saved_model, saved)):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    for name, value in resumed_model.state_dict().items():
+        torch.testing.assert_close(value, saved_model.state_dict()[name], rtol=1e-5, atol=1e-6)
