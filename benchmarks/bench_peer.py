@@ -1,7 +1,8 @@
 """opd-local's training step against TRL's SDFTTrainer on the same job, in alternating processes.
 
     python benchmarks/bench_peer.py [--groups 4] [--samples 2] [--max_tokens 128] [--steps 4] [--rounds 2]
-                                    [--trl fp32 bf16] [--opd_args --sampler hf ...]
+                                    [--trl fp32 bf16] [--opd_variant compiled="--rollout.enforce_eager false"]
+                                    [--opd_args --sampler hf ...]
 
 The job on both sides: the trainer's default model directory (the embedded SmolLM2), the bundled GSM8K
 rows in opd-local's draw order, the same student prompt and privileged teacher prompt token ids (TRL is
@@ -22,6 +23,8 @@ and student forwards and the loss), backward (`accelerator.backward`), optimizer
 TRL variants (`--trl`): fp32 (fp32 weights and compute, no gradient checkpointing), bf16 (bf16 autocast
 over fp32 weights, no gradient checkpointing), defaults (TRL's own: bf16 autocast and gradient
 checkpointing). Without trl installed (`pip install -e .[bench]`) only opd-local runs.
+`--opd_variant NAME="FLAGS"` (repeatable) adds an opd-local side `opd-local:NAME` run with FLAGS on top of
+its defaults, in the same rounds.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,18 +58,18 @@ TRL_VARIANTS = {
 # ---------------------------------------------------------------- workers (one process each)
 
 
-def opd_local_worker(job: dict) -> dict:
+def opd_local_worker(job: dict, variant: str = "") -> dict:
     from opd_local.config_parsing import parse_config
     from opd_local.loop import train
 
-    run_dir = Path(job["scratch"]) / "opd-local"
+    run_dir = Path(job["scratch"]) / f"opd-local-{variant or 'defaults'}"
     argv = [
         "--rollout.groups_per_step", str(job["groups"]), "--rollout.samples_per_group", str(job["samples"]),
         "--rollout.max_tokens", str(job["max_tokens"]), "--rollout.temperature", "1.0",
         "--optim.lr", str(LEARNING_RATE), "--optim.beta1", str(BETAS[0]), "--optim.beta2", str(BETAS[1]),
         "--run.steps", str(job["steps"] + 1), "--eval.every", "0", "--run.save_every", "0",
         "--run.save_final", "false", "--run.out_dir", str(run_dir), "--run.overwrite", "true",
-        *JOB_FLAGS, *job["opd_args"],
+        *JOB_FLAGS, *job["opd_args"], *job["opd_variants"].get(variant, []),
     ]
     train(parse_config(argv, "bench_peer"))
     with open(run_dir / "metrics.jsonl") as f:
@@ -270,6 +274,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per process, after one warm-up step")
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds: one process per side per round")
     parser.add_argument("--trl", nargs="*", default=["fp32", "bf16"], choices=sorted(TRL_VARIANTS), help="TRL variants")
+    parser.add_argument("--opd_variant", action="append", default=[], metavar='NAME="FLAGS"',
+                        help="another opd-local side with these flags added (repeatable)")
     parser.add_argument("--opd_args", nargs=argparse.REMAINDER, default=[], help="extra opd-local flags, e.g. --sampler hf")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -278,11 +284,15 @@ def main() -> None:
 
     if args.worker:
         job = json.loads(Path(args.job).read_text())
-        result = opd_local_worker(job) if args.worker == "opd-local" else trl_worker(job, args.worker.removeprefix("trl-"))
+        if args.worker.startswith("opd-local"):
+            result = opd_local_worker(job, args.worker.partition(":")[2])
+        else:
+            result = trl_worker(job, args.worker.removeprefix("trl-"))
         Path(args.result).write_text(json.dumps(result))
         return
 
-    sides = ["opd-local"]
+    variants = dict(_variant(spec) for spec in args.opd_variant)
+    sides = ["opd-local", *(f"opd-local:{name}" for name in variants)]
     if importlib.util.find_spec("trl") is None:
         print("trl is not installed: running opd-local alone (pip install -e .[bench] for the TRL SDFTTrainer side)")
     else:
@@ -290,7 +300,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="bench_peer-") as tmp:
         job = dict(groups=args.groups, samples=args.samples, max_tokens=args.max_tokens, steps=args.steps,
-                   opd_args=args.opd_args, scratch=tmp)
+                   opd_args=args.opd_args, opd_variants=variants, scratch=tmp)
         for round_index in range(args.rounds):
             for side in sides:
                 start = time.perf_counter()
@@ -315,18 +325,29 @@ def report(args, summary: dict[str, dict]) -> None:
         f"{args.rounds} round(s) x {args.steps} timed steps per side after one warm-up step; opd-local flags: "
         f"{' '.join([*JOB_FLAGS, *args.opd_args])} (the rest defaults)"
     )
-    print(f"{'side':<14}{'s/step':>8}{'tok/step':>10}{'tok/s':>8}{'RSS GiB':>9}  stages (s/step)")
+    print(f"{'side':<20}{'s/step':>8}{'tok/step':>10}{'tok/s':>8}{'RSS GiB':>9}  stages (s/step)")
     for side, s in summary.items():
         stages = ", ".join(f"{name} {value:.2f}" for name, value in s["stages"].items())
         rounds = "/".join(f"{v:.1f}" for v in s["per_round_tokens_per_s"])
-        print(f"{side:<14}{s['s_per_step']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.1f}{s['peak_rss_gib']:>9.2f}  "
+        print(f"{side:<20}{s['s_per_step']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.1f}{s['peak_rss_gib']:>9.2f}  "
               f"{stages}; tok/s by round {rounds}; fit {s['fixed_s']:.1f} s + {s['ms_per_token']:.1f} ms/token"
               f"{'; ' + s['optimizer'] if s['optimizer'] else ''}")
+    for spec in args.opd_variant:
+        name, flags = _variant(spec)
+        print(f"opd-local:{name}: the defaults plus {' '.join(flags)}")
     trl_sides = [side for side in summary if side.startswith("trl-")]
     if trl_sides:
         best = max(trl_sides, key=lambda side: summary[side]["tokens_per_s"])
-        ratio = summary["opd-local"]["tokens_per_s"] / summary[best]["tokens_per_s"]
-        print(f"opd-local / {best} (the fastest TRL variant): {ratio:.2f}x active tokens/s")
+        for side in (side for side in summary if side.startswith("opd-local")):
+            ratio = summary[side]["tokens_per_s"] / summary[best]["tokens_per_s"]
+            print(f"{side} / {best} (the fastest TRL variant): {ratio:.2f}x active tokens/s")
+
+
+def _variant(spec: str) -> tuple[str, list[str]]:
+    name, sep, flags = spec.partition("=")
+    if not sep or not name.isidentifier():
+        raise SystemExit(f'--opd_variant {spec!r}: expected NAME="FLAGS", e.g. compiled="--rollout.enforce_eager false"')
+    return name, shlex.split(flags)
 
 
 if __name__ == "__main__":
