@@ -2,12 +2,17 @@
 
     python benchmarks/bench_attention.py                         # CPU: sdpa (dense mask), per_sequence, flex
     python benchmarks/bench_attention.py --paths flash flex per_sequence sdpa --device cuda
+    python benchmarks/bench_attention.py --runs                  # one run's attention: matmuls vs SDPA
 
 A random-init LLaMA (hidden 256, 2 layers, 4 heads, 2 KV heads, vocab 49152) runs one packed row of the
 given sequence lengths through `opd_local.models.final_hidden_states` with each path forced by
 OPD_PACKED_ATTENTION (see opd_local/attention.py). "flex" is the trainer's path (compiled on CUDA, eager
 on CPU); "flex_compiled" also compiles it on CPU. Prints the first call (compiles included) and the median
 and min of --repeats more.
+
+--runs times `attention.run_attention` alone, forward + backward and forward only, with SmolLM2-135M's
+heads (9 x 64) on (shared prefix, run) lengths like a GSM8K group's: explicit matmuls against SDPA, each
+with its largest error against a float64 reference. It is what sets `attention.CPU_MATMUL_ATTENTION_MAX`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["sdpa", "per_sequence", "flex", "flex_compiled"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", action="store_true", help="time one run's attention: explicit matmuls vs SDPA")
+    parser.add_argument("--dtype", default="bfloat16", help="--runs: the inputs' dtype")
     args = parser.parse_args()
+    if args.runs:
+        return compare_run_attention(torch.device(args.device), getattr(torch, args.dtype), args.repeats)
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -76,6 +85,58 @@ def main() -> None:
         print(f"{name}: first {first * 1e3:.0f} ms, median {times[len(times) // 2] * 1e3:.1f} ms, "
               f"min {times[0] * 1e3:.1f} ms, max |packed - unpacked| {(hidden[0] - ref).abs().max().item():.2e}",
               flush=True)
+
+
+# (shared prefix, run) lengths: student prompts alone, completions behind them, privileged prompts, larger.
+RUN_SHAPES = [(0, 116), (116, 100), (0, 248), (248, 100), (0, 400), (300, 200), (0, 512), (0, 768)]
+
+
+def compare_run_attention(device: torch.device, dtype: torch.dtype, repeats: int) -> None:
+    heads, head_dim = 9, 64
+    repeats = max(repeats, 10)
+    print(f"one run's attention, {heads} heads x {head_dim}, {dtype}, torch {torch.__version__}, {device}, "
+          f"{torch.get_num_threads()} threads, median of {repeats}")
+    print("| prefix | run | Tq x Tk | sdpa fwd+bwd ms | matmul fwd+bwd ms | ratio | sdpa fwd ms | matmul fwd ms | ratio "
+          "| max error sdpa | max error matmul |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for prefix, run in RUN_SHAPES:
+        torch.manual_seed(0)
+        q = torch.randn(1, heads, run, head_dim, device=device, dtype=dtype) * 2
+        k = torch.randn(1, heads, prefix + run, head_dim, device=device, dtype=dtype) * 2
+        v = torch.randn(1, heads, prefix + run, head_dim, device=device, dtype=dtype)
+        grad = torch.randn_like(q)
+        reference = attention.run_attention(q.double(), k.double(), v.double(), matmul=False)
+        row = {}
+        for matmul in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+            def forward_backward():
+                attention.run_attention(*leaves, matmul=matmul).backward(grad)
+
+            def forward():
+                with torch.no_grad():
+                    return attention.run_attention(q, k, v, matmul=matmul)
+
+            error = (forward().double() - reference).abs().max().item()
+            row[matmul] = (_median_ms(forward_backward, repeats, device), _median_ms(forward, repeats, device), error)
+        (sb, sf, se), (mb, mf, me) = row[False], row[True]
+        print(f"| {prefix} | {run} | {run * (prefix + run)} | {sb:.2f} | {mb:.2f} | {sb / mb:.2f}x | {sf:.2f} | {mf:.2f} | "
+              f"{sf / mf:.2f}x | {se:.1e} | {me:.1e} |", flush=True)
+
+
+def _median_ms(fn, repeats: int, device: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 if __name__ == "__main__":

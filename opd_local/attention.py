@@ -188,23 +188,63 @@ def _flex(query, key, value, runs, scaling):
 
 
 def _per_run(query, key, value, runs, dropout, scaling):
-    """One SDPA call per run: causal on its own tokens, after the prefix's keys when it has one."""
+    """One attention call per run: causal on its own tokens, after the prefix's keys when it has one."""
     outputs = []
     for start, end, prefix_start, prefix_end in runs:
-        q = query[:, :, start:end]
-        if prefix_end == prefix_start:
-            outputs.append(torch.nn.functional.scaled_dot_product_attention(
-                q, key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling, is_causal=True
-            ))
-            continue
-        k = torch.cat([key[:, :, prefix_start:prefix_end], key[:, :, start:end]], dim=2)
-        v = torch.cat([value[:, :, prefix_start:prefix_end], value[:, :, start:end]], dim=2)
-        # Causal aligned to the bottom right: every query sees the whole prefix and its run up to itself.
-        mask = torch.ones(end - start, k.shape[2], dtype=torch.bool, device=q.device).tril(prefix_end - prefix_start)
-        outputs.append(torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling
-        ))
+        k, v = key[:, :, start:end], value[:, :, start:end]
+        if prefix_end > prefix_start:
+            k = torch.cat([key[:, :, prefix_start:prefix_end], k], dim=2)
+            v = torch.cat([value[:, :, prefix_start:prefix_end], v], dim=2)
+        outputs.append(run_attention(query[:, :, start:end], k, v, dropout, scaling))
     return torch.cat(outputs, dim=2)  # [1, Hq, T, D]
+
+
+# Largest query x key count of one run that `run_attention` computes with explicit matmuls on the CPU
+# when it will be differentiated. SDPA's CPU flash kernel is slow at a GSM8K group's sizes in its backward
+# pass: forward + backward 1.3-1.9x faster as matmuls up to about 220 x 220, slower beyond, where flash
+# also skips the causal half (2 cores, bf16; `python benchmarks/bench_attention.py --runs`, in
+# benchmarks/RESULTS.md). Forward alone gains at most 1.16x there, so scoring stays on SDPA.
+CPU_MATMUL_ATTENTION_MAX = 220 * 220
+
+
+def run_attention(q, k, v, dropout: float = 0.0, scaling: float | None = None, matmul: bool | None = None):
+    """Attention of q [B, H, Tq, D] over k, v [B, H, Tk, D], Tk >= Tq, causal aligned to the bottom right:
+    every query sees the first Tk - Tq keys (a shared prompt, or none) and its own run up to itself.
+
+    `matmul` None chooses explicit matmuls on the CPU when autograd records, the attention computes in
+    bf16 or fp16 (the inputs' dtype, or autocast's, which SDPA would cast them to) and the run is at most
+    CPU_MATMUL_ATTENTION_MAX. They round q, k and v to that dtype as SDPA does and keep the scores and
+    the softmax in fp32 as its flash kernel does: only the probabilities are rounded before they weigh v.
+    """
+    tq, tk = q.shape[2], k.shape[2]
+    dtype = _attention_dtype(q)
+    if matmul is None:
+        low_precision = dtype in (torch.bfloat16, torch.float16) and not dropout
+        differentiated = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        matmul = q.device.type == "cpu" and low_precision and differentiated and tq * tk <= CPU_MATMUL_ATTENTION_MAX
+    if not matmul:
+        if tq == tk:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    if dropout:
+        raise ValueError("run_attention with matmul=True takes no dropout")
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    scores_dtype = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the scores' matmul in bf16
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        scores = torch.matmul(q.to(scores_dtype), k.to(scores_dtype).transpose(-1, -2)) * scale
+        hidden = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(tk - tq + 1)
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        return torch.matmul(probs.to(dtype), v)
+
+
+def _attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """What SDPA would compute q in: autocast's dtype for fp32 inputs while autocast is on."""
+    device = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -1,5 +1,6 @@
-"""Per-token logprobs of completions under a model, from packed forwards or from one forward per
-shared prompt whose KV cache the completions reuse.
+"""Per-token logprobs of completions under a model, from packed forwards: one prompt copy per
+completion, or one per shared prompt with its completions behind it (on its KV cache where the
+attention cannot take that layout).
 
 Used for teacher scoring (step 4), the trainer side of the parity probe and evaluation.
 The logprobs come from the final hidden states and the lm_head weight through
@@ -14,8 +15,9 @@ from typing import NamedTuple
 import torch
 
 import kernels
+from opd_local.attention import supports_shared_prefix
 from opd_local.models import active_hidden_and_head, active_hidden_states, lm_head_weight
-from opd_local.packing import PackedBatch, pack_sequences, split_by_token_budget
+from opd_local.packing import PackedBatch, pack_groups, pack_sequences, split_by_token_budget, split_groups_by_token_budget
 from opd_local.precision import autocast_to
 
 
@@ -61,15 +63,20 @@ def score_completions(
     full-vocabulary objectives need to rebuild the teacher's logits chunk by chunk, H floats per
     token instead of V.
 
-    Packed by default. With `shared_prefix`, each distinct prompt runs once and the completions
-    that share it (a group's K samples) run on its KV cache: packing recomputes the prompt K times,
-    which dominates when it is long, as a privileged teacher's prompt with the worked solution is.
+    Packed by default. With `shared_prefix`, each distinct prompt runs once with the completions that
+    share it (a group's K samples) behind it in the packed row, each attending to the prompt and to
+    itself (`packing.pack_groups`); packing one copy per completion recomputes the prompt K times, which
+    dominates when it is long, as a privileged teacher's prompt with the worked solution is. Attention
+    that cannot take that layout (flash_attention_2, a sliding window) runs the prompt once and the
+    completions on its KV cache instead.
 
     `compute_dtype` autocasts the forwards and is the dtype of the hidden states and lm_head that the
     logprob kernel reads (and of the hidden states returned); None keeps the model's own dtype.
     """
     device = next(model.parameters()).device
-    make_batches = _shared_prefix_batches if shared_prefix else _packed_batches
+    make_batches = _packed_batches
+    if shared_prefix:
+        make_batches = _shared_row_batches if supports_shared_prefix(model.config) else _shared_prefix_batches
     scores: list = [None] * len(prompts)
     hiddens: list = [None] * len(prompts)
     weight = lm_head_weight(model)
@@ -106,9 +113,29 @@ def _packed_batches(model, prompts, completions, micro_batch_tokens: int, device
         yield indices, active_hidden, batch.targets
 
 
+def _shared_row_batches(model, prompts, completions, micro_batch_tokens: int, device, compute_dtype):
+    """The same, each distinct prompt once per packed row with the completions that share it behind it."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    members = list(by_prompt.values())
+    plan = split_groups_by_token_budget(
+        [len(prompts[m[0]]) for m in members], [[len(completions[i]) for i in m] for m in members], micro_batch_tokens
+    )
+    for segments in plan:
+        indices = [members[g][k] for g, part in segments for k in part]
+        batch = pack_groups(
+            [(prompts[members[g][0]], [completions[members[g][k]] for k in part]) for g, part in segments]
+        ).to(device)
+        with autocast_to(device.type, compute_dtype):
+            active_hidden = active_hidden_states(model, batch)
+        yield indices, active_hidden, batch.targets
+
+
 def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int, device, compute_dtype):
-    """The same, one forward per prompt and then its completions as a right-padded batch on its
-    KV cache: padding sits after every real token, so causal attention never reads it."""
+    """The same for attention without the shared layout: one forward per prompt, then its completions
+    as a right-padded batch on its KV cache (padding sits after every real token, so causal attention
+    never reads it)."""
     decoder = model.get_decoder()
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):

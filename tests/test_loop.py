@@ -1,11 +1,13 @@
 """The OPD step on a tiny random-init model with the real SmolLM2 tokenizer."""
 
 import copy
+import functools
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from opd_local import attention
 from opd_local.config import Config, LossConfig, ModelConfig
 from opd_local.data import PromptGroup
 from opd_local.loop import train, train_on_rollouts
@@ -180,15 +182,21 @@ def _group_rollouts(student, tokenizer):
     return rollouts
 
 
-@pytest.mark.parametrize("implementation,path", [("sdpa", "per_sequence"), ("sdpa", "sdpa"), ("eager", "")])
+@pytest.mark.parametrize(
+    "implementation,path", [("sdpa", "per_sequence"), ("sdpa", "per_sequence+matmul"), ("sdpa", "sdpa"), ("eager", "")]
+)
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
 def test_student_shared_prefix_gives_the_unshared_loss_and_gradients(
     tiny_model_dir, tokenizer, monkeypatch, float64_norms, implementation, path, normalize
 ):
     """The prompt once per group, its K completions behind it: the same loss and the same gradient of
     every parameter as one prompt copy per completion (float64). Budgets: everything in one
-    micro-batch; groups whole but one per micro-batch; groups cut into parts."""
+    micro-batch; groups whole but one per micro-batch; groups cut into parts. `+matmul`: every run
+    through the explicit-matmul attention the CPU uses for bf16 training."""
+    path, _, matmul = path.partition("+")
     monkeypatch.setenv("OPD_PACKED_ATTENTION", path)
+    if matmul:
+        monkeypatch.setattr(attention, "run_attention", functools.partial(attention.run_attention, matmul=True))
     student = load_causal_lm(tiny_model_dir, ModelConfig(attn_implementation=implementation), torch.float64, torch.device("cpu"))
     rollouts = _group_rollouts(student, tokenizer)
     longest_group = 3 * 41 + 9 + 1 + 14  # P < 41 for every prompt here

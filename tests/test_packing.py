@@ -5,7 +5,7 @@ import torch
 
 from opd_local.config import ModelConfig
 from opd_local.models import final_hidden_states, load_causal_lm
-from opd_local import attention
+from opd_local import attention, scoring
 from opd_local.attention import row_layout
 from opd_local.packing import pack_groups, pack_sequences, split_by_token_budget, split_groups_by_token_budget
 from opd_local.scoring import packed_token_logprobs, score_completions
@@ -45,9 +45,13 @@ def test_packed_logprobs_equal_unpacked(request, tokenizer, model_fixture):
 
 
 @pytest.mark.parametrize("budget", [10_000, 40])  # 40: a group's completions split over several batches
-def test_shared_prefix_scoring_equals_packed(tokenizer, tiny_model_dir, budget):
+@pytest.mark.parametrize("layout", ["row", "kv_cache"])
+def test_shared_prefix_scoring_equals_packed(tokenizer, tiny_model_dir, monkeypatch, budget, layout):
     """Groups of 3, 1 and 2 completions of uneven length (one of a single token), interleaved as a
-    step's rollouts are: each prompt's KV cache reused by its group gives the packed logprobs and hidden states."""
+    step's rollouts are: each prompt once with its group behind it in the row, or its KV cache reused by
+    its group (attention without the shared layout), gives the packed logprobs and hidden states."""
+    if layout == "kv_cache":
+        monkeypatch.setattr(scoring, "supports_shared_prefix", lambda config: False)
     model = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
     group_prompts, _ = _sequences(tokenizer)
     g = torch.Generator().manual_seed(7)
@@ -56,7 +60,11 @@ def test_shared_prefix_scoring_equals_packed(tokenizer, tiny_model_dir, budget):
     completions = [torch.randint(0, len(tokenizer), (n,), generator=g).tolist() for n in (9, 4, 1, 12, 5, 3)]
     kwargs = dict(temperature=0.7, return_hidden=True)
     packed = score_completions(model, prompts, completions, micro_batch_tokens=10_000, **kwargs)
+    forwards = []
+    model.get_decoder().register_forward_hook(lambda *args: forwards.append(1))
     shared = score_completions(model, prompts, completions, micro_batch_tokens=budget, shared_prefix=True, **kwargs)
+    if budget == 10_000:  # the row: one forward in all; the cache: the 3 prompts, then each one's completions
+        assert len(forwards) == (1 if layout == "row" else 6)
     for c, lp_packed, lp_shared, h_packed, h_shared in zip(completions, packed.logprobs, shared.logprobs, packed.hiddens, shared.hiddens):
         assert lp_shared.shape == (len(c),) and h_shared.shape == h_packed.shape
         torch.testing.assert_close(lp_shared, lp_packed, atol=2e-5, rtol=0)
