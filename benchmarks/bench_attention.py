@@ -18,6 +18,7 @@ with its largest error against a float64 reference. It is what sets `attention.C
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -109,19 +110,22 @@ def compare_run_attention(device: torch.device, dtype: torch.dtype, repeats: int
         row = {}
         for matmul in (False, True):
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-
-            def forward_backward():
-                attention.run_attention(*leaves, matmul=matmul).backward(grad)
-
-            def forward():
-                with torch.no_grad():
-                    return attention.run_attention(q, k, v, matmul=matmul)
-
+            forward_backward = functools.partial(_forward_backward, leaves, grad, matmul)
+            forward = functools.partial(_forward, (q, k, v), matmul)
             error = (forward().double() - reference).abs().max().item()
             row[matmul] = (_median_ms(forward_backward, repeats, device), _median_ms(forward, repeats, device), error)
         (sb, sf, se), (mb, mf, me) = row[False], row[True]
         print(f"| {prefix} | {run} | {run * (prefix + run)} | {sb:.2f} | {mb:.2f} | {sb / mb:.2f}x | {sf:.2f} | {mf:.2f} | "
               f"{sf / mf:.2f}x | {se:.1e} | {me:.1e} |", flush=True)
+
+
+def _forward_backward(leaves, grad, matmul: bool) -> None:
+    attention.run_attention(*leaves, matmul=matmul).backward(grad)
+
+
+@torch.no_grad()
+def _forward(inputs, matmul: bool) -> torch.Tensor:
+    return attention.run_attention(*inputs, matmul=matmul)
 
 
 def _median_ms(fn, repeats: int, device: torch.device) -> float:

@@ -9,10 +9,9 @@ from opd_local import attention
 
 def _inputs(prefix: int, run: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    shape = lambda t: (2, 3, t, 16)  # noqa: E731
-    q = torch.randn(shape(run), generator=g, dtype=torch.float64) * 2
-    k = torch.randn(shape(prefix + run), generator=g, dtype=torch.float64) * 2
-    v = torch.randn(shape(prefix + run), generator=g, dtype=torch.float64)
+    q = torch.randn(2, 3, run, 16, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(2, 3, prefix + run, 16, generator=g, dtype=torch.float64) * 2
+    v = torch.randn(2, 3, prefix + run, 16, generator=g, dtype=torch.float64)
     return [t.to(dtype).requires_grad_() for t in (q, k, v)]
 
 

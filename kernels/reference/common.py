@@ -33,16 +33,30 @@ def chunk_logprobs(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return x.gather(1, targets[:, None]).squeeze(1) - lse, lse
 
 
+def chunk_log_softmax(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """log_softmax(logits / T) in `acc`, as a fresh [C, V] buffer. At T = 1 one fused pass reads the
+    logits in their own dtype and writes `acc`, with no `acc` copy of the logits in between."""
+    if temperature == 1.0:
+        return torch.log_softmax(logits, dim=-1, dtype=acc)
+    return torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+
+
 def chunk_dlogits(
     x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad_lp: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """d(sum_t g_t * logp_t(y_t)) / d logits for one chunk: g * (onehot - softmax) / T, in x's dtype.
+    """d(sum_t g_t * logp_t(y_t)) / d logits for one chunk: g * (onehot - softmax) / T, in x's dtype."""
+    return dlogits_from_probs(torch.exp(x - lse[:, None]), targets, grad_lp, temperature)
+
+
+def dlogits_from_probs(
+    probs: torch.Tensor, targets: torch.Tensor, grad_lp: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """`chunk_dlogits` from the chunk's softmax [C, V], written over `probs`.
 
     The target column is rebuilt as g * sum_{j != y} p_j rather than g * (1 - p_y): when p(y) -> 1,
     1 - p_y cancels to 0 in fp32 while the sum of the other probabilities keeps full relative precision.
     """
     targets = targets[:, None]
-    probs = torch.exp(x - lse[:, None])  # [C, V]
     probs.scatter_(1, targets, 0.0)
     rest = probs.sum(dim=-1)  # = 1 - p(y)
     scale = grad_lp / temperature
@@ -73,17 +87,18 @@ def opd_chunk(
 
 
 def chunk_reverse_kl(
-    xs: torch.Tensor, xt: torch.Tensor, support: torch.Tensor | None
+    xs: torch.Tensor, xt: torch.Tensor, support: torch.Tensor | None, logp_s: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(kl [C], p_s * (ell - kl) [C, V], log tail ratio [C] or None) for one chunk of scaled logits.
 
     ell_j = log p_s(j) - log p_t(j) on the support and log(tail_s / tail_t) outside it; then
     d KL / d x_s(j) = p_s(j) * (ell_j - KL) for both forms (the tail is one bucket whose mass moves with x_s).
+    `logp_s`, log_softmax(xs) when the caller has it already. xt may be in a lower precision than xs:
+    its log-softmax is taken in xs's dtype. [C, V] buffers are reused in place: each is a few ms a pass.
     """
-    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
-    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    logp_s = torch.log_softmax(xs, dim=-1) if logp_s is None else logp_s
+    logp_t = torch.log_softmax(xt, dim=-1, dtype=logp_s.dtype)
     p_s = torch.exp(logp_s)
-    ell = logp_s - logp_t
     log_tail_ratio = None
     if support is not None:
         # Tail masses summed directly over the complement, never 1 - sum(top-k): that cancels when the
@@ -91,15 +106,19 @@ def chunk_reverse_kl(
         log_tail_s = torch.logsumexp(logp_s.masked_fill(support, float("-inf")), dim=-1)
         log_tail_t = torch.logsumexp(logp_t.masked_fill(support, float("-inf")), dim=-1)
         log_tail_ratio = log_tail_s - log_tail_t
+    ell = logp_t.neg_().add_(logp_s)  # log p_s - log p_t, in logp_t's buffer
+    if support is not None:
         ell = torch.where(support, ell, log_tail_ratio[:, None])
     # 0 * log 0 := 0: a token (or tail) the student gives no mass adds nothing, even against a -inf teacher.
-    weighted = torch.where(p_s > 0, p_s * ell, 0.0)
+    dead = ~(p_s > 0)
+    weighted = (p_s * ell).masked_fill_(dead, 0.0)
     if support is None:
         kl = weighted.sum(dim=-1)
     else:
-        kl = torch.where(support, weighted, 0.0).sum(dim=-1)
+        kl = weighted.masked_fill_(~support, 0.0).sum(dim=-1)
         kl = kl + torch.where(log_tail_s > float("-inf"), torch.exp(log_tail_s) * log_tail_ratio, 0.0)
-    dkl = torch.where(p_s > 0, p_s * (ell - kl[:, None]), 0.0)
+    del weighted
+    dkl = ell.sub_(kl[:, None]).mul_(p_s).masked_fill_(dead, 0.0)
     # KL is unchanged by adding a constant to x_s, so the gradient sums to 0 over the row. At the argmax,
     # p_s * (ell - KL) cancels when p_s -> 1 (ell and KL both tend to 0 and fp32 rounds them to 0), so that
     # entry is rebuilt as minus the sum of the others, each accurate to fp32 relative precision.
@@ -109,8 +128,9 @@ def chunk_reverse_kl(
     return kl, dkl, log_tail_ratio
 
 
-def linear_chunks(hidden, weight, temperature, chunk_tokens, dlogits_fn, need_dh, need_dw):
-    """Walk N in chunks: x = (H_c @ W^T) / T, dlogits = dlogits_fn(s, e, x), then dH_c = dlogits @ W and
+def linear_chunks(hidden, weight, chunk_tokens, dlogits_fn, need_dh, need_dw):
+    """Walk N in chunks: logits = H_c @ W^T (in the input dtype, unscaled, a buffer dlogits_fn may write
+    over), dlogits = dlogits_fn(s, e, logits) (d loss / d logits), then dH_c = dlogits @ W and
     dW += dlogits^T @ H_c. Returns dH [N, H] (hidden dtype) and dW [V, H] (summed in fp32, cast to the
     weight dtype), None where not needed; dlogits_fn runs for every chunk either way."""
     acc = acc_dtype(hidden.dtype)
@@ -120,9 +140,7 @@ def linear_chunks(hidden, weight, temperature, chunk_tokens, dlogits_fn, need_dh
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
         hidden_c = hidden[s:e]
-        x = scaled(hidden_c @ weight.T, temperature, acc)  # [C, V]
-        dlogits = dlogits_fn(s, e, x).to(hidden.dtype)
-        del x
+        dlogits = dlogits_fn(s, e, hidden_c @ weight.T).to(hidden.dtype)
         if need_dh:
             dhidden[s:e] = dlogits @ weight
         if need_dw:

@@ -22,7 +22,9 @@ from torch.autograd.function import once_differentiable
 from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_normalizer, check_targets, scale_grad,
 )
-from kernels.reference.common import acc_dtype, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor
+from kernels.reference.common import (
+    acc_dtype, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
+)
 
 DIVERGENCES = ("full_rkl", "topk_rkl", "fkl", "jsd")
 
@@ -53,15 +55,17 @@ def _chunk_jsd(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> tuple[torch.T
     return beta * kl_t + (1.0 - beta) * kl_s, grad
 
 
-def _chunk_divergence(objective: str, xs: torch.Tensor, xt: torch.Tensor, k: int, beta: float):
-    """(divergence [C], its gradient in the scaled student logits xs [C, V]) for one chunk."""
+def _chunk_divergence(objective: str, xs: torch.Tensor, xt: torch.Tensor, k: int, beta: float, logp_s: torch.Tensor):
+    """(divergence [C], its gradient in the scaled student logits xs [C, V]) for one chunk; logp_s is
+    log_softmax(xs), xt the teacher's logits in any float dtype."""
     if objective == "full_rkl":
-        kl, grad, _ = chunk_reverse_kl(xs, xt, None)
+        kl, grad, _ = chunk_reverse_kl(xs, xt, None, logp_s)
         return kl, grad
     if objective == "topk_rkl":
         threshold = torch.topk(xs, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        kl, grad, _ = chunk_reverse_kl(xs, xt, xs >= threshold)
+        kl, grad, _ = chunk_reverse_kl(xs, xt, xs >= threshold, logp_s)
         return kl, grad
+    xt = xt.to(xs.dtype)
     if objective == "fkl":
         return _chunk_forward_kl(xs, xt)
     return _chunk_jsd(xs, xt, beta)
@@ -94,19 +98,18 @@ class _LinearDivergenceLoss(torch.autograd.Function):
         student_lp = torch.empty(n, dtype=acc, device=hidden.device)
         divergence = torch.empty(n, dtype=acc, device=hidden.device)
 
-        def dlogits_of_chunk(s, e, xs):
-            lse = torch.logsumexp(xs, dim=-1)
-            student_lp[s:e] = xs.gather(1, targets[s:e, None]).squeeze(1) - lse
+        def dlogits_of_chunk(s, e, logits):
+            xs = scaled(logits, temperature, acc)
+            logp_s = torch.log_softmax(xs, dim=-1)
+            student_lp[s:e] = logp_s.gather(1, targets[s:e, None]).squeeze(1)
             # The teacher at T = 1, the student at the sampling temperature: the distributions that
             # sampled_rkl compares one sampled token at a time.
-            xt = (teacher_hidden[s:e] @ teacher_weight.T).to(acc)
-            value, grad = _chunk_divergence(objective, xs, xt, k, beta)
+            xt = teacher_hidden[s:e] @ teacher_weight.T
+            value, grad = _chunk_divergence(objective, xs, xt, k, beta, logp_s)
             divergence[s:e] = value
             return grad.mul_((scale / chunk_rows(normalizer, s, e) / temperature).reshape(-1, 1))
 
-        dhidden, dweight = linear_chunks(
-            hidden, weight, temperature, chunk_tokens, dlogits_of_chunk, need_dh, need_dw
-        )
+        dhidden, dweight = linear_chunks(hidden, weight, chunk_tokens, dlogits_of_chunk, need_dh, need_dw)
         loss = (scale * divergence / normalizer).sum()
         ctx.save_for_backward(dhidden, dweight)
         ctx.mark_non_differentiable(student_lp, divergence)

@@ -2,8 +2,8 @@
 "The step", 5).
 
 Forward, per chunk of C rows: x = (H_c W^T) / T [C, V] (the matmul in the input dtype, softmax math in fp32),
-then lp and lse as in `kernels.reference.logprob`. [N, V] logits never exist: only [C, V] at a time.
-Gradient: with G = d loss / d x from `chunk_dlogits` (g (onehot - softmax) / T, g = d loss / d lp),
+lp = log_softmax(x)[y] in one fused pass, lse = x[y] - lp. [N, V] logits never exist: only [C, V] at a time.
+Gradient: with G = d loss / d x (g (onehot - softmax) / T, g = d loss / d lp, `dlogits_from_probs`),
 dH_c = G W and dW = sum over chunks of G^T H_c, that sum kept in fp32 (bf16 accumulation drifts).
 token log-probs save lse and recompute each chunk's logits in backward; the OPD loss computes dH and dW
 in forward, only for inputs that need grad, and backward scales them.
@@ -18,19 +18,33 @@ from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, scale_grad,
 )
 from kernels.reference.common import (
-    acc_dtype, chunk_dlogits, chunk_logprobs, chunk_rows, linear_chunks, normalizer_tensor, opd_chunk, scaled,
+    acc_dtype, chunk_log_softmax, chunk_rows, dlogits_from_probs, linear_chunks, normalizer_tensor, opd_chunk, scaled,
 )
 
 
 def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_tokens, need_dh, need_dw):
-    """dH and dW of a loss on token log-probs; `grad_fn(s, e, x, lse)` gets a chunk's scaled logits and
-    log-sum-exp (recomputed when `lse` is None) and returns d loss / d student_lp for it."""
+    """dH and dW of a loss on token log-probs; `grad_fn(s, e, lp)` returns d loss / d student_lp for a
+    chunk, given its log-probs (None when `lse` is given: the saved log-sum-exp of a backward pass)."""
+    acc = acc_dtype(hidden.dtype)
 
-    def dlogits_of_chunk(s, e, x):
-        lse_c = torch.logsumexp(x, dim=-1) if lse is None else lse[s:e]
-        return chunk_dlogits(x, lse_c, targets[s:e], grad_fn(s, e, x, lse_c), temperature)
+    def dlogits_of_chunk(s, e, logits):
+        if lse is None:
+            logp = chunk_log_softmax(logits, temperature, acc)
+            grad_lp = grad_fn(s, e, logp.gather(1, targets[s:e, None]).squeeze(1))
+            probs = logp.exp_()
+        else:
+            grad_lp = grad_fn(s, e, None)
+            probs = scaled(logits, temperature, acc).sub_(lse[s:e, None]).exp_()  # logits is ours to overwrite
+        return dlogits_from_probs(probs, targets[s:e], grad_lp, temperature)
 
-    return linear_chunks(hidden, weight, temperature, chunk_tokens, dlogits_of_chunk, need_dh, need_dw)
+    return linear_chunks(hidden, weight, chunk_tokens, dlogits_of_chunk, need_dh, need_dw)
+
+
+def _chunk_logprobs(logits, targets, temperature, acc):
+    """(target log-prob [C], log-sum-exp [C]) of one chunk's unscaled logits, from one log-softmax pass."""
+    lp = chunk_log_softmax(logits, temperature, acc).gather(1, targets[:, None]).squeeze(1)
+    target_logit = scaled(logits.gather(1, targets[:, None]).squeeze(1), temperature, acc)
+    return lp, target_logit - lp
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
@@ -48,8 +62,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
-            x = scaled(hidden[s:e] @ weight.T, temperature, acc)  # [C, V]
-            student_lp[s:e], lse[s:e] = chunk_logprobs(x, targets[s:e])
+            student_lp[s:e], lse[s:e] = _chunk_logprobs(hidden[s:e] @ weight.T, targets[s:e], temperature, acc)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return student_lp
@@ -61,7 +74,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_lp = grad_lp.to(lse.dtype)
 
-        def grad_student_lp(s, e, _x, _lse):
+        def grad_student_lp(s, e, _lp):
             return grad_lp[s:e]
 
         dhidden, dweight = _linear_grads(
@@ -100,9 +113,8 @@ class _LinearOPDLoss(torch.autograd.Function):
         student_lp = torch.empty(n, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
 
-        def grad_student_lp(s, e, x, lse):
+        def grad_student_lp(s, e, lp):
             nonlocal loss
-            lp = x.gather(1, targets[s:e, None]).squeeze(1) - lse
             student_lp[s:e] = lp
             loss_c, grad_lp = opd_chunk(
                 lp, teacher_lp[s:e], rollout_lp[s:e], kl_coef, log_ratio_cap, chunk_rows(normalizer, s, e),
@@ -119,8 +131,8 @@ class _LinearOPDLoss(torch.autograd.Function):
             dhidden = dweight = None
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
-                x = scaled(hidden[s:e] @ weight.T, temperature, acc)
-                grad_student_lp(s, e, x, torch.logsumexp(x, dim=-1))
+                logp = chunk_log_softmax(hidden[s:e] @ weight.T, temperature, acc)
+                grad_student_lp(s, e, logp.gather(1, targets[s:e, None]).squeeze(1))
         ctx.save_for_backward(dhidden, dweight)
         ctx.mark_non_differentiable(student_lp)
         return loss, student_lp
