@@ -30,7 +30,12 @@ def chunk_rows(normalizer: torch.Tensor, s: int, e: int) -> torch.Tensor:
 def chunk_logprobs(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Target log-prob and log-sum-exp of one [C, V] chunk of scaled logits."""
     lse = torch.logsumexp(x, dim=-1)  # [C]
-    return x.gather(1, targets[:, None]).squeeze(1) - lse, lse
+    return at_targets(x, targets) - lse, lse
+
+
+def at_targets(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's entry at its target column: [C, V], [C] -> [C]."""
+    return x.gather(1, targets[:, None]).squeeze(1)
 
 
 def chunk_log_softmax(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:

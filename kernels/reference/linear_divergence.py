@@ -23,7 +23,7 @@ from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_normalizer, check_targets, scale_grad,
 )
 from kernels.reference.common import (
-    acc_dtype, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
+    acc_dtype, at_targets, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
 )
 
 DIVERGENCES = ("full_rkl", "topk_rkl", "fkl", "jsd")
@@ -101,7 +101,7 @@ class _LinearDivergenceLoss(torch.autograd.Function):
         def dlogits_of_chunk(s, e, logits):
             xs = scaled(logits, temperature, acc)
             logp_s = torch.log_softmax(xs, dim=-1)
-            student_lp[s:e] = logp_s.gather(1, targets[s:e, None]).squeeze(1)
+            student_lp[s:e] = at_targets(logp_s, targets[s:e])
             # The teacher at T = 1, the student at the sampling temperature: the distributions that
             # sampled_rkl compares one sampled token at a time.
             xt = teacher_hidden[s:e] @ teacher_weight.T

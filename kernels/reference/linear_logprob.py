@@ -18,7 +18,8 @@ from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, scale_grad,
 )
 from kernels.reference.common import (
-    acc_dtype, chunk_log_softmax, chunk_rows, dlogits_from_probs, linear_chunks, normalizer_tensor, opd_chunk, scaled,
+    acc_dtype, at_targets, chunk_log_softmax, chunk_rows, dlogits_from_probs, linear_chunks, normalizer_tensor,
+    opd_chunk, scaled,
 )
 
 
@@ -30,7 +31,7 @@ def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_toke
     def dlogits_of_chunk(s, e, logits):
         if lse is None:
             logp = chunk_log_softmax(logits, temperature, acc)
-            grad_lp = grad_fn(s, e, logp.gather(1, targets[s:e, None]).squeeze(1))
+            grad_lp = grad_fn(s, e, at_targets(logp, targets[s:e]))
             probs = logp.exp_()
         else:
             grad_lp = grad_fn(s, e, None)
@@ -42,8 +43,8 @@ def _linear_grads(hidden, weight, targets, lse, grad_fn, temperature, chunk_toke
 
 def _chunk_logprobs(logits, targets, temperature, acc):
     """(target log-prob [C], log-sum-exp [C]) of one chunk's unscaled logits, from one log-softmax pass."""
-    lp = chunk_log_softmax(logits, temperature, acc).gather(1, targets[:, None]).squeeze(1)
-    target_logit = scaled(logits.gather(1, targets[:, None]).squeeze(1), temperature, acc)
+    lp = at_targets(chunk_log_softmax(logits, temperature, acc), targets)
+    target_logit = scaled(at_targets(logits, targets), temperature, acc)
     return lp, target_logit - lp
 
 
@@ -132,7 +133,7 @@ class _LinearOPDLoss(torch.autograd.Function):
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
                 logp = chunk_log_softmax(hidden[s:e] @ weight.T, temperature, acc)
-                grad_student_lp(s, e, logp.gather(1, targets[s:e, None]).squeeze(1))
+                grad_student_lp(s, e, at_targets(logp, targets[s:e]))
         ctx.save_for_backward(dhidden, dweight)
         ctx.mark_non_differentiable(student_lp)
         return loss, student_lp
