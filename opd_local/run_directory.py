@@ -71,6 +71,18 @@ def check_run_directory(cfg: Config) -> ResumePoint | None:
     return ResumePoint(checkpoint, step, progress, changes)
 
 
+def saved_run_teacher(model_dir: str) -> str | None:
+    """The teacher of the training run whose `final/` export `model_dir` is, from the run's config.yaml; else None.
+
+    A run's empty `model.teacher` means its student's starting weights, which the saved config names.
+    """
+    saved_path = Path(model_dir).parent / CONFIG_FILE
+    if Path(model_dir).name != "final" or not saved_path.is_file():
+        return None
+    saved = apply_overrides(Config(), load_yaml(saved_path), source=str(saved_path))
+    return saved.model.teacher or saved.model.student
+
+
 def start_run_directory(cfg: Config, resume: ResumePoint | None) -> None:
     """Write the checked run's config.yaml, after clearing an overwritten run or cutting a resumed one's logs back."""
     run_dir = Path(cfg.run.out_dir)

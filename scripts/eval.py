@@ -2,6 +2,9 @@
 
     python scripts/eval.py --student runs/default/final [--teacher ID_OR_DIR] [--heldout SOURCE --heldout_split SPLIT]
 
+Without --teacher, a run's final/ export is scored against that run's teacher (from its config.yaml),
+and any other model against its own weights behind the privileged prompt.
+
 Writes eval_metrics.json, trace_eval.jsonl and the teacher-trace cache into --out_dir and prints
 the teacher-trace gaps and greedy exact match. Takes the same flags as scripts/train.py.
 A training run's directory is refused as --out_dir: its trace_eval.jsonl holds the run's own
@@ -23,6 +26,7 @@ from opd_local.metrics import METRICS_FILE
 from opd_local.models import load_causal_lm
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream
+from opd_local.run_directory import saved_run_teacher
 from opd_local.run_inputs import load_run_inputs
 from opd_local.teacher import Teacher
 
@@ -38,6 +42,12 @@ def main() -> None:
             f"--out_dir {out_dir} holds a training run ({METRICS_FILE}); scripts/eval.py would write its records "
             f"among the run's own in {TRACE_RECORDS}. Choose another --out_dir, e.g. --out_dir {out_dir / 'eval'}"
         )
+    if not cfg.model.teacher:
+        # Empty means the student's own starting weights; for a run's final/ export those are the run's
+        # starting weights, not the trained ones, so the trained student is never its own teacher.
+        cfg.model.teacher = saved_run_teacher(cfg.model.student) or ""
+        if cfg.model.teacher:
+            print(f"teacher: {cfg.model.teacher}, the teacher of the run that saved {cfg.model.student}")
     inputs = load_run_inputs(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     student_path, tokenizer = inputs.student_path, inputs.tokenizer

@@ -156,3 +156,27 @@ def test_eval_script_refuses_a_training_run_directory(tmp_path):
     assert result.returncode == 2
     assert "holds a training run" in result.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # nothing of the run was touched
+
+
+def test_eval_script_scores_a_runs_final_export_against_the_runs_teacher(tiny_model_dir, tiny_teacher_dir, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    # A run that started from the teacher's weights (empty model.teacher) and saved tiny_model_dir as final/.
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run_dir / "final")
+    (run_dir / "config.yaml").write_text(f"model:\n  student: {tiny_teacher_dir}\n  teacher: ''\n")
+    out = tmp_path / "eval"
+    subprocess.run(
+        [
+            sys.executable, "scripts/eval.py", "--student", str(run_dir / "final"), "--sampler", "hf",
+            "--max_heldout_rows", "2", "--eval.train_rows", "0", "--eval.max_trace_tokens", "8",
+            "--eval.greedy_accuracy", "false", "--run.device", "cpu", "--out_dir", str(out),
+        ],
+        check=True, timeout=600,
+    )
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    assert metrics["teacher"] == tiny_teacher_dir  # not the trained weights in final/
+    assert metrics["eval/trace_gap"] > 0.1
