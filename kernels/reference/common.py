@@ -92,16 +92,17 @@ def opd_chunk(
 
 
 def chunk_reverse_kl(
-    xs: torch.Tensor, xt: torch.Tensor, support: torch.Tensor | None, logp_s: torch.Tensor | None = None
+    logp_s: torch.Tensor, xt: torch.Tensor, support: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(kl [C], p_s * (ell - kl) [C, V], log tail ratio [C] or None) for one chunk of scaled logits.
+    """(kl [C], p_s * (ell - kl) [C, V], log tail ratio [C] or None) for one chunk.
 
+    `logp_s` is the student's log-softmax of its scaled logits x_s, in the accumulation dtype (from
+    `chunk_log_softmax`: no copy of x_s is needed); xt, the teacher's scaled logits, may be in a lower
+    precision: its log-softmax is taken in logp_s's dtype.
     ell_j = log p_s(j) - log p_t(j) on the support and log(tail_s / tail_t) outside it; then
     d KL / d x_s(j) = p_s(j) * (ell_j - KL) for both forms (the tail is one bucket whose mass moves with x_s).
-    `logp_s`, log_softmax(xs) when the caller has it already. xt may be in a lower precision than xs:
-    its log-softmax is taken in xs's dtype. [C, V] buffers are reused in place: each is a few ms a pass.
+    [C, V] buffers are reused in place: each is a few ms a pass.
     """
-    logp_s = torch.log_softmax(xs, dim=-1) if logp_s is None else logp_s
     logp_t = torch.log_softmax(xt, dim=-1, dtype=logp_s.dtype)
     p_s = torch.exp(logp_s)
     log_tail_ratio = None
@@ -127,7 +128,7 @@ def chunk_reverse_kl(
     # KL is unchanged by adding a constant to x_s, so the gradient sums to 0 over the row. At the argmax,
     # p_s * (ell - KL) cancels when p_s -> 1 (ell and KL both tend to 0 and fp32 rounds them to 0), so that
     # entry is rebuilt as minus the sum of the others, each accurate to fp32 relative precision.
-    top = xs.argmax(dim=-1, keepdim=True)
+    top = logp_s.argmax(dim=-1, keepdim=True)
     dkl.scatter_(1, top, 0.0)
     dkl.scatter_(1, top, -dkl.sum(dim=-1, keepdim=True))
     return kl, dkl, log_tail_ratio

@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.common import DEFAULT_CHUNK_TOKENS, check_k, check_kl_args, topk_threshold
-from kernels.reference.common import acc_dtype, chunk_reverse_kl, scaled
+from kernels.reference.common import acc_dtype, chunk_log_softmax, chunk_reverse_kl, scaled
 
 
 class _ReverseKL(torch.autograd.Function):
@@ -30,9 +30,9 @@ class _ReverseKL(torch.autograd.Function):
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
             support = None if thr is None else student_logits[s:e] >= thr[s:e, None]
-            xs = scaled(student_logits[s:e], temperature, acc)
+            logp_s = chunk_log_softmax(student_logits[s:e], temperature, acc)
             xt = scaled(teacher_logits[s:e], temperature, acc)
-            kl[s:e] = chunk_reverse_kl(xs, xt, support)[0]
+            kl[s:e] = chunk_reverse_kl(logp_s, xt, support)[0]
         ctx.save_for_backward(student_logits, teacher_logits, thr)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return kl
@@ -48,9 +48,9 @@ class _ReverseKL(torch.autograd.Function):
         for s in range(0, student_logits.shape[0], chunk_tokens):
             e = min(s + chunk_tokens, student_logits.shape[0])
             support = None if thr is None else student_logits[s:e] >= thr[s:e, None]
-            xs = scaled(student_logits[s:e], temperature, acc)
+            logp_s = chunk_log_softmax(student_logits[s:e], temperature, acc)
             xt = scaled(teacher_logits[s:e], temperature, acc)
-            dkl = chunk_reverse_kl(xs, xt, support)[1]
+            dkl = chunk_reverse_kl(logp_s, xt, support)[1]
             dlogits[s:e] = dkl.mul_((grad_kl[s:e] / temperature)[:, None])
         return dlogits, None, None, None, None
 

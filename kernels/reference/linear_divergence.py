@@ -23,29 +23,27 @@ from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_normalizer, check_targets, scale_grad,
 )
 from kernels.reference.common import (
-    acc_dtype, at_targets, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
+    acc_dtype, at_targets, chunk_log_softmax, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
 )
 
 DIVERGENCES = ("full_rkl", "topk_rkl", "fkl", "jsd")
 
 
-def _chunk_forward_kl(xs: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_forward_kl(logp_s: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL(p_t || p_s) [C], its gradient in xs [C, V]) = (sum p_t (log p_t - log p_s), p_s - p_t)."""
-    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
-    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    logp_t = torch.log_softmax(xt, dim=-1, dtype=logp_s.dtype)
     p_t = torch.exp(logp_t)
     kl = torch.where(p_t > 0, p_t * (logp_t - logp_s), 0.0).sum(dim=-1)
-    return kl, torch.exp(logp_s) - p_t
+    return kl, torch.exp(logp_s).sub_(p_t)
 
 
-def _chunk_jsd(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_jsd(logp_s: torch.Tensor, xt: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised JSD and its gradient in xs, with M = beta p_t + (1 - beta) p_s:
 
     JSD_beta = beta KL(p_t || M) + (1 - beta) KL(p_s || M). The terms from M's own dependence on p_s
     cancel, leaving d JSD / d xs = (1 - beta) p_s (ell - KL(p_s || M)), ell = log p_s - log M.
     """
-    logp_s = xs - torch.logsumexp(xs, dim=-1, keepdim=True)
-    logp_t = xt - torch.logsumexp(xt, dim=-1, keepdim=True)
+    logp_t = torch.log_softmax(xt, dim=-1, dtype=logp_s.dtype)
     log_m = torch.logaddexp(logp_t + math.log(beta), logp_s + math.log1p(-beta))
     p_s, p_t = torch.exp(logp_s), torch.exp(logp_t)
     ell = logp_s - log_m
@@ -55,20 +53,24 @@ def _chunk_jsd(xs: torch.Tensor, xt: torch.Tensor, beta: float) -> tuple[torch.T
     return beta * kl_t + (1.0 - beta) * kl_s, grad
 
 
-def _chunk_divergence(objective: str, xs: torch.Tensor, xt: torch.Tensor, k: int, beta: float, logp_s: torch.Tensor):
-    """(divergence [C], its gradient in the scaled student logits xs [C, V]) for one chunk; logp_s is
-    log_softmax(xs), xt the teacher's logits in any float dtype."""
+def _chunk_divergence(
+    objective: str, logits: torch.Tensor, temperature: float, logp_s: torch.Tensor, xt: torch.Tensor, k: int, beta: float
+):
+    """(divergence [C], its gradient in the scaled student logits [C, V]) for one chunk: `logits` the
+    student's raw chunk logits, logp_s their log_softmax at `temperature`, xt the teacher's logits in
+    any float dtype."""
     if objective == "full_rkl":
-        kl, grad, _ = chunk_reverse_kl(xs, xt, None, logp_s)
+        kl, grad, _ = chunk_reverse_kl(logp_s, xt, None)
         return kl, grad
     if objective == "topk_rkl":
+        # The support from the scaled logits themselves, as the tail-bucket reference defines it.
+        xs = scaled(logits, temperature, logp_s.dtype)
         threshold = torch.topk(xs, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        kl, grad, _ = chunk_reverse_kl(xs, xt, xs >= threshold, logp_s)
+        kl, grad, _ = chunk_reverse_kl(logp_s, xt, xs >= threshold)
         return kl, grad
-    xt = xt.to(xs.dtype)
     if objective == "fkl":
-        return _chunk_forward_kl(xs, xt)
-    return _chunk_jsd(xs, xt, beta)
+        return _chunk_forward_kl(logp_s, xt)
+    return _chunk_jsd(logp_s, xt, beta)
 
 
 def _check_divergence(objective, hidden, weight, teacher_hidden, teacher_weight, k, beta) -> None:
@@ -99,13 +101,12 @@ class _LinearDivergenceLoss(torch.autograd.Function):
         divergence = torch.empty(n, dtype=acc, device=hidden.device)
 
         def dlogits_of_chunk(s, e, logits):
-            xs = scaled(logits, temperature, acc)
-            logp_s = torch.log_softmax(xs, dim=-1)
+            logp_s = chunk_log_softmax(logits, temperature, acc)
             student_lp[s:e] = at_targets(logp_s, targets[s:e])
             # The teacher at T = 1, the student at the sampling temperature: the distributions that
             # sampled_rkl compares one sampled token at a time.
             xt = teacher_hidden[s:e] @ teacher_weight.T
-            value, grad = _chunk_divergence(objective, xs, xt, k, beta, logp_s)
+            value, grad = _chunk_divergence(objective, logits, temperature, logp_s, xt, k, beta)
             divergence[s:e] = value
             return grad.mul_((scale / chunk_rows(normalizer, s, e) / temperature).reshape(-1, 1))
 
