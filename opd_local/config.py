@@ -84,8 +84,8 @@ class DataConfig:
     hub_config: str = knob("main", "dataset config name passed to datasets.load_dataset for hub ids")
     max_train_rows: int = knob(
         -1,
-        "cap on training rows: 0 = all; -1 = auto (4 for bundled:gsm8k, the default job's small set revisited every "
-        "step; all rows of any other source)",
+        "cap on training rows: 0 = all; -1 = auto (8 for bundled:gsm8k, the default job's small set, each row "
+        "revisited every 2 steps; all rows of any other source)",
         ge=-1,
     )
     max_heldout_rows: int = knob(16, "cap on held-out rows (0 = all)", ge=0)
@@ -113,7 +113,7 @@ class RolloutConfig:
 @dataclass
 class LossConfig:
     objective: Literal["sampled_rkl", "full_rkl", "topk_rkl", "fkl", "jsd"] = knob(
-        "full_rkl",
+        "fkl",
         "token objective: sampled_rkl (sampled-token reverse KL with IS ratio), full_rkl, topk_rkl, fkl (forward KL), "
         "jsd (generalised JSD); all but sampled_rkl use the full vocabulary from the teacher's hidden states",
     )
@@ -147,10 +147,10 @@ class OptimConfig:
 
 
 def resolve_max_train_rows(data: DataConfig) -> int:
-    """`data.max_train_rows`, with -1 resolved by the source: the bundled rows' default job trains on 4."""
+    """`data.max_train_rows`, with -1 resolved by the source: the bundled rows' default job trains on 8."""
     if data.max_train_rows >= 0:
         return data.max_train_rows
-    return 4 if data.train == BUNDLED_GSM8K else 0
+    return 8 if data.train == BUNDLED_GSM8K else 0
 
 
 def resolve_micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
@@ -175,7 +175,7 @@ class SyncConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = knob(10, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)", ge=0)
+    every: int = knob(20, "teacher-trace eval before step 0, every N steps and after the last step (0 = off)", ge=0)
     train_rows: int = knob(8, "training rows evaluated too (the first ones the run trains on), for the _train metrics", ge=0)
     max_trace_tokens: int = knob(256, "length cap of the teacher's greedy traces", ge=1)
     greedy_max_tokens: int = knob(256, "length cap of the student's greedy answers", ge=1)
@@ -184,7 +184,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = knob(50, "optimizer steps", ge=1)
+    steps: int = knob(60, "optimizer steps", ge=1)
     seed: int = knob(0, "seed for data order, sampling and init", ge=0)
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints", nonempty=True)
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")

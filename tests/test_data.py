@@ -107,10 +107,10 @@ def test_bundled_rows_are_well_formed_and_disjoint():
 
 def test_default_config_loads_disjoint_train_and_heldout():
     train, heldout = load_train_and_heldout(DataConfig())
-    # max_train_rows=-1 (auto): the bundled rows' default job trains on 4 of them
-    assert len(train) == 4 and len(heldout) == DataConfig().max_heldout_rows
+    # max_train_rows=-1 (auto): the bundled rows' default job trains on 8 of them
+    assert len(train) == 8 and len(heldout) == DataConfig().max_heldout_rows
     every_row, _ = load_train_and_heldout(DataConfig(max_train_rows=0))
-    assert len(every_row) == 512 and [r.row_id for r in every_row[:4]] == [r.row_id for r in train]
+    assert len(every_row) == 512 and [r.row_id for r in every_row[:8]] == [r.row_id for r in train]
 
 
 def test_auto_train_row_cap_applies_to_the_bundled_rows_only(tmp_path):
