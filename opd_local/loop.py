@@ -24,7 +24,7 @@ from opd_local.models import check_context_fits, load_student
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
-from opd_local.run_directory import check_run_directory, start_run_directory
+from opd_local.run_directory import FINAL_MODEL, check_run_directory, start_run_directory
 from opd_local.rollouts import build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import rollout_seeds
@@ -142,7 +142,7 @@ def train(cfg: Config) -> Path:
         logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
     if cfg.run.save_final:
         replica = functools.partial(load_student, student_path, cfg.model, precision.master, cfg.run.seed)
-        save_final_model(student, tokenizer, run_dir / "final", ctx, replica)
+        save_final_model(student, tokenizer, run_dir / FINAL_MODEL, ctx, replica)
     logger.close()
     sampler.close()
     teacher.close()

@@ -18,10 +18,11 @@ from opd_local.config_parsing import apply_overrides, load_yaml, resume_changes,
 from opd_local.metrics import METRICS_FILE, drop_records_from
 
 CONFIG_FILE = "config.yaml"
+FINAL_MODEL = "final"  # the trained student's save_pretrained export
 # What a run writes into its directory; `--overwrite` deletes these and nothing else (a sweep keeps
 # its own files, train.log and attempts.jsonl, in the same folder).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, "trace_eval.jsonl", "trace_cache.json", "summary.md", "eval_metrics.json")
-RUN_FOLDERS = (CHECKPOINTS, "final", "charts")
+RUN_FOLDERS = (CHECKPOINTS, FINAL_MODEL, "charts")
 RUN_GLOBS = ("events.out.tfevents.*",)
 
 
@@ -62,7 +63,7 @@ def check_run_directory(cfg: Config) -> ResumePoint | None:
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a run directory?")
-    saved = apply_overrides(Config(), load_yaml(saved_path), source=str(saved_path))
+    saved = load_saved_config(saved_path)
     changes = resume_changes(saved, cfg)
     checkpoint, progress = newest_intact_checkpoint(run_dir)
     step = progress["step"]
@@ -71,15 +72,20 @@ def check_run_directory(cfg: Config) -> ResumePoint | None:
     return ResumePoint(checkpoint, step, progress, changes)
 
 
+def load_saved_config(saved_path: Path) -> Config:
+    """A run's saved config.yaml as a Config (keys it lacks keep the current defaults)."""
+    return apply_overrides(Config(), load_yaml(saved_path), source=str(saved_path))
+
+
 def saved_run_teacher(model_dir: str) -> str | None:
     """The teacher of the training run whose `final/` export `model_dir` is, from the run's config.yaml; else None.
 
     A run's empty `model.teacher` means its student's starting weights, which the saved config names.
     """
     saved_path = Path(model_dir).parent / CONFIG_FILE
-    if Path(model_dir).name != "final" or not saved_path.is_file():
+    if Path(model_dir).name != FINAL_MODEL or not saved_path.is_file():
         return None
-    saved = apply_overrides(Config(), load_yaml(saved_path), source=str(saved_path))
+    saved = load_saved_config(saved_path)
     return saved.model.teacher or saved.model.student
 
 
