@@ -6,11 +6,14 @@ previous checkpoint intact and no half-written one behind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -33,17 +36,66 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _with_umask_modes(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        replace_directory(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system or kernel without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target`, so that `target` is at every moment the old or the new folder.
+
+    Where the two cannot be swapped in one step, the old folder is renamed aside first: a crash in
+    between leaves it whole under `.NAME-old`.
+    """
+    _fsync_tree(new)
+    if not target.exists():
+        new.rename(target)
+    elif _exchange(new, target):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        old = target.with_name(f".{target.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(target.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files and entries to disk, so that a rename after a power loss names whole files."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        _fsync_path(path)
+    _fsync_path(folder)
 
 
 def _with_umask_modes(folder: Path) -> None:
@@ -183,15 +235,36 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         (tmp / "progress.json").write_text(json.dumps({"step": step, "world_size": ctx.world_size, **progress}))
     dist.barrier()
     if ctx.is_main:
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        replace_directory(tmp, target)
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(target.name)
         os.replace(pointer, root / LATEST)
-        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        for old in checkpoints_to_prune(root, step, keep):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return target
+
+
+def checkpoints_to_prune(root: Path, step: int, keep: int) -> list[Path]:
+    """After saving `step`: every folder past it, and all but the `keep` newest up to it (0 keeps them all).
+
+    A folder past the step just saved can only be one a resume skipped as damaged, from the stretch of
+    the run that this one is redoing; the folder just saved is never pruned.
+    """
+    steps = checkpoint_steps(root)
+    past = [folder for folder, n in steps.items() if n > step]
+    upto = [folder for folder, n in steps.items() if n <= step]
+    return past + (upto[:-keep] if keep > 0 else [])
+
+
+def checkpoint_steps(root: Path) -> dict[Path, int]:
+    """The run's checkpoint folders and the step each one's name gives, oldest first."""
+    steps = {}
+    for folder in Path(root).glob("step-*"):
+        match = re.fullmatch(r"step-(\d+)", folder.name)
+        if match is not None and folder.is_dir():
+            steps[folder] = int(match.group(1))
+    return dict(sorted(steps.items(), key=lambda item: item[1]))
 
 
 def read_progress(checkpoint: Path) -> dict:
@@ -214,7 +287,10 @@ def _safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return "not a safetensors file (header is not JSON)"
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    try:
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return "not a safetensors file (header lacks the tensors' data_offsets)"
     if 8 + header_len + max(ends, default=0) != size:
         return f"truncated or padded ({size} bytes, its header describes {8 + header_len + max(ends, default=0)})"
     return None
@@ -277,7 +353,7 @@ def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     root = Path(run_dir) / CHECKPOINTS
     # Folders only get their step-NNNNNN name once complete, so the newest is the latest even when a
     # crash came between that rename and the move of the `latest` pointer.
-    candidates = sorted(root.glob("step-*"), reverse=True)
+    candidates = list(reversed(checkpoint_steps(root)))
     if not candidates:
         raise ValueError(f"--resume {run_dir}: it holds no checkpoint yet (run.save_every writes them)")
     problems = []

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import operator
+import os
 import types
 import typing
 from pathlib import Path
@@ -78,13 +79,20 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {_short(value)}") from None
+        except OverflowError:  # an integer past the float range
+            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}") from None
         if not math.isfinite(number):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return number
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got {value!r}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 _KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
@@ -175,13 +183,36 @@ def resume_changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = first_line.get(key)
+        except TypeError:  # an unhashable key: construct_mapping names it
+            continue
+        if seen is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first on line {seen})", key_node.start_mark
+            )
+        first_line[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from err
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -193,9 +224,23 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     return data
 
 
+def load_saved_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A run's saved config.yaml, which holds every section: an empty one is refused, never read as the defaults."""
+    data = load_yaml(path)
+    if not data:
+        raise ConfigError(f"{path}: the run's saved config is empty (a crash while it was written?); it must hold every section")
+    return data
+
+
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
+    """Write `cfg` under a temporary name and rename it into place, so `path` is never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,6 +252,7 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     """A parser with `--config` plus one `--section.key` flag per field (and `--key` where unique)."""
     parser = _Parser(
         description=description,
+        allow_abbrev=False,  # `--temp` must not silently mean --temperature
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -252,7 +298,7 @@ def parse_config(argv: list[str] | None = None, description: str = "opd-local") 
         saved = Path(resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {resume}: no config.yaml there; is it a run directory?")
-        apply_overrides(cfg, load_yaml(saved), source=str(saved))
+        apply_overrides(cfg, load_saved_yaml(saved), source=str(saved))
         cfg.run.out_dir = str(resume)
         cfg.run.overwrite = False  # the action that started that run, not part of continuing it
     if "config" in args:

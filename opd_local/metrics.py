@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,13 +124,51 @@ def format_summary(step: int, metrics: dict[str, float]) -> str:
     return " ".join(parts)
 
 
-def drop_records_from(run_dir: Path, step: int, names=(METRICS_FILE, "trace_eval.jsonl")) -> None:
+RUN_LOGS = (METRICS_FILE, "trace_eval.jsonl")
+
+
+def records_before(path: Path, step: int) -> tuple[list[str], int | None]:
+    """The lines of a JSONL log whose records are of steps before `step`, and the number of a last
+    line cut off mid-write (None if there is none).
+
+    Such a line is what a crash while appending leaves, and its step is redone; a bad line anywhere
+    else is refused, naming the file and the line.
+    """
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept, cut = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not line.endswith("\n"):
+                cut = number
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON record ({err.msg} column {err.colno}); fix or delete that line to resume") from err
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{number}: a record must be a JSON object with an integer 'step'")
+        if record["step"] < step:
+            kept.append(line.rstrip("\n"))
+    return kept, cut
+
+
+def check_run_logs(run_dir: Path, step: int, names=RUN_LOGS) -> None:
+    """Refuse a resume whose logs cannot be cut back to `step`; reads only."""
+    for name in names:
+        if (Path(run_dir) / name).exists():
+            records_before(Path(run_dir) / name, step)
+
+
+def drop_records_from(run_dir: Path, step: int, names=RUN_LOGS) -> None:
     """Rewrite the run's JSONL logs without records of `step` and later (atomically)."""
     for name in names:
         path = Path(run_dir) / name
         if not path.exists():
             continue
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+        kept, cut = records_before(path, step)
+        if cut is not None:
+            warnings.warn(f"{path}:{cut}: dropping the last line, cut off while it was written; its step is redone")
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from opd_local.checkpoint import CHECKPOINTS, newest_intact_checkpoint
 from opd_local.config import Config, ConfigError
-from opd_local.config_parsing import apply_overrides, load_yaml, resume_changes, save_yaml
-from opd_local.metrics import METRICS_FILE, drop_records_from
+from opd_local.config_parsing import apply_overrides, load_saved_yaml, resume_changes, save_yaml
+from opd_local.metrics import METRICS_FILE, check_run_logs, drop_records_from
 
 CONFIG_FILE = "config.yaml"
 FINAL_MODEL = "final"  # the trained student's save_pretrained export
@@ -44,8 +44,8 @@ def check_run_directory(cfg: Config) -> ResumePoint | None:
     """Refuse a new run into a directory that holds one (unless run.overwrite), or a resume that cannot be exact.
 
     Reads only. For a resume: the saved config must load, the flags given may not change the model,
-    the data or the seed, and the newest intact checkpoint (damaged newer ones are named in a warning)
-    must not be past run.steps.
+    the data or the seed, the newest intact checkpoint (damaged newer ones are named in a warning)
+    must not be past run.steps, and the JSONL logs must parse (a last line cut off mid-write aside).
     """
     run_dir = Path(cfg.run.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -69,12 +69,13 @@ def check_run_directory(cfg: Config) -> ResumePoint | None:
     step = progress["step"]
     if step > cfg.run.steps:
         raise ConfigError(f"--run.steps {cfg.run.steps} is below the step of the checkpoint resumed from ({checkpoint.name})")
+    check_run_logs(run_dir, step)
     return ResumePoint(checkpoint, step, progress, changes)
 
 
 def load_saved_config(saved_path: Path) -> Config:
     """A run's saved config.yaml as a Config (keys it lacks keep the current defaults)."""
-    return apply_overrides(Config(), load_yaml(saved_path), source=str(saved_path))
+    return apply_overrides(Config(), load_saved_yaml(saved_path), source=str(saved_path))
 
 
 def saved_run_teacher(model_dir: str) -> str | None:
