@@ -72,20 +72,42 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a key given twice in one object is an error (json keeps the last silently)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"key {key!r} is given twice in one object")
+        seen[key] = value
+    return seen
+
+
+def loads_unique(text: str):
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def json_fault(path: Path) -> str | None:
     """Where a .json/.jsonl file stops being rows of JSON, as "line N: ...", or None if it does not.
 
-    datasets and pyarrow report such faults without the file or the line.
+    datasets and pyarrow report such faults without the file or the line, and keep the last of a
+    key given twice.
     """
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        return f"not UTF-8 text (byte {err.start})"
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        return f"line {line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8"
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     first_bad = None
     for number, line in lines:
         try:
-            value = json.loads(line)
+            value = loads_unique(line)
+        except DuplicateKeyError as err:
+            return f"line {number}: {err}"
         except json.JSONDecodeError as err:
             cut = " (the file ends inside it: truncated?)" if number == lines[-1][0] and err.pos >= len(line.rstrip()) else ""
             first_bad = (number, f"{err.msg}{cut}")
@@ -95,7 +117,9 @@ def json_fault(path: Path) -> str | None:
     if first_bad is None:
         return None
     try:
-        whole = json.loads(text)
+        whole = loads_unique(text)
+    except DuplicateKeyError as err:
+        return str(err)
     except json.JSONDecodeError as err:
         if first_bad[0] != lines[0][0]:
             number, reason = first_bad  # JSON lines, the first bad one
@@ -125,6 +149,10 @@ def _local_file_records(path: Path, source: str, builder: str):
 
     if not path.read_bytes().strip():
         raise DataError(f"{source}: the file is empty")
+    # First, since datasets reads lazily: a decode fault would surface later, naming neither file nor line.
+    fault = json_fault(path) if builder == "json" else None
+    if fault:
+        raise DataError(f"{source}: {fault}")
     try:
         # A single file is a single split: `split` does not apply to it.
         return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -257,6 +285,14 @@ def _chat_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _row_chat_ids(tokenizer, row: PrivilegedRow, field: str) -> list[int]:
+    messages = row.student_messages if field == "messages" else row.teacher_messages
+    try:
+        return _chat_ids(tokenizer, messages)
+    except Exception as err:  # the template's own raise_exception (jinja2.TemplateError) and its rendering faults
+        raise DataError(f"{row.row_id}: field {field!r}: the tokenizer's chat template refuses it ({_first_line(err)})") from err
+
+
 def tokenize_groups(
     rows: Sequence[PrivilegedRow], tokenizer, max_prompt_tokens: int, drop_overlong: bool = False
 ) -> tuple[list[PromptGroup], list[str]]:
@@ -266,8 +302,8 @@ def tokenize_groups(
     """
     groups, dropped, problems = [], [], []
     for row in rows:
-        student_ids = _chat_ids(tokenizer, row.student_messages)
-        teacher_ids = _chat_ids(tokenizer, row.teacher_messages)
+        student_ids = _row_chat_ids(tokenizer, row, "messages")
+        teacher_ids = _row_chat_ids(tokenizer, row, "teacher_messages")
         if len(student_ids) > max_prompt_tokens or len(teacher_ids) > max_prompt_tokens:
             field = "messages" if len(student_ids) > max_prompt_tokens else "teacher_messages"
             dropped.append(row.row_id)

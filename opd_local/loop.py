@@ -20,7 +20,7 @@ from opd_local.config_parsing import check_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, span
-from opd_local.models import check_context_fits, load_student
+from opd_local.models import check_context_fits, check_output_heads, load_student
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
@@ -60,6 +60,7 @@ def train(cfg: Config) -> Path:
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
     teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
     check_context_fits(cfg, student, teacher.model)
+    check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
     optimizer, scheduler = build_optimizer(student, cfg)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
     weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)

@@ -206,8 +206,52 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
         )
 
 
+# Config fields of architectures whose logits are not `hidden @ lm_head.weight.T` (Gemma 2/3's tanh cap,
+# Cohere's scale, Granite's divisor): the fused kernels take only the weight, so they would score other logits.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def output_head_problem(model) -> str | None:
+    """Why the fused kernels cannot compute this model's logits from its lm_head weight alone, or None."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return "it has no output embeddings (lm_head)"
+    if hasattr(head, "base_layer"):
+        return "its lm_head carries a LoRA adapter, which the fused loss leaves out (drop lm_head from model.lora_target_modules)"
+    if getattr(head, "bias", None) is not None:
+        return "its lm_head has a bias"
+    config = getattr(model, "config", None)
+    for name, plain in LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, plain)
+        if value is not None and value != plain:
+            return f"its config sets {name}={value!r}, a transform of the logits after the lm_head"
+    return None
+
+
 def lm_head_weight(model) -> torch.Tensor:
+    """The output embedding `W` such that the model's logits are `hidden @ W.T`; refuses a model where they are not."""
+    problem = output_head_problem(model)
+    if problem is not None:
+        raise ValueError(f"{type(model).__name__}: {problem}; opd-local computes logits as hidden @ lm_head.weight.T")
     return model.get_output_embeddings().weight
+
+
+def check_output_heads(student, teacher, objective: str) -> None:
+    """Refuse before step 0 a student or teacher whose logits the fused kernels cannot compute, and, for
+    the full-vocabulary objectives, output heads of different widths (a vocabulary padded differently)."""
+    heads = {}
+    for role, setting, model in (("student", "model.student", student), ("teacher", "model.teacher", teacher)):
+        problem = output_head_problem(model)
+        if problem is not None:
+            raise ValueError(f"{setting}: {problem}; opd-local computes logits as hidden @ lm_head.weight.T")
+        heads[role] = model.get_output_embeddings().weight.shape[0]
+    if objective != "sampled_rkl" and heads["student"] != heads["teacher"]:
+        raise ValueError(
+            f"model.teacher: its lm_head has {heads['teacher']} rows and the student's {heads['student']} (the same tokenizer, "
+            f"padded differently); loss.objective={objective} compares the two distributions over every row. "
+            "Use loss.objective=sampled_rkl, which reads the teacher's log-prob of the sampled token only, or a teacher "
+            "with the student's vocabulary size"
+        )
 
 
 def final_hidden_states(

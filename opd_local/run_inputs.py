@@ -72,12 +72,35 @@ def check_model_source(name: str, setting: str) -> None:
         raise ValueError(f"{setting}={name!r}: no such directory")
 
 
+# What a Hugging Face tokenizer is saved as: the fast tokenizer, a SentencePiece model, or a BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def _tokenizer(path: str, cfg: Config, setting: str):
     try:
-        return load_tokenizer(path, cfg.model)
-    except OSError as err:  # the hub client's "not a valid model identifier" and friends
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{setting}={path!r}: cannot load its tokenizer ({first_line})") from err
+        tokenizer = load_tokenizer(path, cfg.model)
+    # OSError: the hub client's "not a valid model identifier" and friends; ValueError: a folder without
+    # tokenizer files, which transformers reports as a missing converter package.
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        folder = Path(path).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            reason = f"the folder holds none of {', '.join(TOKENIZER_FILES)}; transformers says: {reason}"
+        raise ValueError(f"{setting}={path!r}: cannot load its tokenizer ({reason})") from err
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{setting}={path!r}: its tokenizer has no chat template, and every prompt is chat messages; "
+            "use an instruct/chat model or add a chat_template to its tokenizer_config.json"
+        )
+    return tokenizer
+
+
+def check_probe_text(tokenizer, probe_text: str) -> None:
+    """The parity probe scores every token after the first, so it needs two at least."""
+    count = len(tokenizer(probe_text)["input_ids"])
+    if count < 2:
+        raise ValueError(f"sync.probe_text={probe_text!r} is {count} token(s); the parity probe needs at least 2")
 
 
 def load_run_inputs(cfg: Config) -> RunInputs:
@@ -92,6 +115,7 @@ def load_run_inputs(cfg: Config) -> RunInputs:
     teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
     tokenizer = _tokenizer(student_path, cfg, "model.student")
     check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, "model.teacher" if cfg.model.teacher else "model.student"))
+    check_probe_text(tokenizer, cfg.sync.probe_text)
     train_rows, heldout_rows = load_train_and_heldout(cfg.data)
     if cfg.model.teacher_context == "privileged":
         for row in train_rows + heldout_rows:

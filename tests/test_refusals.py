@@ -114,12 +114,66 @@ def break_saved_config(run: Path):
     (run / "config.yaml").write_text("run:\n  steps: [2\n")
 
 
+# ---------------------------------------------------------------- models built from the micro model
+
+
+def _model_copy(model: str, target: Path, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(model, target)
+    for name in drop:
+        (target / name).unlink(missing_ok=True)
+    return target
+
+
+def without_chat_template(tmp: Path, model: str) -> None:
+    folder = _model_copy(model, tmp / "no-template", drop=("chat_template.jinja",))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def without_tokenizer_files(tmp: Path, model: str) -> None:
+    keep = ("config.json", "generation_config.json", "model.safetensors")
+    _model_copy(model, tmp / "no-tokenizer", drop=tuple(p.name for p in Path(model).iterdir() if p.name not in keep))
+
+
+def with_strict_template(tmp: Path, model: str) -> None:
+    """A template that, like Mistral's, raises on a system turn."""
+    folder = _model_copy(model, tmp / "strict", drop=("chat_template.jinja",))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System turns are not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def with_padded_vocabulary(tmp: Path, model: str) -> None:
+    """The same tokenizer, the output head 64 rows wider (as Qwen2.5's sizes differ between checkpoints)."""
+    from transformers import AutoModelForCausalLM
+
+    padded = AutoModelForCausalLM.from_pretrained(model)
+    padded.resize_token_embeddings(padded.config.vocab_size + 64)
+    folder = _model_copy(model, tmp / "padded")
+    padded.save_pretrained(folder)
+
+
+def empty_saved_config(run: Path):
+    (run / "config.yaml").write_text("")
+
+
+def break_first_metrics_line(run: Path):
+    """A line cut short that is not the last: not what a crash while appending leaves."""
+    path = run / "metrics.jsonl"
+    path.write_text('{"step": 0, "lo\n' + path.read_text())
+
+
 @dataclass
 class Case:
     id: str
     args: list[str]  # after the base flags; "{tmp}", "{run}" and "{model}" are filled in
     expect: str  # in the one error line, with the same fields filled in
-    files: dict[str, str] = field(default_factory=dict)  # written under {tmp} first; "name/" is an empty folder
+    files: dict[str, str | bytes] = field(default_factory=dict)  # written under {tmp} first; "name/" is an empty folder
+    build: object = None  # (tmp, micro model dir) -> None: builds a model folder under {tmp}
     resume: bool = False  # no base flags: the args continue {run}
     overwrite: bool = True
     damage: object = None  # done to the copied run before the snapshot; may return its undo
@@ -203,6 +257,13 @@ CASES = [
     Case("yaml-not-mapping", ["--config", "{tmp}/c.yaml"], "must be a mapping of sections, got list", files={"c.yaml": "- run\n- steps\n"}),
     Case("yaml-syntax", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml:3: not valid YAML", files={"c.yaml": "run:\n  steps: [2\n"}),
     Case("yaml-missing", ["--config", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: cannot read the config file"),
+    Case("yaml-key-twice", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml:3: not valid YAML (key 'steps' is given twice (first on line 2))",
+         files={"c.yaml": "run:\n  steps: 5\n  steps: 500\n"}),
+    Case("yaml-section-twice", ["--config", "{tmp}/c.yaml"], "key 'rollout' is given twice (first on line 1)",
+         files={"c.yaml": "rollout:\n  max_tokens: 8\nrollout:\n  temperature: 0.5\n"}),
+    Case("yaml-number-past-float", ["--config", "{tmp}/c.yaml"], "optim.lr: expected a finite number, got 99999",
+         files={"c.yaml": "optim:\n  lr: " + "9" * 400 + "\n"}),
+    Case("flag-abbreviated", ["--temp", "0.5"], "unrecognized arguments: --temp 0.5"),
     # ---- the run directory
     Case("run-dir-holds-a-run", [], "already holds a run (config.yaml); pass --overwrite", overwrite=False),
     Case("run-dir-is-a-file", ["--out_dir", "{tmp}/afile"], "run.out_dir='{tmp}/afile' is a file", files={"afile": "x"}),
@@ -224,6 +285,8 @@ CASES = [
     Case("resume-rng-missing", [], "step-000002/rng_rank0.pt: missing", resume=True, damage=remove_in_checkpoints("rng_rank0.pt")),
     Case("resume-rows-edited", [], "the training rows (ids or content) differ", resume=True, damage=edit_training_rows),
     Case("resume-config-broken", [], "config.yaml:3: not valid YAML", resume=True, damage=break_saved_config),
+    Case("resume-config-empty", [], "config.yaml: the run's saved config is empty", resume=True, damage=empty_saved_config),
+    Case("resume-metrics-line-broken", [], "metrics.jsonl:1: not a JSON record", resume=True, damage=break_first_metrics_line),
     # ---- data files
     Case("data-empty-file", ["--train", "{tmp}/e.jsonl"], "{tmp}/e.jsonl: the file is empty", files={"e.jsonl": ""}),
     Case("data-not-json", ["--train", "{tmp}/p.jsonl"], "{tmp}/p.jsonl: line 1: not valid JSON", files={"p.jsonl": "question,answer\n"}),
@@ -252,6 +315,21 @@ CASES = [
     Case("data-unknown-split", ["--train_split", "nosuch"], "unknown bundled data or split 'nosuch'"),
     Case("data-row-not-object", ["--train", "{tmp}/a.json"], "{tmp}/a.json: row 1: a row must be a JSON object",
          files={"a.json": json.dumps([GOOD, 3], indent=1)}),
+    Case("data-not-utf8", ["--train", "{tmp}/l.jsonl"], "{tmp}/l.jsonl: line 2: not UTF-8 text",
+         files={"l.jsonl": jsonl(GOOD).encode() + (json.dumps({**GOOD, "question": "Caf\u00e9 sells 2 cakes and 3 more?"}, ensure_ascii=False) + "\n").encode("latin-1")}),
+    Case("data-key-twice", ["--train", "{tmp}/d.jsonl"], "{tmp}/d.jsonl: line 1: key 'question' is given twice in one object",
+         files={"d.jsonl": json.dumps(GOOD)[:-1] + ', "question": "Other?"}\n'}),
+    Case("data-key-twice-in-a-message", ["--train", "{tmp}/d.jsonl"], "{tmp}/d.jsonl: line 1: key 'content' is given twice",
+         files={"d.jsonl": jsonl(GOOD_MESSAGES).replace('"content": "What is 6 * 7?"}', '"content": "What is 6 * 7?", "content": "x"}', 1)}),
+    Case("data-key-twice-in-json-array", ["--train", "{tmp}/d.json"], "{tmp}/d.json: key 'answer' is given twice in one object",
+         files={"d.json": json.dumps([GOOD], indent=1).replace('"answer"', '"answer": "1\\n#### 1",\n  "answer"', 1)}),
+    Case("data-answer-normalizes-to-nothing", ["--train", "{tmp}/a.jsonl"], "{tmp}/a.jsonl#0: field 'answer' is '.', which holds no answer",
+         files={"a.jsonl": jsonl(messages_row(answer="."))}),
+    Case("data-template-refuses-row", ["--student", "{tmp}/strict", "--train", "{tmp}/s.jsonl"],
+         "{tmp}/s.jsonl#0: field 'teacher_messages': the tokenizer's chat template refuses it (System turns are not supported)",
+         files={"s.jsonl": jsonl(messages_row(teacher_messages=[{"role": "system", "content": "Hint: 6 * 7 = 42."},
+                                                                 {"role": "user", "content": "What is 6 * 7?"}]))},
+         build=with_strict_template),
     Case("data-unknown-columns", ["--train", "{tmp}/u.jsonl"], "{tmp}/u.jsonl: cannot tell the row format from columns",
          files={"u.jsonl": jsonl({"prompt": "hi", "completion": "there"})}),
     # ---- models
@@ -261,13 +339,20 @@ CASES = [
     Case("model-is-a-file", ["--student", "{tmp}/f.bin"], "model.student='{tmp}/f.bin' is a file", files={"f.bin": "x"}),
     Case("teacher-missing", ["--teacher", "{tmp}/no-teacher"], "model.teacher='{tmp}/no-teacher': no such directory"),
     Case("embedded-unknown", ["--student", "embedded:gpt-5"], "unknown embedded model 'embedded:gpt-5'"),
+    Case("model-without-chat-template", ["--student", "{tmp}/no-template"], "model.student='{tmp}/no-template': its tokenizer has no chat template",
+         build=without_chat_template),
+    Case("model-without-tokenizer", ["--student", "{tmp}/no-tokenizer"],
+         "model.student='{tmp}/no-tokenizer': cannot load its tokenizer (the folder holds none of tokenizer.json", build=without_tokenizer_files),
+    Case("teacher-head-padded", ["--teacher", "{tmp}/padded"], "model.teacher: its lm_head has 49216 rows and the student's 49152",
+         build=with_padded_vocabulary),
+    Case("probe-text-one-token", ["--probe_text", "a"], "sync.probe_text='a' is 1 token(s); the parity probe needs at least 2"),
 ]
 
 
 def test_the_table_is_large_and_its_cases_distinct():
     assert len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES)
-    assert len({(tuple(c.args), c.resume, c.damage, tuple(sorted(c.files.items())), c.overwrite) for c in CASES}) == len(CASES)
+    assert len({(tuple(c.args), c.resume, c.damage, tuple(sorted(c.files.items())), c.overwrite, c.build) for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
@@ -280,8 +365,13 @@ def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run
         (inputs / name).parent.mkdir(parents=True, exist_ok=True)
         if name.endswith("/"):
             (inputs / name).mkdir()
+        elif isinstance(text, bytes):
+            (inputs / name).write_bytes(text)
         else:
             (inputs / name).write_text(text)
+    if case.build:
+        inputs.mkdir(exist_ok=True)
+        case.build(inputs, micro_model_dir)
     fill = {"tmp": str(inputs), "run": str(run), "model": micro_model_dir}
     args = [a.format(**fill) for a in case.args]
     if case.resume:

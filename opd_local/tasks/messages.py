@@ -52,6 +52,8 @@ def to_row(record: Mapping, row_id: str) -> PrivilegedRow:
     answer = None
     if record.get("answer") is not None:
         answer = normalize_answer(require_string(record, "answer", row_id))
+        if not answer:  # every reply would be graded wrong
+            raise DataError(f"{row_id}: field 'answer' is {record['answer']!r}, which holds no answer once normalized")
     privileged = None
     if record.get("privileged") is not None:
         privileged = require_string(record, "privileged", row_id)
