@@ -19,6 +19,8 @@ from opd_local.sampler import Completion
 
 # Reasons that mean an engine or the teacher returned bad numbers; anything else is a filter.
 FAILURE_REASONS = frozenset({"rollout_lp_count", "rollout_lp_nonfinite", "teacher_lp_count", "teacher_lp_nonfinite"})
+# Every reason a completion is dropped for, each logged as rollout/dropped_<reason>.
+DROP_REASONS = ("empty_completion", *sorted(FAILURE_REASONS))
 
 
 @dataclass
@@ -112,10 +114,11 @@ def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: in
         len(kept),
         sum(r.finish_reason == "stop" for r in kept),
         num_groups,
+        *(counts.drop_reasons[reason] for reason in DROP_REASONS),
     ]
-    active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = (
-        float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
-    )
+    totals = [float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))]
+    active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = totals[: -len(DROP_REASONS)]
+    by_reason = dict(zip(DROP_REASONS, totals[-len(DROP_REASONS):]))
     return {
         "opd/sampled_reverse_kl": rkl_sum / active if active else float("nan"),
         "opd/active_tokens": active,
@@ -125,6 +128,7 @@ def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: in
         "groups/drawn": groups_drawn,
         "rollout/completions": drawn,
         "rollout/dropped_completions": drawn - n_kept,
+        **{f"rollout/dropped_{reason}": count for reason, count in by_reason.items()},
         "rollout/completion_len_mean": active / n_kept if n_kept else 0.0,
         "rollout/stop_fraction": stopped / n_kept if n_kept else 0.0,
     }

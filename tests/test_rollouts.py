@@ -6,7 +6,7 @@ import torch
 
 from opd_local.data import PromptGroup
 from opd_local.progress import RunTotals
-from opd_local.rollouts import build_rollouts, count_groups
+from opd_local.rollouts import build_rollouts, count_groups, rollout_metrics
 from opd_local.rows import PrivilegedRow
 from opd_local.sampler import Completion
 
@@ -34,6 +34,14 @@ def test_malformed_completions_are_dropped_and_groups_counted():
     assert (counts.sampled, counts.filtered, counts.failed) == (1, 1, 2)
     assert counts.sampled + counts.filtered + counts.failed == len(groups)
     assert counts.drop_reasons["rollout_lp_count"] == 1
+
+    metrics = rollout_metrics(rollouts, [r for r in rollouts if r.kept], len(groups))
+    assert (metrics["rollout/completions"], metrics["rollout/dropped_completions"], metrics["opd/active_tokens"]) == (5, 4, 2)
+    # each dropped completion under its reason, so a NaN from the engine is told apart from an empty reply
+    assert {k: v for k, v in metrics.items() if k.startswith("rollout/dropped_") and k != "rollout/dropped_completions"} == {
+        "rollout/dropped_empty_completion": 1, "rollout/dropped_rollout_lp_count": 1, "rollout/dropped_rollout_lp_nonfinite": 1,
+        "rollout/dropped_teacher_lp_count": 0, "rollout/dropped_teacher_lp_nonfinite": 1,
+    }
 
 
 def test_run_totals_add_up_steps_and_resume_from_a_checkpoint_dict():
