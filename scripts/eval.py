@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from opd_local import dist
+from opd_local.checkpoint import CHECKPOINTS
 from opd_local.cli import run_refusing
 from opd_local.config import resolve_micro_batch_tokens
 from opd_local.config_parsing import parse_config
@@ -26,7 +27,7 @@ from opd_local.metrics import METRICS_FILE
 from opd_local.models import load_causal_lm
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream
-from opd_local.run_directory import saved_run_teacher
+from opd_local.run_directory import CONFIG_FILE, saved_run_teacher
 from opd_local.run_inputs import load_run_inputs
 from opd_local.teacher import Teacher
 
@@ -37,9 +38,11 @@ def main() -> None:
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     print(precision.describe())
     out_dir = Path(cfg.run.out_dir)
-    if (out_dir / METRICS_FILE).exists():
+    # config.yaml too: a run stopped before its first metrics line is still a run.
+    held = next((name for name in (METRICS_FILE, CONFIG_FILE, CHECKPOINTS) if (out_dir / name).exists()), None)
+    if held:
         raise ValueError(
-            f"--out_dir {out_dir} holds a training run ({METRICS_FILE}); scripts/eval.py would write its records "
+            f"--out_dir {out_dir} holds a training run ({held}); scripts/eval.py would write its records "
             f"among the run's own in {TRACE_RECORDS}. Choose another --out_dir, e.g. --out_dir {out_dir / 'eval'}"
         )
     if not cfg.model.teacher:

@@ -144,18 +144,21 @@ def test_eval_script_scores_a_checkpoint_against_a_teacher(tiny_model_dir, tiny_
     assert metrics["eval/trace_gap"] > 0.1
 
 
-def test_eval_script_refuses_a_training_run_directory(tmp_path):
+# metrics.jsonl: a run past step 0; config.yaml alone: a run stopped before its first metrics line
+@pytest.mark.parametrize("marker, text", [("metrics.jsonl", '{"step": 0}\n'), ("config.yaml", "run:\n  steps: 5\n")])
+def test_eval_script_refuses_a_training_run_directory(tmp_path, marker, text):
     import subprocess
     import sys
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / marker).write_text(text)
     result = subprocess.run(
         [sys.executable, "scripts/eval.py", "--student", "unused", "--out_dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "holds a training run" in result.stderr
-    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # nothing of the run was touched
+    assert f"holds a training run ({marker})" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [marker]
+    assert (tmp_path / marker).read_text() == text  # nothing of the run was touched
 
 
 def test_eval_script_scores_a_runs_final_export_against_the_runs_teacher(tiny_model_dir, tiny_teacher_dir, tmp_path):
