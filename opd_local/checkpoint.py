@@ -232,7 +232,11 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         if not parallel.is_sharded(student):
             save_model(module, str(tmp / "model.safetensors"))
         torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "world_size": ctx.world_size, **progress}))
+        # dcp.save has returned on every rank, so the shards are all written: their names make the
+        # checkpoint's manifest, and a shard missing later is then a damaged checkpoint, not a partial load.
+        shards = sorted(p.name for p in (tmp / SHARDED).glob("*.safetensors")) if parallel.is_sharded(student) else None
+        manifest = {"step": step, "world_size": ctx.world_size, **({"shards": shards} if shards is not None else {})}
+        (tmp / "progress.json").write_text(json.dumps({**manifest, **progress}))
     dist.barrier()
     if ctx.is_main:
         replace_directory(tmp, target)
@@ -330,7 +334,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     files = {"optimizer.pt": _torch_file_problem}
     sharded = checkpoint / SHARDED
     if sharded.exists():
-        files.update({str(p.relative_to(checkpoint)): _safetensors_problem for p in sorted(sharded.glob("*.safetensors"))})
+        # Checkpoints written before the manifest was recorded: the shards that are there.
+        names = progress.get("shards") or sorted(p.name for p in sharded.glob("*.safetensors"))
+        files.update({f"{SHARDED}/{name}": _safetensors_problem for name in names})
         if len(files) == 1:
             return f"{sharded}: holds no safetensors shards"
     else:

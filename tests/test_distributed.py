@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import save_tiny_llama
+from opd_local.checkpoint import checkpoint_problem
 from opd_local.loop import train
 from opd_local.metrics import read_metrics
 from test_loop import tiny_config
@@ -92,8 +93,15 @@ def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path
         student = save_tiny_llama(tmp_path / "tied", tokenizer, seed=3, tied=True)
     records, weights = _run(student, full, 2, *flags)
     assert all(r["sync/parity_max_abs"] < 1e-4 for r in records)  # the engines got the merged weights
-    shards = list((full / "checkpoints" / "step-000001" / "sharded").iterdir())
+    step_one = full / "checkpoints" / "step-000001"
+    shards = sorted((step_one / "sharded").iterdir())
     assert shards and all(f.suffix == ".safetensors" for f in shards)  # nothing to unpickle on resume
+    assert json.loads((step_one / "progress.json").read_text())["shards"] == [f.name for f in shards]
+    assert len(shards) == 2  # one per rank
+    damaged = tmp_path / "damaged"
+    shutil.copytree(step_one, damaged / "step-000001")
+    (damaged / "step-000001" / "sharded" / shards[1].name).unlink()  # what a lost file leaves: the rest would load partly
+    assert checkpoint_problem(damaged / "step-000001") == f"{damaged / 'step-000001' / 'sharded' / shards[1].name}: missing"
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
