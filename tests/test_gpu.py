@@ -91,6 +91,33 @@ def test_compiled_linear_kernels_equal_float64(dtype, n, v):
     torch.testing.assert_close(dw.double(), edw, atol=tol * edw.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("objective", ["full_rkl", "fkl", "jsd"])
+def test_chunked_divergences_take_fp32_logits_from_cublas(objective):
+    """The full-vocabulary objectives run the chunked torch path on CUDA too; bf16 inputs give fp32 logits there."""
+    import kernels
+    from kernels.reference.common import wide_product
+    from oracles import divergence64
+
+    n, vocab, h = 512, 151936, 896
+    hidden = torch.nn.functional.layer_norm(torch.randn(n, h, device=CUDA), (h,)).bfloat16().requires_grad_(True)
+    weight = (4.0 / h**0.5 * torch.randn(vocab, h, device=CUDA)).bfloat16()
+    teacher_hidden = (hidden.detach().float() + 0.3 * torch.randn(n, h, device=CUDA)).bfloat16()
+    teacher_weight = (weight.float() + 1.2 / h**0.5 * torch.randn(vocab, h, device=CUDA)).bfloat16()
+    targets = torch.randint(0, vocab, (n,), device=CUDA)
+    assert wide_product(hidden[:4].detach(), weight.T).dtype == torch.float32
+
+    loss, _, divergence = kernels.linear_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_weight, targets, objective=objective, normalizer=float(n)
+    )
+    (dhidden,) = torch.autograd.grad(loss, (hidden,))
+    h64 = hidden.detach().double().requires_grad_(True)
+    expect = divergence64(objective, h64 @ weight.double().T, teacher_hidden.double() @ teacher_weight.double().T, k=1, beta=0.5)
+    (expect_dh,) = torch.autograd.grad(expect.sum() / n, (h64,))
+    # bf16 logits would be off by about 1e-2 of the largest value (tests/test_objectives.py shows it on CPU)
+    assert ((divergence.double() - expect).abs().max() / expect.abs().max()).item() < 1e-4
+    assert ((dhidden.double() - expect_dh).abs().max() / expect_dh.abs().max()).item() < 1e-2
+
+
 def test_out_of_range_targets_raise_on_the_host_and_the_context_survives():
     import kernels
 

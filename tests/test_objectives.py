@@ -72,6 +72,39 @@ def test_divergence_value_and_gradient_equal_float64(objective, per_token_normal
     torch.testing.assert_close(dweight.double(), expect_dw, atol=grad_tol * expect_dw.abs().max().item(), rtol=grad_rtol)
 
 
+def _fp32_result_products(a, b):
+    """What kernels.reference.common.wide_product does on CUDA, on a CPU: bf16 x bf16 products are exact in
+    fp32, summed in fp32, and the result left in fp32."""
+    return a.float() @ b.float() if a.dtype == torch.bfloat16 else a @ b
+
+
+@pytest.mark.parametrize("objective", ["full_rkl", "fkl", "jsd"])
+def test_bf16_divergences_with_fp32_logits_equal_float64_where_bf16_logits_do_not(objective, monkeypatch):
+    from kernels.reference import common, linear_divergence
+
+    n, vocab, h = 64, 4096, 64
+    hidden = torch.nn.functional.layer_norm(torch.randn(n, h), (h,)).bfloat16().requires_grad_(True)
+    weight = (4.0 / h**0.5 * torch.randn(vocab, h)).bfloat16()  # logit std 4, as a trained head's
+    teacher_hidden = (hidden.detach().float() + 0.3 * torch.randn(n, h)).bfloat16()  # a teacher near the student
+    teacher_weight = (weight.float() + 1.2 / h**0.5 * torch.randn(vocab, h)).bfloat16()
+    targets = torch.randint(0, vocab, (n,))
+
+    def run():
+        _, _, divergence = kernels.linear_divergence_loss(
+            hidden, weight, teacher_hidden, teacher_weight, targets, objective=objective, normalizer=1.0, chunk_tokens=24
+        )
+        return divergence.double()
+
+    student, teacher = hidden.detach().double() @ weight.double().T, teacher_hidden.double() @ teacher_weight.double().T
+    expect = divergence64(objective, student, teacher, k=1, beta=0.5, support_logits=student)
+    error_with_bf16_logits = ((run() - expect).abs().max() / expect.abs().max()).item()
+    monkeypatch.setattr(common, "wide_product", _fp32_result_products)
+    monkeypatch.setattr(linear_divergence, "wide_product", _fp32_result_products)
+    error_with_fp32_logits = ((run() - expect).abs().max() / expect.abs().max()).item()
+
+    assert error_with_fp32_logits < 1e-4 < 3e-3 < error_with_bf16_logits
+
+
 def test_full_rkl_is_the_exact_kl_and_topk_with_k_equal_v_is_full_rkl():
     n, h = 13, 16
     hidden, weight, teacher_hidden, teacher_weight, targets = linear_inputs(n, h, torch.float64)

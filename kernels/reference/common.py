@@ -11,6 +11,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# torch.mm(a, b, out_dtype=torch.float32) for bf16/fp16 inputs exists from torch 2.8, with kernels on CUDA only.
+_MM_TAKES_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D operands; on CUDA, bf16/fp16 operands give an fp32 result.
+
+    cuBLAS accumulates in fp32 either way; keeping its result unrounded matters for logits: bf16
+    moves a logit of 14 by up to 0.03, which is percents of a KL between two close distributions.
+    A CPU has no such kernel, and there a bf16 result keeps the matmul on the AMX/AVX512-BF16 units.
+    """
+    if _MM_TAKES_OUT_DTYPE and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a @ b
+
+
 def scaled(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
     """logits / T in the accumulation dtype. May alias `logits`: callers never write into it."""
     x = logits.to(acc)
@@ -135,10 +151,10 @@ def chunk_reverse_kl(
 
 
 def linear_chunks(hidden, weight, chunk_tokens, dlogits_fn, need_dh, need_dw):
-    """Walk N in chunks: logits = H_c @ W^T (in the input dtype, unscaled, a buffer dlogits_fn may write
-    over), dlogits = dlogits_fn(s, e, logits) (d loss / d logits), then dH_c = dlogits @ W and
-    dW += dlogits^T @ H_c. Returns dH [N, H] (hidden dtype) and dW [V, H] (summed in fp32, cast to the
-    weight dtype), None where not needed; dlogits_fn runs for every chunk either way."""
+    """Walk N in chunks: logits = H_c @ W^T (`wide_product`: fp32 on CUDA, else the input dtype; unscaled,
+    a buffer dlogits_fn may write over), dlogits = dlogits_fn(s, e, logits) (d loss / d logits), then
+    dH_c = dlogits @ W and dW += dlogits^T @ H_c. Returns dH [N, H] (hidden dtype) and dW [V, H] (summed
+    in fp32, cast to the weight dtype), None where not needed; dlogits_fn runs for every chunk either way."""
     acc = acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     dhidden = torch.empty_like(hidden) if need_dh else None
@@ -146,14 +162,14 @@ def linear_chunks(hidden, weight, chunk_tokens, dlogits_fn, need_dh, need_dw):
     for s in range(0, n, chunk_tokens):
         e = min(s + chunk_tokens, n)
         hidden_c = hidden[s:e]
-        dlogits = dlogits_fn(s, e, hidden_c @ weight.T).to(hidden.dtype)
+        dlogits = dlogits_fn(s, e, wide_product(hidden_c, weight.T)).to(hidden.dtype)
         if need_dh:
             dhidden[s:e] = dlogits @ weight
         if need_dw:
             if dlogits.dtype == acc:
                 dweight.addmm_(dlogits.T, hidden_c)
             else:
-                dweight += dlogits.T @ hidden_c  # matmul in bf16, sum across chunks in fp32
+                dweight += wide_product(dlogits.T, hidden_c)  # each chunk's product in half precision on CPU; summed in fp32
     if need_dw:
         dweight = dweight.to(weight.dtype)
     return dhidden, dweight

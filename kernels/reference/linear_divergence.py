@@ -9,7 +9,8 @@ T = 1), p = softmax(x); [N, V] logits never exist. Divergences D per row and the
             dD/dx_s = (1 - beta) p_s (ell - KL(p_s || M)), ell = log p_s - log M (M's own terms cancel).
 loss = scale * sum_t D_t / normalizer_t; then with G = d loss / d x_s / T, dH_c = G W and dW = sum G^T H_c
 (fp32 sum), computed in forward; backward only scales them. Chunked torch on every device: each chunk is
-two matmuls and a few [C, V] elementwise passes, so the matmuls dominate and run in cuBLAS on a GPU.
+two matmuls and a few [C, V] elementwise passes, so the matmuls dominate and run in cuBLAS on a GPU, where
+half-precision inputs give fp32 logits (`wide_product`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kernels.common import (
 )
 from kernels.reference.common import (
     acc_dtype, at_targets, chunk_log_softmax, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
+    wide_product,
 )
 
 DIVERGENCES = ("full_rkl", "topk_rkl", "fkl", "jsd")
@@ -105,7 +107,7 @@ class _LinearDivergenceLoss(torch.autograd.Function):
             student_lp[s:e] = at_targets(logp_s, targets[s:e])
             # The teacher at T = 1, the student at the sampling temperature: the distributions that
             # sampled_rkl compares one sampled token at a time.
-            xt = teacher_hidden[s:e] @ teacher_weight.T
+            xt = wide_product(teacher_hidden[s:e], teacher_weight.T)
             value, grad = _chunk_divergence(objective, logits, temperature, logp_s, xt, k, beta)
             divergence[s:e] = value
             return grad.mul_((scale / chunk_rows(normalizer, s, e) / temperature).reshape(-1, 1))

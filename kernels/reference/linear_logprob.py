@@ -1,7 +1,8 @@
 """Chunked torch token log-probs and OPD loss on hidden [N, H] and lm_head weight [V, H] (docs/design.md,
 "The step", 5).
 
-Forward, per chunk of C rows: x = (H_c W^T) / T [C, V] (the matmul in the input dtype, softmax math in fp32),
+Forward, per chunk of C rows: x = (H_c W^T) / T [C, V] (`wide_product`: fp32 on CUDA, else the input dtype;
+softmax math in fp32),
 lp = log_softmax(x)[y] in one fused pass, lse = x[y] - lp. [N, V] logits never exist: only [C, V] at a time.
 Gradient: with G = d loss / d x (g (onehot - softmax) / T, g = d loss / d lp, `dlogits_from_probs`),
 dH_c = G W and dW = sum over chunks of G^T H_c, that sum kept in fp32 (bf16 accumulation drifts).
@@ -19,7 +20,7 @@ from kernels.common import (
 )
 from kernels.reference.common import (
     acc_dtype, at_targets, chunk_log_softmax, chunk_rows, dlogits_from_probs, linear_chunks, normalizer_tensor,
-    opd_chunk, scaled,
+    opd_chunk, scaled, wide_product,
 )
 
 
@@ -63,7 +64,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
-            student_lp[s:e], lse[s:e] = _chunk_logprobs(hidden[s:e] @ weight.T, targets[s:e], temperature, acc)
+            student_lp[s:e], lse[s:e] = _chunk_logprobs(wide_product(hidden[s:e], weight.T), targets[s:e], temperature, acc)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return student_lp
@@ -93,7 +94,8 @@ def linear_token_logprobs(
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
 
-    Differentiable in hidden and weight; the matmuls run in the input dtype, softmax math in fp32.
+    Differentiable in hidden and weight; the matmuls run in the input dtype (with fp32 logits on CUDA), softmax
+    math in fp32.
     """
     check_linear(hidden, weight)
     check_common(hidden.shape[0], targets, temperature, chunk_tokens)
@@ -132,7 +134,7 @@ class _LinearOPDLoss(torch.autograd.Function):
             dhidden = dweight = None
             for s in range(0, n, chunk_tokens):
                 e = min(s + chunk_tokens, n)
-                logp = chunk_log_softmax(hidden[s:e] @ weight.T, temperature, acc)
+                logp = chunk_log_softmax(wide_product(hidden[s:e], weight.T), temperature, acc)
                 grad_student_lp(s, e, at_targets(logp, targets[s:e]))
         ctx.save_for_backward(dhidden, dweight)
         ctx.mark_non_differentiable(student_lp)
