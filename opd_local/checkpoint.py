@@ -70,23 +70,34 @@ def replace_directory(new: Path, target: Path) -> None:
     between leaves it whole under `.NAME-old`.
     """
     _fsync_tree(new)
-    if not target.exists():
+    if not target.exists() and not target.is_symlink():
         new.rename(target)
     elif _exchange(new, target):
-        shutil.rmtree(new)  # now the old folder
+        _remove(new)  # now what `target` was: a folder, or a link or file in its place
     else:
         old = target.with_name(f".{target.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         target.rename(old)
         new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     _fsync_path(target.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        # Some network and FUSE file systems cannot fsync a folder; its files are flushed all the same.
+        if not (path.is_dir() and err.errno in (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM)):
+            raise
     finally:
         os.close(fd)
 

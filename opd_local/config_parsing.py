@@ -190,6 +190,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     first_line: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden, not duplicates
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             seen = first_line.get(key)

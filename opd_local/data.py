@@ -97,7 +97,7 @@ def json_fault(path: Path) -> str | None:
     key given twice.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not a fault
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         return f"line {line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8"
@@ -136,7 +136,7 @@ def json_fault(path: Path) -> str | None:
 
 def _raw_json_records(path: Path) -> list:
     """The rows of a .json/.jsonl file exactly as JSON has them (datasets may retype a mixed column)."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:

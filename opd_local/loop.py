@@ -20,7 +20,7 @@ from opd_local.config_parsing import check_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, span
-from opd_local.models import check_context_fits, check_output_heads, load_student
+from opd_local.models import check_context_fits, check_output_head, check_output_heads, load_student
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
@@ -56,6 +56,7 @@ def train(cfg: Config) -> Path:
     if ctx.is_main:
         tqdm.write(precision.describe())
     student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
+    check_output_head(student, "model.student")
     layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
     teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)

@@ -140,7 +140,7 @@ def records_before(path: Path, step: int) -> tuple[list[str], int | None]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as err:
             if number == len(lines) and not line.endswith("\n"):
                 cut = number
@@ -168,7 +168,7 @@ def drop_records_from(run_dir: Path, step: int, names=RUN_LOGS) -> None:
             continue
         kept, cut = records_before(path, step)
         if cut is not None:
-            warnings.warn(f"{path}:{cut}: dropping the last line, cut off while it was written; its step is redone")
+            warnings.warn(f"{path}:{cut}: dropping the last line, cut off while it was written")
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)

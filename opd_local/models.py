@@ -236,14 +236,19 @@ def lm_head_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
+def check_output_head(model, setting: str) -> None:
+    """Refuse, naming `setting`, a model whose logits the fused kernels cannot compute."""
+    problem = output_head_problem(model)
+    if problem is not None:
+        raise ValueError(f"{setting}: {problem}; opd-local computes logits as hidden @ lm_head.weight.T")
+
+
 def check_output_heads(student, teacher, objective: str) -> None:
     """Refuse before step 0 a student or teacher whose logits the fused kernels cannot compute, and, for
     the full-vocabulary objectives, output heads of different widths (a vocabulary padded differently)."""
     heads = {}
     for role, setting, model in (("student", "model.student", student), ("teacher", "model.teacher", teacher)):
-        problem = output_head_problem(model)
-        if problem is not None:
-            raise ValueError(f"{setting}: {problem}; opd-local computes logits as hidden @ lm_head.weight.T")
+        check_output_head(model, setting)
         heads[role] = model.get_output_embeddings().weight.shape[0]
     if objective != "sampled_rkl" and heads["student"] != heads["teacher"]:
         raise ValueError(

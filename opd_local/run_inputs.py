@@ -76,19 +76,19 @@ def check_model_source(name: str, setting: str) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def _tokenizer(path: str, cfg: Config, setting: str):
+def _tokenizer(path: str, cfg: Config, setting: str, renders_prompts: bool):
     try:
         tokenizer = load_tokenizer(path, cfg.model)
     # OSError: the hub client's "not a valid model identifier" and friends; ValueError: a folder without
     # tokenizer files, which transformers reports as a missing converter package.
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
-        reason = reason if len(reason) <= 200 else reason[:200] + "..."
         folder = Path(path).expanduser()
         if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             reason = f"the folder holds none of {', '.join(TOKENIZER_FILES)}; transformers says: {reason}"
         raise ValueError(f"{setting}={path!r}: cannot load its tokenizer ({reason})") from err
-    if not getattr(tokenizer, "chat_template", None):
+    # The student's tokenizer renders both prompts; a teacher's need only read the same ids.
+    if renders_prompts and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{setting}={path!r}: its tokenizer has no chat template, and every prompt is chat messages; "
             "use an instruct/chat model or add a chat_template to its tokenizer_config.json"
@@ -113,8 +113,9 @@ def load_run_inputs(cfg: Config) -> RunInputs:
         check_model_source(getattr(cfg.model, setting), f"model.{setting}")
     student_path = resolve_model_path(cfg.model.student, cfg.model)
     teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
-    tokenizer = _tokenizer(student_path, cfg, "model.student")
-    check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, "model.teacher" if cfg.model.teacher else "model.student"))
+    tokenizer = _tokenizer(student_path, cfg, "model.student", renders_prompts=True)
+    teacher_setting = "model.teacher" if cfg.model.teacher else "model.student"
+    check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, teacher_setting, renders_prompts=False))
     check_probe_text(tokenizer, cfg.sync.probe_text)
     train_rows, heldout_rows = load_train_and_heldout(cfg.data)
     if cfg.model.teacher_context == "privileged":

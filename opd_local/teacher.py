@@ -16,7 +16,7 @@ import torch
 from opd_local import parallel
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loss import needs_teacher_hidden
-from opd_local.models import load_frozen_teacher
+from opd_local.models import check_output_head, load_frozen_teacher
 from opd_local.rollouts import Rollout
 
 
@@ -67,6 +67,7 @@ class Teacher:
             placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
             offload_dir = Path(cfg.model.teacher_offload_dir or Path(cfg.run.out_dir) / "teacher-offload") / f"rank{ctx.rank}"
             frozen = load_frozen_teacher(inputs.teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
+            check_output_head(frozen, "model.teacher" if cfg.model.teacher else "model.student")
             model = parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward)
             adapter_off = False
         return cls(

@@ -89,6 +89,35 @@ def test_replacing_a_folder_without_the_swap_still_ends_whole(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_link_or_file_in_the_folders_place_is_replaced(tmp_path, kind):
+    target = tmp_path / "final"
+    if kind == "link":
+        target.symlink_to(_folder(tmp_path / "elsewhere", "old"))
+    else:
+        target.write_text("not a model")
+    replace_directory(_folder(tmp_path / ".final-tmp", "new"), target)
+    assert target.is_dir() and not target.is_symlink() and (target / "weights.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["elsewhere", "final"] if kind == "link" else ["final"])
+
+
+def test_a_file_system_that_cannot_flush_folders_still_saves(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")  # what some network and FUSE mounts answer
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = _folder(tmp_path / "final", "old")
+    replace_directory(_folder(tmp_path / ".final-tmp", "new"), target)
+    assert (target / "weights.txt").read_text() == "new"
+
+
 @pytest.mark.parametrize("header", [b"[]", b'{"w": {"dtype": "F32", "shape": [1]}}', b'{"w": 3}'])
 def test_a_safetensors_header_without_offsets_is_a_damaged_checkpoint(saver, tmp_path, header):
     run = tmp_path / "run"

@@ -122,3 +122,20 @@ def test_resume_and_overwrite_together_are_refused(tmp_path):
     cfg.run.overwrite = True
     with pytest.raises(ConfigError, match="give one of them"):
         check_config(cfg)
+
+
+def test_yaml_merge_keys_and_anchors_are_read_and_may_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "x-adamw: &adamw\n  lr: 0.002\n  eps: 1.0e-6\n"  # an anchor under a key the loader drops below
+        "optim:\n  <<: *adamw\n  lr: 0.003\n"
+    )
+    import yaml
+
+    from opd_local.config_parsing import load_yaml
+
+    data = load_yaml(path)
+    assert data["optim"] == {"lr": 0.003, "eps": 1e-6} == yaml.safe_load(path.read_text())["optim"]
+    path.write_text("optim:\n  lr: 0.002\n  eps: 1.0e-6\n  lr: 0.003\n")
+    with pytest.raises(ConfigError, match="key 'lr' is given twice"):
+        load_yaml(path)

@@ -218,6 +218,12 @@ def test_messages_format_round_trips(tmp_path):
     assert (rows[1].answer, rows[1].privileged, rows[1].row_id) == (None, None, f"{path}#1")
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD_MESSAGES) + "\n").encode())  # as Notepad saves UTF-8
+    assert load_rows(str(path), "train") == [messages_to_row(GOOD_MESSAGES, f"{path}#0")]
+
+
 def test_parquet_and_directory_sources(tmp_path):
     import datasets
 

@@ -167,6 +167,20 @@ def break_first_metrics_line(run: Path):
     path.write_text('{"step": 0, "lo\n' + path.read_text())
 
 
+def with_softcapped_teacher(tmp: Path, model: str) -> None:
+    """A teacher whose logits are tanh-capped after the lm_head (Gemma 2), with the student's tokenizer."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Gemma2ForCausalLM(config).save_pretrained(tmp / "softcapped")
+    tokenizer.save_pretrained(tmp / "softcapped")
+
+
 @dataclass
 class Case:
     id: str
@@ -345,6 +359,8 @@ CASES = [
          "model.student='{tmp}/no-tokenizer': cannot load its tokenizer (the folder holds none of tokenizer.json", build=without_tokenizer_files),
     Case("teacher-head-padded", ["--teacher", "{tmp}/padded"], "model.teacher: its lm_head has 49216 rows and the student's 49152",
          build=with_padded_vocabulary),
+    Case("teacher-logits-softcapped", ["--teacher", "{tmp}/softcapped"], "model.teacher: its config sets final_logit_softcapping=30.0",
+         build=with_softcapped_teacher),
     Case("probe-text-one-token", ["--probe_text", "a"], "sync.probe_text='a' is 1 token(s); the parity probe needs at least 2"),
 ]
 

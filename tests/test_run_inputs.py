@@ -1,5 +1,8 @@
 """What a run reads before step 0: the privileged and plain teacher contexts."""
 
+import json
+import shutil
+
 from opd_local.config import Config
 from opd_local.run_inputs import load_run_inputs
 
@@ -62,3 +65,17 @@ def test_teacher_weights_resolve_and_contradictions_are_refused():
         resolve_teacher_weights(ModelConfig(teacher_weights="initial", teacher="some/model"))
     with pytest.raises(ValueError, match="choose auto"):
         resolve_teacher_weights(ModelConfig(teacher_weights="frozen"))
+
+
+def test_a_teacher_tokenizer_needs_the_same_ids_not_a_chat_template(tiny_model_dir, tiny_teacher_dir, tmp_path):
+    """Both prompts are rendered by the student's tokenizer: a base teacher behind an instruct student is fine."""
+    teacher = shutil.copytree(tiny_teacher_dir, tmp_path / "base-teacher")
+    (teacher / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((teacher / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (teacher / "tokenizer_config.json").write_text(json.dumps(config))
+    cfg = Config()
+    cfg.model.student, cfg.model.teacher = tiny_model_dir, str(teacher)
+    cfg.data.max_train_rows, cfg.data.max_heldout_rows = 2, 1
+    inputs = load_run_inputs(cfg)
+    assert inputs.teacher_path == str(teacher) and inputs.train_groups
