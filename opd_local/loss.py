@@ -52,6 +52,17 @@ def token_divisors(
     return torch.cat([torch.full((n,), float(n) * sequences) for n in completion_lengths])
 
 
+def teacher_rows_for(student_head: torch.Tensor, teacher_head: torch.Tensor) -> torch.Tensor:
+    """The teacher's lm_head rows the student's head has too (docs/design.md, "Interfaces", Models).
+
+    A teacher whose head is padded wider than the student's (Qwen2.5-7B's 152064 rows against
+    1.5B's 151936, one tokenizer) has rows past the student's that are no token of the shared
+    tokenizer: its distribution is taken over the student's rows, renormalized. A narrower teacher
+    head is refused before step 0 (`models.check_output_heads`).
+    """
+    return teacher_head[: student_head.shape[0]] if teacher_head.shape[0] > student_head.shape[0] else teacher_head
+
+
 def opd_micro_batch_loss(
     student,
     batch: PackedBatch,
@@ -90,7 +101,7 @@ def opd_micro_batch_loss(
         active_hidden,
         weight,
         teacher_hidden.to(active_hidden.dtype),
-        teacher_head.to(active_hidden.dtype),
+        teacher_rows_for(weight, teacher_head).to(active_hidden.dtype),
         batch.targets,
         objective=loss_cfg.objective,
         normalizer=normalizer,

@@ -245,17 +245,18 @@ def check_output_head(model, setting: str) -> None:
 
 def check_output_heads(student, teacher, objective: str) -> None:
     """Refuse before step 0 a student or teacher whose logits the fused kernels cannot compute, and, for
-    the full-vocabulary objectives, output heads of different widths (a vocabulary padded differently)."""
+    the full-vocabulary objectives, a teacher head narrower than the student's (a vocabulary padded less)."""
     heads = {}
     for role, setting, model in (("student", "model.student", student), ("teacher", "model.teacher", teacher)):
         check_output_head(model, setting)
         heads[role] = model.get_output_embeddings().weight.shape[0]
-    if objective != "sampled_rkl" and heads["student"] != heads["teacher"]:
+    # A wider teacher head is fine: its extra rows are padding past every token (`loss.teacher_rows_for`).
+    if objective != "sampled_rkl" and heads["teacher"] < heads["student"]:
         raise ValueError(
             f"model.teacher: its lm_head has {heads['teacher']} rows and the student's {heads['student']} (the same tokenizer, "
-            f"padded differently); loss.objective={objective} compares the two distributions over every row. "
-            "Use loss.objective=sampled_rkl, which reads the teacher's log-prob of the sampled token only, or a teacher "
-            "with the student's vocabulary size"
+            f"padded differently); loss.objective={objective} needs a teacher distribution over every row the student "
+            "can sample. Use loss.objective=sampled_rkl, which reads the teacher's log-prob of the sampled token only, or "
+            "a teacher head at least as wide as the student's"
         )
 
 

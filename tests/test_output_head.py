@@ -84,10 +84,47 @@ def test_plain_heads_pass_and_their_logits_are_the_product(tokenizer, lora):
     check_output_heads(model, model, "fkl")
 
 
-def test_heads_of_different_widths_are_refused_only_where_the_whole_vocabulary_is_compared(tokenizer):
+def test_a_teacher_head_narrower_than_the_students_is_refused_only_where_the_whole_vocabulary_is_compared(tokenizer):
     student, teacher = _llama(tokenizer), _llama(tokenizer)
-    teacher.resize_token_embeddings(teacher.config.vocab_size + 64)
+    student.resize_token_embeddings(student.config.vocab_size + 64)
     for objective in ("fkl", "full_rkl", "topk_rkl", "jsd"):
-        with pytest.raises(ValueError, match=f"{len(tokenizer) + 64} rows and the student's {len(tokenizer)}"):
+        with pytest.raises(ValueError, match=f"{len(tokenizer)} rows and the student's {len(tokenizer) + 64}"):
             check_output_heads(student, teacher, objective)
     check_output_heads(student, teacher, "sampled_rkl")  # reads the teacher's log-prob of the sampled token only
+    check_output_heads(teacher, student, "fkl")  # the wider one as the teacher: see the test below
+
+
+@pytest.mark.parametrize("objective", ["fkl", "full_rkl", "jsd"])
+def test_a_wider_teacher_head_is_compared_over_the_students_rows_renormalized(objective):
+    import kernels
+    from opd_local.loss import teacher_rows_for
+    from oracles import divergence64
+
+    n, vocab, pad, h = 9, 50, 14, 8  # pad rows past every token, as a head padded to a multiple of 64 has
+    hidden, weight = torch.randn(n, h, dtype=torch.float64), torch.randn(vocab, h, dtype=torch.float64)
+    teacher_hidden, teacher_head = torch.randn(n, h + 2, dtype=torch.float64), torch.randn(vocab + pad, h + 2, dtype=torch.float64)
+    _, _, divergence = kernels.linear_divergence_loss(
+        hidden, weight, teacher_hidden, teacher_rows_for(weight, teacher_head), torch.zeros(n, dtype=torch.long),
+        objective=objective, normalizer=1.0,
+    )
+    teacher_logits = teacher_hidden @ teacher_head.T
+    renormalized = torch.log_softmax(teacher_logits[:, :vocab], -1)  # the padded rows' mass dropped
+    torch.testing.assert_close(divergence, divergence64(objective, hidden @ weight.T, renormalized), atol=1e-12, rtol=1e-12)
+    assert teacher_rows_for(teacher_head, weight) is weight  # a teacher no wider is taken whole
+
+
+def test_a_run_trains_against_a_teacher_with_a_wider_head(tokenizer, micro_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from opd_local.loop import train
+    from opd_local.metrics import read_metrics
+    from test_loop import tiny_config
+
+    padded = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    padded.resize_token_embeddings(padded.config.vocab_size + 64)
+    padded.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    cfg = tiny_config(micro_model_dir, tmp_path / "run")
+    cfg.model.teacher, cfg.loss.objective, cfg.run.steps, cfg.run.save_final = str(tmp_path / "teacher"), "fkl", 1, False
+    (record,) = read_metrics(train(cfg))
+    assert record["opd/active_tokens"] > 0 and 0 < record["opd/loss"] < float("inf")
