@@ -90,6 +90,12 @@ def loads_unique(text: str):
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
+def json_kind(value) -> str:
+    """What JSON calls the value's type: null, not NoneType."""
+    kinds = ((type(None), "null"), (bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"))
+    return next((kind for types_, kind in kinds if isinstance(value, types_)), type(value).__name__)
+
+
 def json_fault(path: Path) -> str | None:
     """Where a .json/.jsonl file stops being rows of JSON, as "line N: ...", or None if it does not.
 
@@ -113,7 +119,7 @@ def json_fault(path: Path) -> str | None:
             first_bad = (number, f"{err.msg}{cut}")
             break
         if not isinstance(value, dict) and not (len(lines) == 1 and isinstance(value, list)):
-            return f"line {number}: a row must be a JSON object, got {type(value).__name__}"
+            return f"line {number}: a row must be a JSON object, got {json_kind(value)}"
     if first_bad is None:
         return None
     try:
@@ -130,7 +136,7 @@ def json_fault(path: Path) -> str | None:
         return f"line {number}: not valid JSON ({reason})"
     if isinstance(whole, list) and not all(isinstance(row, dict) for row in whole):
         bad = next(i for i, row in enumerate(whole) if not isinstance(row, dict))
-        return f"row {bad}: a row must be a JSON object, got {type(whole[bad]).__name__}"
+        return f"row {bad}: a row must be a JSON object, got {json_kind(whole[bad])}"
     return None
 
 
@@ -208,7 +214,7 @@ def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "mai
     to_row = TASKS[fmt].to_row
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
-            raise DataError(f"{tag}#{i}: row must be a JSON object, got {type(record).__name__}")
+            raise DataError(f"{tag}#{i}: row must be a JSON object, got {json_kind(record)}")
     try:
         return [to_row(record, f"{tag}#{i}") for i, record in enumerate(records)]
     except DataError as err:

@@ -20,7 +20,7 @@ from opd_local.config_parsing import check_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, span
-from opd_local.models import check_context_fits, check_output_head, check_output_heads, load_student
+from opd_local.models import check_output_head, check_output_heads, load_student
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
@@ -60,7 +60,6 @@ def train(cfg: Config) -> Path:
     layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
     teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
-    check_context_fits(cfg, student, teacher.model)
     check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
     optimizer, scheduler = build_optimizer(student, cfg)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]

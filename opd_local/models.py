@@ -293,17 +293,29 @@ def active_hidden_and_head(model, batch, dtype: torch.dtype | None = None) -> tu
     return active_hidden.to(dtype), lm_head_weight(model).to(dtype)
 
 
-def check_context_fits(cfg, student, teacher) -> None:
-    """Refuse before step 0 when a full-length prompt plus completion exceeds a model's context."""
+def check_context_fits(cfg, student_config, teacher_config) -> None:
+    """Refuse before the engine starts when a full-length prompt plus completion exceeds a model's context,
+    or the engine's context exceeds the student's (vLLM would refuse it at start-up in its own words).
+
+    Takes the models' `PretrainedConfig`s, so nothing has to load first.
+    """
     need = cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_trace_tokens, cfg.eval.greedy_max_tokens)
     if need > cfg.rollout.max_model_len:
         raise ValueError(
             f"data.max_prompt_tokens plus the longest generation (rollout.max_tokens, eval.max_trace_tokens, "
             f"eval.greedy_max_tokens) = {need} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
-    for role, model in (("student", student), ("teacher", teacher)):
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and need > limit:
+    for role, config in (("student", student_config), ("teacher", teacher_config)):
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        if limit is None:
+            continue
+        if need > limit:
             raise ValueError(
                 f"data.max_prompt_tokens plus the longest generation = {need} exceeds the {role}'s context of {limit} tokens"
+            )
+        if role == "student" and cfg.rollout.sampler != "hf" and cfg.rollout.max_model_len > limit:
+            raise ValueError(
+                f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the student's context of {limit} tokens; "
+                f"lower it to at most {limit}"
             )

@@ -16,7 +16,7 @@ from opd_local.config import Config, resolve_teacher_weights
 from opd_local.config_parsing import check_config
 from opd_local.data import PromptGroup, count_duplicates, load_train_and_heldout, tokenize_groups
 from opd_local.loss import check_loss_config
-from opd_local.models import check_same_tokenizer, load_tokenizer, resolve_model_path
+from opd_local.models import check_context_fits, check_same_tokenizer, load_tokenizer, resolve_model_path
 from opd_local.rows import check_adds_privileged
 
 
@@ -96,6 +96,12 @@ def _tokenizer(path: str, cfg: Config, setting: str, renders_prompts: bool):
     return tokenizer
 
 
+def _model_config(path: str, cfg: Config):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+
+
 def check_probe_text(tokenizer, probe_text: str) -> None:
     """The parity probe scores every token after the first, so it needs two at least."""
     count = len(tokenizer(probe_text)["input_ids"])
@@ -117,6 +123,7 @@ def load_run_inputs(cfg: Config) -> RunInputs:
     teacher_setting = "model.teacher" if cfg.model.teacher else "model.student"
     check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, teacher_setting, renders_prompts=False))
     check_probe_text(tokenizer, cfg.sync.probe_text)
+    check_context_fits(cfg, _model_config(student_path, cfg), _model_config(teacher_path, cfg))
     train_rows, heldout_rows = load_train_and_heldout(cfg.data)
     if cfg.model.teacher_context == "privileged":
         for row in train_rows + heldout_rows:

@@ -167,6 +167,14 @@ def break_first_metrics_line(run: Path):
     path.write_text('{"step": 0, "lo\n' + path.read_text())
 
 
+def with_context(tokens: int):
+    def build(tmp: Path, model: str) -> None:
+        folder = _model_copy(model, tmp / "short")
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": tokens}))
+    return build
+
+
 def with_softcapped_teacher(tmp: Path, model: str) -> None:
     """A teacher whose logits are tanh-capped after the lm_head (Gemma 2), with the student's tokenizer."""
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
@@ -344,6 +352,8 @@ CASES = [
          files={"s.jsonl": jsonl(messages_row(teacher_messages=[{"role": "system", "content": "Hint: 6 * 7 = 42."},
                                                                  {"role": "user", "content": "What is 6 * 7?"}]))},
          build=with_strict_template),
+    Case("data-null-line", ["--train", "{tmp}/n.jsonl"], "{tmp}/n.jsonl: line 2: a row must be a JSON object, got null",
+         files={"n.jsonl": jsonl(GOOD) + "null\n"}),
     Case("data-unknown-columns", ["--train", "{tmp}/u.jsonl"], "{tmp}/u.jsonl: cannot tell the row format from columns",
          files={"u.jsonl": jsonl({"prompt": "hi", "completion": "there"})}),
     # ---- models
@@ -361,6 +371,11 @@ CASES = [
          "model.teacher: its lm_head has 49152 rows and the student's 49216", build=with_padded_vocabulary),
     Case("teacher-logits-softcapped", ["--teacher", "{tmp}/softcapped"], "model.teacher: its config sets final_logit_softcapping=30.0",
          build=with_softcapped_teacher),
+    Case("student-context-short", ["--student", "{tmp}/short"], "= 1024 exceeds the student's context of 512 tokens",
+         build=with_context(512)),
+    Case("engine-context-past-the-students", ["--student", "{tmp}/short", "--sampler", "vllm", "--max_model_len", "2048"],
+         "rollout.max_model_len=2048 exceeds the student's context of 1100 tokens", build=with_context(1100),
+         marks=(pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm installed"),)),
     Case("probe-text-one-token", ["--probe_text", "a"], "sync.probe_text='a' is 1 token(s); the parity probe needs at least 2"),
 ]
 
