@@ -19,7 +19,7 @@ from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.config_parsing import check_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
-from opd_local.metrics import MetricsLogger, span
+from opd_local.metrics import MetricsLogger, flush_logs_to_disk, span
 from opd_local.models import check_output_head, check_output_heads, load_student
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
@@ -137,6 +137,8 @@ def train(cfg: Config) -> Path:
         if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
             # "cumulative" is the checkpoint format's key for the run totals.
             progress = {"stream": stream.state_dict(), "cumulative": totals.state_dict()}
+            if ctx.is_main:
+                flush_logs_to_disk(run_dir)
             save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
 
     if evaluator is not None:  # the end point of every eval curve

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -151,6 +152,18 @@ def records_before(path: Path, step: int) -> tuple[list[str], int | None]:
         if record["step"] < step:
             kept.append(line.rstrip("\n"))
     return kept, cut
+
+
+def flush_logs_to_disk(run_dir: Path, names=RUN_LOGS) -> None:
+    """fsync the run's JSONL logs, so that a checkpoint, flushed itself, never outlives the records before it."""
+    for name in names:
+        path = Path(run_dir) / name
+        if path.exists():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def check_run_logs(run_dir: Path, step: int, names=RUN_LOGS) -> None:

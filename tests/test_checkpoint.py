@@ -156,3 +156,21 @@ def test_a_broken_log_line_before_the_last_is_refused_by_file_and_line(tmp_path)
     with pytest.raises(ValueError, match=r"trace_eval.jsonl:2: not a JSON record"):
         drop_records_from(tmp_path, 1)
     assert log.read_text() == '{"step": 0}\n{"step": 1, \n{"step": 2}\n'  # left as it was
+
+
+def test_the_logs_reach_the_disk_before_the_checkpoint_that_follows_them(micro_model_dir, tmp_path, monkeypatch):
+    import os
+
+    from opd_local.loop import train
+    from test_loop import tiny_config
+
+    events = []
+    real_fsync, real_replace = os.fsync, checkpoint.replace_directory
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(checkpoint, "replace_directory", lambda new, target: events.append(("replace", str(target))) or real_replace(new, target))
+    cfg = tiny_config(micro_model_dir, tmp_path / "run")
+    cfg.run.steps, cfg.run.save_every, cfg.run.save_final = 1, 1, False
+    run = train(cfg)
+
+    metrics_flushed = events.index(("fsync", str(run.resolve() / "metrics.jsonl")))
+    assert metrics_flushed < events.index(("replace", str(run / "checkpoints" / "step-000001")))
