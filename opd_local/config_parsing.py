@@ -189,8 +189,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     first_line: dict[Any, int] = {}
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden, not duplicates
+            loader.construct_object(value_node, deep=True)  # but the merged mappings' own keys are checked
             continue
         key = loader.construct_object(key_node, deep=deep)
         try:

@@ -105,8 +105,10 @@ def json_fault(path: Path) -> str | None:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is not a fault
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        return f"line {line}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8"
+        raw = path.read_bytes()
+        start = err.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig counts past its mark
+        line = raw[:start].count(b"\n") + 1
+        return f"line {line}: not UTF-8 text (byte {start}); re-save the file as UTF-8"
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     first_bad = None
     for number, line in lines:
@@ -118,7 +120,11 @@ def json_fault(path: Path) -> str | None:
             cut = " (the file ends inside it: truncated?)" if number == lines[-1][0] and err.pos >= len(line.rstrip()) else ""
             first_bad = (number, f"{err.msg}{cut}")
             break
-        if not isinstance(value, dict) and not (len(lines) == 1 and isinstance(value, list)):
+        if len(lines) == 1 and isinstance(value, list):  # the whole file as one JSON array on one line
+            bad = next((i for i, row in enumerate(value) if not isinstance(row, dict)), None)
+            if bad is not None:
+                return f"row {bad}: a row must be a JSON object, got {json_kind(value[bad])}"
+        elif not isinstance(value, dict):
             return f"line {number}: a row must be a JSON object, got {json_kind(value)}"
     if first_bad is None:
         return None

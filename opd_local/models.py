@@ -293,11 +293,33 @@ def active_hidden_and_head(model, batch, dtype: torch.dtype | None = None) -> tu
     return active_hidden.to(dtype), lm_head_weight(model).to(dtype)
 
 
-def check_context_fits(cfg, student_config, teacher_config) -> None:
-    """Refuse before the engine starts when a full-length prompt plus completion exceeds a model's context,
-    or the engine's context exceeds the student's (vLLM would refuse it at start-up in its own words).
+def _rope_factor_set(config) -> bool:
+    """Whether the config scales RoPE by a factor (rope_scaling, or transformers 5's rope_parameters, per layer type or not)."""
+    found = []
+    for name in ("rope_scaling", "rope_parameters"):
+        value = getattr(config, name, None)
+        if isinstance(value, dict):
+            found += [value] + [v for v in value.values() if isinstance(v, dict)]
+    return any(entry.get("factor") not in (None, 1, 1.0) for entry in found)
 
-    Takes the models' `PretrainedConfig`s, so nothing has to load first.
+
+def context_limit(config) -> int | None:
+    """A model's context in tokens from its config, or None where the config does not settle it.
+
+    With a RoPE scaling factor the usable length depends on the scaling type (vLLM multiplies some
+    and not others), so no limit is claimed rather than a wrong one.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if _rope_factor_set(text_config):
+        return None
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def check_context_fits(cfg, student_config, teacher_config) -> None:
+    """Refuse before the engine starts when a full-length prompt plus completion exceeds a model's context.
+
+    Takes the models' `PretrainedConfig`s, so nothing has to load first. vLLM checks
+    `rollout.max_model_len` against the model itself, at start-up.
     """
     need = cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, cfg.eval.max_trace_tokens, cfg.eval.greedy_max_tokens)
     if need > cfg.rollout.max_model_len:
@@ -306,16 +328,8 @@ def check_context_fits(cfg, student_config, teacher_config) -> None:
             f"eval.greedy_max_tokens) = {need} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
     for role, config in (("student", student_config), ("teacher", teacher_config)):
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limit = getattr(text_config, "max_position_embeddings", None)
-        if limit is None:
-            continue
-        if need > limit:
+        limit = context_limit(config)
+        if limit is not None and need > limit:
             raise ValueError(
                 f"data.max_prompt_tokens plus the longest generation = {need} exceeds the {role}'s context of {limit} tokens"
-            )
-        if role == "student" and cfg.rollout.sampler != "hf" and cfg.rollout.max_model_len > limit:
-            raise ValueError(
-                f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the student's context of {limit} tokens; "
-                f"lower it to at most {limit}"
             )

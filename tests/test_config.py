@@ -136,6 +136,7 @@ def test_yaml_merge_keys_and_anchors_are_read_and_may_be_overridden(tmp_path):
 
     data = load_yaml(path)
     assert data["optim"] == {"lr": 0.003, "eps": 1e-6} == yaml.safe_load(path.read_text())["optim"]
-    path.write_text("optim:\n  lr: 0.002\n  eps: 1.0e-6\n  lr: 0.003\n")
-    with pytest.raises(ConfigError, match="key 'lr' is given twice"):
-        load_yaml(path)
+    for text in ("optim:\n  lr: 0.002\n  eps: 1.0e-6\n  lr: 0.003\n", "optim:\n  <<: {lr: 0.002, lr: 0.003}\n"):
+        path.write_text(text)  # twice in one mapping, or twice inside the merged one
+        with pytest.raises(ConfigError, match="key 'lr' is given twice"):
+            load_yaml(path)

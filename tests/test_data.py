@@ -222,6 +222,9 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD_MESSAGES) + "\n").encode())  # as Notepad saves UTF-8
     assert load_rows(str(path), "train") == [messages_to_row(GOOD_MESSAGES, f"{path}#0")]
+    path.write_bytes(path.read_bytes() + json.dumps(GOOD_MESSAGES).encode() + b"\n\xe9\n")  # then a Latin-1 byte
+    with pytest.raises(DataError, match="line 3: not UTF-8 text"):
+        load_rows(str(path), "train")
 
 
 def test_parquet_and_directory_sources(tmp_path):
@@ -401,6 +404,7 @@ def test_every_drop_and_duplicate_is_counted(tmp_path, tiny_model_dir):
         ("array.json", "[\n" + json.dumps(GOOD_GSM8K) + ",\n{\"question\": \n", "line 3: not valid JSON"),
         ("rows.csv", "question,answer\nQ?,#### 1\n", "unsupported file type '.csv'"),
         ("list.jsonl", json.dumps(GOOD_GSM8K) + "\n[1, 2]\n", "line 2: a row must be a JSON object"),
+        ("one-line.json", json.dumps([GOOD_GSM8K, 3]), "row 1: a row must be a JSON object, got a number"),
         ("binary.parquet", "not parquet at all", "cannot be read as .parquet"),
     ],
 )

@@ -373,9 +373,6 @@ CASES = [
          build=with_softcapped_teacher),
     Case("student-context-short", ["--student", "{tmp}/short"], "= 1024 exceeds the student's context of 512 tokens",
          build=with_context(512)),
-    Case("engine-context-past-the-students", ["--student", "{tmp}/short", "--sampler", "vllm", "--max_model_len", "2048"],
-         "rollout.max_model_len=2048 exceeds the student's context of 1100 tokens", build=with_context(1100),
-         marks=(pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm installed"),)),
     Case("probe-text-one-token", ["--probe_text", "a"], "sync.probe_text='a' is 1 token(s); the parity probe needs at least 2"),
 ]
 

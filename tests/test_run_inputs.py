@@ -79,3 +79,13 @@ def test_a_teacher_tokenizer_needs_the_same_ids_not_a_chat_template(tiny_model_d
     cfg.data.max_train_rows, cfg.data.max_heldout_rows = 2, 1
     inputs = load_run_inputs(cfg)
     assert inputs.teacher_path == str(teacher) and inputs.train_groups
+
+
+def test_a_context_is_claimed_only_where_the_config_settles_it():
+    from transformers import LlamaConfig
+
+    from opd_local.models import context_limit
+
+    assert context_limit(LlamaConfig(max_position_embeddings=2048)) == 2048
+    # Linear RoPE scaling runs past max_position_embeddings, and vLLM multiplies it by the factor: no limit claimed
+    assert context_limit(LlamaConfig(max_position_embeddings=2048, rope_scaling={"rope_type": "linear", "factor": 4.0})) is None
