@@ -245,8 +245,9 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         # dcp.save has returned on every rank, so the shards are all written: their names make the
         # checkpoint's manifest, and a shard missing later is then a damaged checkpoint, not a partial load.
-        shards = sorted(p.name for p in (tmp / SHARDED).glob("*.safetensors")) if parallel.is_sharded(student) else None
-        manifest = {"step": step, "world_size": ctx.world_size, **({"shards": shards} if shards is not None else {})}
+        manifest = {"step": step, "world_size": ctx.world_size}
+        if parallel.is_sharded(student):
+            manifest["shards"] = sorted(p.name for p in (tmp / SHARDED).glob("*.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({**manifest, **progress}))
     dist.barrier()
     if ctx.is_main:

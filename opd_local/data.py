@@ -161,16 +161,16 @@ def _local_file_records(path: Path, source: str, builder: str):
 
     if not path.read_bytes().strip():
         raise DataError(f"{source}: the file is empty")
-    # First, since datasets reads lazily: a decode fault would surface later, naming neither file nor line.
+    # Before datasets, which names neither the file nor the line of a fault, and reads lazily: a decode
+    # fault would surface only later.
     fault = json_fault(path) if builder == "json" else None
     if fault:
         raise DataError(f"{source}: {fault}")
     try:
         # A single file is a single split: `split` does not apply to it.
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # datasets and pyarrow name neither the file nor the line
-        fault = json_fault(path) if builder == "json" else None
-        raise DataError(f"{source}: {fault or f'cannot be read as {path.suffix} ({_first_line(err)})'}") from err
+    except Exception as err:
+        raise DataError(f"{source}: cannot be read as {path.suffix} ({_first_line(err)})") from err
 
 
 def _dataset_records(source: str, split: str, hub_config: str):

@@ -140,17 +140,18 @@ def records_before(path: Path, step: int) -> tuple[list[str], int | None]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        line = line.rstrip("\r\n")
         try:
-            record = json.loads(line.rstrip("\r\n"))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(lines) and not line.endswith("\n"):
+            if number == len(lines) and not lines[-1].endswith("\n"):
                 cut = number
                 continue
             raise ValueError(f"{path}:{number}: not a JSON record ({err.msg} column {err.colno}); fix or delete that line to resume") from err
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}:{number}: a record must be a JSON object with an integer 'step'")
         if record["step"] < step:
-            kept.append(line.rstrip("\n"))
+            kept.append(line)
     return kept, cut
 
 

@@ -230,9 +230,7 @@ def output_head_problem(model) -> str | None:
 
 def lm_head_weight(model) -> torch.Tensor:
     """The output embedding `W` such that the model's logits are `hidden @ W.T`; refuses a model where they are not."""
-    problem = output_head_problem(model)
-    if problem is not None:
-        raise ValueError(f"{type(model).__name__}: {problem}; opd-local computes logits as hidden @ lm_head.weight.T")
+    check_output_head(model, type(model).__name__)
     return model.get_output_embeddings().weight
 
 
