@@ -7,6 +7,12 @@ which share their checks through `kernels.common`. "triton" forces the Triton op
 under `TRITON_INTERPRET=1`. Options an op does not know (e.g. `block_v` outside Triton) raise TypeError.
 On a GPU the fused-linear Triton ops hand an N too small to fill it to the chunked path (see
 `kernels.triton.linear_logprob`). Targets may live on the host: they are range-checked there, then copied over.
+
+Every op takes `logit_scale` (default 1.0) and `softcap` (default None) for architectures whose logits are
+not the plain product z: it scores softcap(logit_scale * z) / T, softcap(u) = cap * tanh(u / cap) (Gemma 2's
+final_logit_softcapping; Cohere's logit_scale, Granite's 1 / logits_scaling), the temperature last as
+transformers and vLLM apply it. Ops that compare two models also take `teacher_logit_scale` and
+`teacher_softcap`. The defaults run the plain code paths, unchanged.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ def _impl(name: str, x: torch.Tensor, backend: str):
 
 
 def token_logprobs(logits, targets, temperature=1.0, *, backend="auto", **kwargs):
-    """log_softmax(logits / T)[i, targets[i]] -> fp32 [N]; differentiable in logits [N, V]."""
+    """log_softmax(softcap(logit_scale * logits) / T)[i, targets[i]] -> fp32 [N]; differentiable in logits [N, V]."""
     return _impl("token_logprobs", logits, backend)(logits, targets, temperature, **kwargs)
 
 
@@ -106,7 +112,8 @@ def linear_opd_loss(hidden, weight, targets, teacher_lp, rollout_lp, *, backend=
 
 
 def full_reverse_kl(student_logits, teacher_logits, temperature=1.0, *, backend="auto", **kwargs):
-    """KL(student || teacher) per token over the full vocab -> fp32 [N]; differentiable in student_logits."""
+    """KL(student || teacher) per token over the full vocab -> fp32 [N]; differentiable in student_logits.
+    Each side has its own logit transform (`logit_scale`/`softcap`, `teacher_logit_scale`/`teacher_softcap`)."""
     return _impl("full_reverse_kl", student_logits, backend)(student_logits, teacher_logits, temperature, **kwargs)
 
 
@@ -117,7 +124,8 @@ def topk_reverse_kl(student_logits, teacher_logits, k, temperature=1.0, *, backe
 
 def linear_divergence_loss(hidden, weight, teacher_hidden, teacher_weight, targets, *, backend="auto", **kwargs):
     """Full-vocab full_rkl / topk_rkl / fkl / jsd from both sides' hidden states -> (loss, student_lp, D [N]);
-    see `reference.linear_divergence_loss`. Chunked torch on every device."""
+    see `reference.linear_divergence_loss`. Chunked torch on every device. Each side has its own logit transform
+    (`logit_scale`/`softcap`, `teacher_logit_scale`/`teacher_softcap`)."""
     return _impl("linear_divergence_loss", hidden, backend)(
         hidden, weight, teacher_hidden, teacher_weight, targets, **kwargs
     )

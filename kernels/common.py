@@ -6,6 +6,8 @@ launch, so a bad shape or target id fails with a message rather than a device-si
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -41,6 +43,19 @@ def check_targets(targets: torch.Tensor, v: int, device: torch.device) -> torch.
                 )
         return targets.to(device, non_blocking=True) if device.type != "cpu" else targets
     return targets
+
+
+def check_transform(logit_scale: float, softcap: float | None, side: str = "") -> tuple[float, float | None]:
+    """(scale, cap) as floats, refused unless finite and > 0. Logits are x = softcap(scale * z) / T,
+    softcap(u) = cap * tanh(u / cap) (Gemma 2's final_logit_softcapping; Cohere's and Granite's scales)."""
+    logit_scale = float(logit_scale)
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"{side}logit_scale must be finite and > 0, got {logit_scale}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"{side}softcap must be None or finite and > 0, got {softcap}")
+    return logit_scale, softcap
 
 
 def check_logits(logits: torch.Tensor) -> None:

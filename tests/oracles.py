@@ -26,6 +26,14 @@ def lp64(logits, targets, temperature=1.0):
     return torch.log_softmax(logits.double() / temperature, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
+def logits64(z, scale=1.0, softcap=None, temperature=1.0):
+    """softcap(scale * z) / T in float64, softcap(u) = cap * tanh(u / cap): what the ops' logit transform must give."""
+    x = z.double() * scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
+
+
 def opd64(student_lp, teacher_lp, rollout_lp, kl_coef, cap, normalizer, importance_ratio=True):
     """The loss as autograd sees it; REINFORCE form: -sum(A * student_lp)/N, whose gradient the ops follow while
     they report the value -sum(A)/N (`reinforce_value64`)."""

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_TEST_FILES = [
     os.path.join(ROOT, "tests", name)
     for name in ("test_kernel_logprob.py", "test_kernel_linear_logprob.py", "test_kernel_divergence.py",
-                 "test_kernel_entries.py")
+                 "test_kernel_logit_transform.py", "test_kernel_entries.py")
 ]
 
 
@@ -125,11 +125,11 @@ def test_kernels_give_nan_rather_than_a_value_for_an_unchecked_bad_target():
     targets[2] = V_SMALL + 4
     hidden, weight, _ = linear_inputs(5, 16, V_SMALL, torch.float32)
     with torch.no_grad():
-        lp = logprob._TokenLogprobs.apply(logits, targets, 1.0, None)
+        lp = logprob._TokenLogprobs.apply(logits, targets, 1.0, None, (1.0, None))
         opd_lp = logprob._OPDLoss.apply(
-            logits, targets, lp.nan_to_num(), lp.nan_to_num(), (1.0, 2.0, 5.0, 1.0, True, None), False
+            logits, targets, lp.nan_to_num(), lp.nan_to_num(), (1.0, 2.0, 5.0, 1.0, True, None, 1.0, None), False
         )[1]
-        lin_lp = linear_logprob._LinearTokenLogprobs.apply(hidden, weight, targets, 1.0, TINY_TILES)
+        lin_lp = linear_logprob._LinearTokenLogprobs.apply(hidden, weight, targets, 1.0, TINY_TILES, (1.0, None))
     good = torch.arange(5, device=DEVICE) != 2
     for out in (lp, opd_lp, lin_lp):
         assert torch.isnan(out[2]) and torch.isfinite(out[good]).all()
@@ -183,7 +183,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from kernels.triton import divergence as D, linear_logprob as LL, logprob as L
 
     def build(fn, consts, warps, dtype):
-        types = {"V": "i32", "N": "i32", "H": "i32", "inv_temp": "fp32", "kl_coef": "fp32", "log_ratio_cap": "fp32"}
+        types = {"V": "i32", "N": "i32", "H": "i32", "kl_coef": "fp32", "log_ratio_cap": "fp32"}
+        types.update(dict.fromkeys(("inv_temp", "cap_in", "cap_out", "t_inv_temp", "t_cap_in", "t_cap_out"), "fp32"))
         half = {"logits_ptr", "dlogits_ptr", "h_ptr", "w_ptr", "s_ptr", "t_ptr", "ds_ptr", "thr_ptr"}
         sig = {}
         for name in fn.arg_names:
@@ -201,20 +202,24 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 sig[name] = "*" + dtype if name in half else "*fp32"
         triton.compile(ASTSource(fn, sig, constexprs=consts), target=target, options=dict(num_warps=warps))
 
-    for dtype in ("bf16", "fp32"):
-        build(L._logprob_fwd_kernel, dict(BLOCK_V=4096), 8, dtype)
-        build(L._logprob_bwd_kernel, dict(BLOCK_V=4096), 8, dtype)
+    # The softcapped variants once each, in bf16 (the dtype a capped model trains in).
+    for dtype, softcap in (("bf16", False), ("fp32", False), ("bf16", True)):
+        cap = dict(SOFTCAP=softcap)
+        build(L._logprob_fwd_kernel, dict(BLOCK_V=4096, **cap), 8, dtype)
+        build(L._logprob_bwd_kernel, dict(BLOCK_V=4096, **cap), 8, dtype)
         for single, block, warps in ((False, 4096, 8), (True, 16384, 16)):
-            build(L._opd_fwd_kernel, dict(IMPORTANCE_RATIO=True, NEED_GRAD=True, SINGLE_BLOCK=single, BLOCK_V=block),
-                  warps, dtype)
+            build(L._opd_fwd_kernel, dict(IMPORTANCE_RATIO=True, NEED_GRAD=True, SINGLE_BLOCK=single, BLOCK_V=block,
+                                          **cap), warps, dtype)
         bn, bv, bh, warps = LL.GPU_TILES
-        tiles = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+        tiles = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                     **cap)
         build(LL._linear_fwd_kernel, dict(OPD=True, IMPORTANCE_RATIO=True, **tiles), warps, dtype)
         build(LL._linear_dh_kernel, tiles, warps, dtype)
         build(LL._linear_dw_kernel, tiles, warps, dtype)
         for topk in (False, True):
-            build(D._rkl_fwd_kernel, dict(TOPK=topk, BLOCK_V=4096), 8, dtype)
-            build(D._rkl_bwd_kernel, dict(TOPK=topk, BLOCK_V=4096), 8, dtype)
+            sides = dict(SOFTCAP=softcap, T_SOFTCAP=softcap)
+            build(D._rkl_fwd_kernel, dict(TOPK=topk, BLOCK_V=4096, **sides), 8, dtype)
+            build(D._rkl_bwd_kernel, dict(TOPK=topk, BLOCK_V=4096, **sides), 8, dtype)
     print("OK")
     """
 )

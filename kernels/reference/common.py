@@ -3,6 +3,8 @@ fp32 [*, V] buffers are [chunk, V]; softmax math runs in fp32 (fp64 for fp64 inp
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -31,6 +33,52 @@ def scaled(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.
     """logits / T in the accumulation dtype. May alias `logits`: callers never write into it."""
     x = logits.to(acc)
     return x / temperature if temperature != 1.0 else x
+
+
+class LogitMap(NamedTuple):
+    """The logits an op scores, from z (hidden @ W^T, or the logits it is given): x = softcap(scale z) / T with
+    softcap(u) = cap tanh(u / cap), the temperature last, as transformers has it (the model's forward transforms
+    the logits, the sampler divides them). dx/dz = (scale / T) sech^2(scale z / cap). The plain map (scale 1,
+    no cap) runs the same operations as an op without these options."""
+
+    temperature: float = 1.0
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    @property
+    def divisor(self) -> float:
+        """T / scale, the divisor that the gradient helpers take as their temperature (the cap's slope aside)."""
+        return self.temperature if self.scale == 1.0 else self.temperature / self.scale
+
+    def apply(self, z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """x in `acc`. May alias z, as `scaled` may."""
+        if self.softcap is None:
+            if self.scale == 1.0:
+                return scaled(z, self.temperature, acc)
+            return z.to(acc) * (self.scale / self.temperature)
+        return torch.tanh(z.to(acc) * (self.scale / self.softcap)).mul_(self.softcap / self.temperature)
+
+    def log_softmax(self, z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """log_softmax(x) in `acc`, a fresh buffer."""
+        if self.plain:
+            return chunk_log_softmax(z, self.temperature, acc)
+        return torch.log_softmax(self.apply(z, acc), dim=-1)
+
+    def slope_(self, dz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """dz times the cap's slope sech^2(scale z / cap), in place; dz as it is without a cap.
+
+        dz is the gradient the helpers give with `divisor` as their temperature, (d/dx) scale / T. The slope
+        is 4e / (1 + e)^2 with e = exp(-2 |u|): 1 - tanh(u)^2 cancels in fp32 once tanh(u) rounds near 1.
+        """
+        if self.softcap is None:
+            return dz
+        e = z.to(dz.dtype).abs().mul_(-2.0 * self.scale / self.softcap).exp_()
+        dz.mul_(e).mul_(4.0)
+        return dz.div_(e.add_(1.0).square_())
 
 
 def normalizer_tensor(normalizer, acc: torch.dtype, device: torch.device) -> torch.Tensor:

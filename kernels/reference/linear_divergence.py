@@ -1,7 +1,9 @@
 """Chunked torch full-vocabulary divergences between student and teacher from both sides' hidden states.
 
 Per chunk of C rows both sides' logits are rebuilt: x_s = (H_c W^T) / T, x_t = H'_c W'^T (the teacher at
-T = 1), p = softmax(x); [N, V] logits never exist. Divergences D per row and their gradients in x_s:
+T = 1), p = softmax(x); [N, V] logits never exist. Each side may have its own logit scale and cap,
+x = softcap(scale z) / T (`LogitMap`); the student's gradient then carries scale and the cap's slope.
+Divergences D per row and their gradients in x_s:
   full_rkl  KL(p_s || p_t) = sum p_s (log p_s - log p_t);     dD/dx_s = p_s (ell - D), ell = log p_s - log p_t
   topk_rkl  the same on the student's top-k (ties kept) plus one tail bucket (`kernels.reference.divergence`)
   fkl       KL(p_t || p_s) = sum p_t (log p_t - log p_s);     dD/dx_s = p_s - p_t
@@ -21,11 +23,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.common import (
-    DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_normalizer, check_targets, scale_grad,
+    DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_normalizer, check_targets, check_transform, scale_grad,
 )
 from kernels.reference.common import (
-    acc_dtype, at_targets, chunk_log_softmax, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, scaled,
-    wide_product,
+    LogitMap, acc_dtype, at_targets, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, wide_product,
 )
 
 DIVERGENCES = ("full_rkl", "topk_rkl", "fkl", "jsd")
@@ -56,17 +57,20 @@ def _chunk_jsd(logp_s: torch.Tensor, xt: torch.Tensor, beta: float) -> tuple[tor
 
 
 def _chunk_divergence(
-    objective: str, logits: torch.Tensor, temperature: float, logp_s: torch.Tensor, xt: torch.Tensor, k: int, beta: float
+    objective: str, logits: torch.Tensor, logit_map: LogitMap, logp_s: torch.Tensor, xt: torch.Tensor, k: int,
+    beta: float,
 ):
-    """(divergence [C], its gradient in the scaled student logits [C, V]) for one chunk: `logits` the
-    student's raw chunk logits, logp_s their log_softmax at `temperature`, xt the teacher's logits in
-    any float dtype."""
+    """(divergence [C], its gradient in the student's transformed logits x_s [C, V]) for one chunk: `logits`
+    the student's raw chunk logits, logp_s the log_softmax of x_s = logit_map(logits), xt the teacher's
+    logits in any float dtype."""
     if objective == "full_rkl":
         kl, grad, _ = chunk_reverse_kl(logp_s, xt, None)
         return kl, grad
     if objective == "topk_rkl":
-        # The support from the scaled logits themselves, as the tail-bucket reference defines it.
-        xs = scaled(logits, temperature, logp_s.dtype)
+        # The support from the scaled logits themselves, as the tail-bucket reference defines it. Under a
+        # transform, from the raw ones: a cap saturates in fp32, and its ties would let in every token tied
+        # at the k-th value; both transforms are increasing, so in exact arithmetic the set is the same.
+        xs = logit_map.apply(logits, logp_s.dtype) if logit_map.plain else logits
         threshold = torch.topk(xs, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         kl, grad, _ = chunk_reverse_kl(logp_s, xt, xs >= threshold)
         return kl, grad
@@ -95,7 +99,7 @@ class _LinearDivergenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, opts, need_dh, need_dw):
-        objective, k, beta, scale, normalizer, temperature, chunk_tokens = opts
+        objective, k, beta, scale, normalizer, logit_map, teacher_map, chunk_tokens = opts
         acc = acc_dtype(hidden.dtype)
         n = hidden.shape[0]
         normalizer = normalizer_tensor(normalizer, acc, hidden.device)
@@ -103,14 +107,17 @@ class _LinearDivergenceLoss(torch.autograd.Function):
         divergence = torch.empty(n, dtype=acc, device=hidden.device)
 
         def dlogits_of_chunk(s, e, logits):
-            logp_s = chunk_log_softmax(logits, temperature, acc)
+            logp_s = logit_map.log_softmax(logits, acc)
             student_lp[s:e] = at_targets(logp_s, targets[s:e])
             # The teacher at T = 1, the student at the sampling temperature: the distributions that
             # sampled_rkl compares one sampled token at a time.
             xt = wide_product(teacher_hidden[s:e], teacher_weight.T)
-            value, grad = _chunk_divergence(objective, logits, temperature, logp_s, xt, k, beta)
+            if not teacher_map.plain:
+                xt = teacher_map.apply(xt, acc)
+            value, grad = _chunk_divergence(objective, logits, logit_map, logp_s, xt, k, beta)
             divergence[s:e] = value
-            return grad.mul_((scale / chunk_rows(normalizer, s, e) / temperature).reshape(-1, 1))
+            grad.mul_((scale / chunk_rows(normalizer, s, e) / logit_map.divisor).reshape(-1, 1))
+            return logit_map.slope_(grad, logits)
 
         dhidden, dweight = linear_chunks(hidden, weight, chunk_tokens, dlogits_of_chunk, need_dh, need_dw)
         loss = (scale * divergence / normalizer).sum()
@@ -139,6 +146,10 @@ def linear_divergence_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A full-vocabulary divergence between student and teacher, per active token, on hidden states.
 
@@ -151,13 +162,19 @@ def linear_divergence_loss(
       fkl       KL(p_t || p_s);
       jsd       beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = beta p_t + (1 - beta) p_s.
     The teacher is frozen; dH and dW are computed in forward (as in `linear_opd_loss`).
+    Each side's logits may be transformed before T, softcap(logit_scale * z) with softcap(u) = cap * tanh(u / cap):
+    the student's by `logit_scale` and `softcap`, the teacher's (another model, maybe another architecture) by
+    `teacher_logit_scale` and `teacher_softcap`. Under a student transform, topk_rkl takes the top k of the
+    untransformed student logits (the same tokens, without the ties a saturated cap makes).
     """
     _check_divergence(objective, hidden, weight, teacher_hidden, teacher_weight, int(k), float(beta))
     n = hidden.shape[0]
     check_common(n, targets, temperature, chunk_tokens)
     check_normalizer(n, normalizer)
+    logit_map = LogitMap(float(temperature), *check_transform(logit_scale, softcap))
+    teacher_map = LogitMap(1.0, *check_transform(teacher_logit_scale, teacher_softcap, "teacher_"))
     targets = check_targets(targets, weight.shape[0], hidden.device)
-    opts = (objective, int(k), float(beta), float(scale), normalizer, float(temperature), int(chunk_tokens))
+    opts = (objective, int(k), float(beta), float(scale), normalizer, logit_map, teacher_map, int(chunk_tokens))
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     return _LinearDivergenceLoss.apply(

@@ -34,6 +34,45 @@ def online_lse_update(m, s, s_rest, x, is_target, axis: tl.constexpr):
 
 
 @triton.jit
+def tanh(u):
+    """tanh in fp32 to a few ulp (neither tl.math nor the interpreter has one). The odd series below |u| = 1/8,
+    where (1 - e) / (1 + e) would lose the relative precision of 1 - e; its first dropped term is below 1e-11."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def transform(z, inv_temp, cap_in, cap_out, SOFTCAP: tl.constexpr):
+    """x = softcap(scale z) / T of fp32 logits z: z * inv_temp (inv_temp = scale / T) without a cap, else
+    tanh(z * cap_in) * cap_out (cap_in = scale / cap, cap_out = cap / T). A cap maps -inf to a finite value:
+    callers mask padding lanes after it."""
+    if SOFTCAP:
+        return tanh(z * cap_in) * cap_out
+    return z * inv_temp
+
+
+@triton.jit
+def softcap_slope(z, cap_in):
+    """sech^2(z * cap_in), the cap's d tanh(u) / du, as 4e / (1 + e)^2 with e = exp(-2|u|): 1 - tanh^2
+    cancels in fp32 once tanh rounds near 1. 0 at z = +-inf."""
+    e = tl.exp(-2.0 * tl.abs(z * cap_in))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+def transform_args(temperature: float, logit_scale: float, softcap: float | None) -> tuple[float, float, float]:
+    """(inv_temp, cap_in, cap_out) for `transform`; inv_temp = scale / T is also d x / d z without the cap's slope.
+    The cap's two are unused (0.0) without a cap."""
+    inv_temp = logit_scale / temperature
+    if softcap is None:
+        return inv_temp, 0.0, 0.0
+    return inv_temp, logit_scale / softcap, softcap / temperature
+
+
+@triton.jit
 def opd_row(student_lp, teacher_lp, rollout_lp, kl_coef, log_ratio_cap, normalizer, IMPORTANCE_RATIO: tl.constexpr):
     """(loss contribution, d loss / d student_lp) of tokens; the same math as `kernels.reference.common.opd_chunk`."""
     advantage = kl_coef * (teacher_lp - rollout_lp)
@@ -68,11 +107,12 @@ def to_dot(x, UPCAST: tl.constexpr):
 
 @triton.jit
 def logits_tile(
-    h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp,
+    h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, cap_in, cap_out,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """(H[rows] @ W[cols]^T) / T in fp32 [BLOCK_N, BLOCK_V]; columns past V are -inf."""
+    """(x, slope): x = softcap(scale z) / T of z = H[rows] @ W[cols]^T in fp32 [BLOCK_N, BLOCK_V], columns past
+    V -inf (`transform`); slope = the cap's `softcap_slope` under SOFTCAP, else x itself (unused)."""
     ks = tl.arange(0, BLOCK_H)
     row_ok = rows < N
     col_ok = cols < V
@@ -83,14 +123,22 @@ def logits_tile(
         h = tl.load(h_ptr + rows[:, None] * stride_hn + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptr + cols[None, :] * stride_wv + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(to_dot(h, UPCAST), to_dot(wt, UPCAST), acc, input_precision=PRECISION)
-    return tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
+    x = tl.where(col_ok[None, :], transform(acc, inv_temp, cap_in, cap_out, SOFTCAP), float("-inf"))
+    if SOFTCAP:
+        return x, softcap_slope(acc, cap_in)
+    return x, x
 
 
 @triton.jit
-def dlogits_tile(x, is_target, lse, rest, scale, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """scale * (onehot - softmax), target entry scale * rest, cast to the operand dtype of the next matmul."""
+def dlogits_tile(
+    x, slope, is_target, lse, rest, scale, dtype: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr
+):
+    """scale * (onehot - softmax), target entry scale * rest, times the cap's slope under SOFTCAP, cast to the
+    operand dtype of the next matmul."""
     p = tl.exp(x - lse[:, None])
     d = tl.where(is_target, (scale * rest)[:, None], -scale[:, None] * p)
+    if SOFTCAP:
+        d = d * slope
     return to_dot(d.to(dtype), UPCAST)
 
 

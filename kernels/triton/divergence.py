@@ -11,6 +11,9 @@ shift-invariant function sums to 0), since p_s (ell - KL) cancels there when p_s
 Memory traffic: forward reads both logits once (writes fp32 [N] stats); backward reads student logits
 once, teacher logits only on S (masked loads: about k sectors a row in top-k mode), writes dlogits once.
 The top-k threshold comes from torch.topk over row chunks. Grids are 1-D over rows, row offsets int64.
+Each side's logits may be transformed before T, x = softcap(scale z) / T (`common.transform`, constexpr flags
+per side); the student's gradient then carries scale and its cap's slope, the argmax entry included. The
+support stays {z_s >= threshold} on the raw logits: both transforms are increasing.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.common import check_k, check_kl_args, topk_threshold
-from kernels.triton.common import DEFAULT_BLOCK_V, check_dtype, rowwise
+from kernels.common import check_k, check_kl_args, check_transform, topk_threshold
+from kernels.triton.common import DEFAULT_BLOCK_V, check_dtype, rowwise, softcap_slope, transform, transform_args
 
 TOPK_CHUNK_ROWS = 4096  # rows per torch.topk call: bounds its [rows, k] values and workspace
 
@@ -29,7 +32,8 @@ TOPK_CHUNK_ROWS = 4096  # rows per torch.topk call: bounds its [rows, k] values 
 @triton.jit
 def _rkl_fwd_kernel(
     s_ptr, s_stride, t_ptr, t_stride, thr_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, ltail_ptr, argmax_ptr, V, inv_temp,
-    TOPK: tl.constexpr, BLOCK_V: tl.constexpr,
+    cap_in, cap_out, t_inv_temp, t_cap_in, t_cap_out,
+    TOPK: tl.constexpr, SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -50,8 +54,15 @@ def _rkl_fwd_kernel(
         c = v0 + cols
         valid = c < V
         zs = tl.load(s_row + c, mask=valid, other=float("-inf")).to(tl.float32)
-        xs = zs * inv_temp
-        xt = tl.load(t_row + c, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+        xs = transform(zs, inv_temp, cap_in, cap_out, SOFTCAP)
+        xt = transform(
+            tl.load(t_row + c, mask=valid, other=float("-inf")).to(tl.float32), t_inv_temp, t_cap_in, t_cap_out,
+            T_SOFTCAP,
+        )
+        if SOFTCAP:
+            xs = tl.where(valid, xs, float("-inf"))
+        if T_SOFTCAP:
+            xt = tl.where(valid, xt, float("-inf"))
         if TOPK:
             support = valid & (zs >= thr)
         else:
@@ -97,7 +108,8 @@ def _rkl_fwd_kernel(
 @triton.jit
 def _rkl_bwd_kernel(
     s_ptr, s_stride, t_ptr, t_stride, ds_ptr, ds_stride, thr_ptr, grad_ptr, kl_ptr, lse_s_ptr, lse_t_ptr, ltail_ptr,
-    argmax_ptr, V, inv_temp, TOPK: tl.constexpr, BLOCK_V: tl.constexpr,
+    argmax_ptr, V, inv_temp, cap_in, cap_out, t_inv_temp, t_cap_in, t_cap_out,
+    TOPK: tl.constexpr, SOFTCAP: tl.constexpr, T_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -122,16 +134,25 @@ def _rkl_bwd_kernel(
         else:
             support = valid
         # Off the support the teacher logit is not needed: the masked load skips those sectors.
-        xt = tl.load(t_row + c, mask=support, other=0.0).to(tl.float32) * inv_temp
-        log_ps = zs * inv_temp - lse_s
+        zt = tl.load(t_row + c, mask=support, other=0.0).to(tl.float32)
+        xt = transform(zt, t_inv_temp, t_cap_in, t_cap_out, T_SOFTCAP)
+        xs = transform(zs, inv_temp, cap_in, cap_out, SOFTCAP)
+        if SOFTCAP:
+            xs = tl.where(valid, xs, float("-inf"))
+        log_ps = xs - lse_s
         ps = tl.exp(log_ps)
         ell = log_ps - (xt - lse_t)
         if TOPK:
             ell = tl.where(support, ell, log_tail_ratio)
         d = tl.where((ps > 0) & (c != top), ps * (ell - kl), 0.0) * scale
-        others += tl.sum(d, axis=0)
+        others += tl.sum(d, axis=0)  # in x_s: the row sums to 0 there, before the slope
+        if SOFTCAP:
+            d = d * softcap_slope(zs, cap_in)
         tl.store(ds_row + c, d.to(ds_ptr.dtype.element_ty), mask=valid & (c != top))
-    tl.store(ds_row + top, (-others).to(ds_ptr.dtype.element_ty))
+    d_top = -others
+    if SOFTCAP:
+        d_top = d_top * softcap_slope(tl.load(s_row + top).to(tl.float32), cap_in)
+    tl.store(ds_row + top, d_top.to(ds_ptr.dtype.element_ty))
 
 
 def _block(v: int, block_v: int | None) -> tuple[int, int]:
@@ -141,7 +162,7 @@ def _block(v: int, block_v: int | None) -> tuple[int, int]:
 
 class _ReverseKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, k, temperature, block_v):
+    def forward(ctx, student_logits, teacher_logits, k, temperature, block_v, transforms):
         n, v = student_logits.shape
         device = student_logits.device
         topk = k is not None
@@ -150,15 +171,17 @@ class _ReverseKL(torch.autograd.Function):
         ltail = torch.empty(n, dtype=torch.float32, device=device) if topk else kl
         argmax = torch.empty(n, dtype=torch.int32, device=device)
         block, warps = _block(v, block_v)
-        inv_temp = 1.0 / temperature
+        student, teacher = transforms
+        args = (*transform_args(temperature, *student), *transform_args(temperature, *teacher))
+        flags = dict(SOFTCAP=student[1] is not None, T_SOFTCAP=teacher[1] is not None)
         if n:
             _rkl_fwd_kernel[(n,)](
                 student_logits, student_logits.stride(0), teacher_logits, teacher_logits.stride(0),
-                thr if topk else kl, kl, lse_s, lse_t, ltail, argmax, v, inv_temp,
-                TOPK=topk, BLOCK_V=block, num_warps=warps,
+                thr if topk else kl, kl, lse_s, lse_t, ltail, argmax, v, *args,
+                TOPK=topk, **flags, BLOCK_V=block, num_warps=warps,
             )
         ctx.save_for_backward(student_logits, teacher_logits, thr, kl, lse_s, lse_t, ltail if topk else None, argmax)
-        ctx.topk, ctx.inv_temp, ctx.block, ctx.warps = topk, inv_temp, block, warps
+        ctx.topk, ctx.args, ctx.flags, ctx.block, ctx.warps = topk, args, flags, block, warps
         return kl
 
     @staticmethod
@@ -172,10 +195,10 @@ class _ReverseKL(torch.autograd.Function):
             _rkl_bwd_kernel[(n,)](
                 student_logits, student_logits.stride(0), teacher_logits, teacher_logits.stride(0),
                 dlogits, dlogits.stride(0), thr if ctx.topk else kl, grad_kl, kl, lse_s, lse_t,
-                ltail if ctx.topk else kl, argmax, v, ctx.inv_temp,
-                TOPK=ctx.topk, BLOCK_V=ctx.block, num_warps=ctx.warps,
+                ltail if ctx.topk else kl, argmax, v, *ctx.args,
+                TOPK=ctx.topk, **ctx.flags, BLOCK_V=ctx.block, num_warps=ctx.warps,
             )
-        return dlogits, None, None, None, None
+        return dlogits, None, None, None, None, None
 
 
 def _prepare(student_logits, teacher_logits, temperature, chunk_tokens):
@@ -185,20 +208,30 @@ def _prepare(student_logits, teacher_logits, temperature, chunk_tokens):
     return rowwise(student_logits), rowwise(teacher_logits.detach())
 
 
+def _transforms(
+    *, logit_scale: float = 1.0, softcap: float | None = None, teacher_logit_scale: float = 1.0,
+    teacher_softcap: float | None = None,
+) -> tuple[tuple[float, float | None], tuple[float, float | None]]:
+    """Each side's (scale, cap), checked; the keywords of `kernels.reference.divergence.logit_maps`."""
+    return check_transform(logit_scale, softcap), check_transform(teacher_logit_scale, teacher_softcap, "teacher_")
+
+
 def full_reverse_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
     block_v: int | None = None,
+    **transforms,
 ) -> torch.Tensor:
     """KL(p_s || p_t) per token over the full vocab -> fp32 [N]; differentiable in student_logits.
 
-    Same math as `kernels.reference.divergence.full_reverse_kl`; the teacher is frozen (detached).
-    `chunk_tokens` is unused.
+    Same math and logit transforms as `kernels.reference.divergence.full_reverse_kl`; the teacher is frozen
+    (detached). `chunk_tokens` is unused.
     """
     student_logits, teacher_logits = _prepare(student_logits, teacher_logits, temperature, chunk_tokens)
-    return _ReverseKL.apply(student_logits, teacher_logits, None, float(temperature), block_v)
+    transforms = _transforms(**transforms)
+    return _ReverseKL.apply(student_logits, teacher_logits, None, float(temperature), block_v, transforms)
 
 
 def topk_reverse_kl(
@@ -208,8 +241,10 @@ def topk_reverse_kl(
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
     block_v: int | None = None,
+    **transforms,
 ) -> torch.Tensor:
     """Reverse KL on the student's top-k support plus one tail bucket -> fp32 [N]; see `kernels.reference`."""
     student_logits, teacher_logits = _prepare(student_logits, teacher_logits, temperature, chunk_tokens)
     check_k(k, student_logits.shape[1])
-    return _ReverseKL.apply(student_logits, teacher_logits, int(k), float(temperature), block_v)
+    transforms = _transforms(**transforms)
+    return _ReverseKL.apply(student_logits, teacher_logits, int(k), float(temperature), block_v, transforms)

@@ -1,7 +1,9 @@
 """Triton fused-linear token log-probs and OPD loss on hidden [N, H] and lm_head weight [V, H] (docs/design.md, "The step", 5).
 
 Math: x = (H W^T) / T, lp = x_y - logsumexp(x); d lp / d x = (onehot - softmax) / T, so with G = g d lp / d x
-(g = d loss / d lp), dH = G W and dW = G^T H. [N, V] logits are never materialised: every kernel rebuilds
+(g = d loss / d lp), dH = G W and dW = G^T H. With a logit scale or cap, x = softcap(scale H W^T) / T and G
+carries scale and the cap's slope sech^2 (`common.transform`; SOFTCAP is a constexpr, so the plain kernels
+are unchanged). [N, V] logits are never materialised: every kernel rebuilds
 [BLOCK_N, BLOCK_V] logit tiles with tl.dot (fp32 accumulation) and folds them at once.
 - forward (grid over row blocks): online log-sum-exp across vocab blocks -> lse, student_lp and
   rest = sum_{j != y} p_j, fp32 [N]; the OPD variant also writes d loss / d student_lp per row.
@@ -35,10 +37,12 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 import kernels.reference.linear_logprob as chunked
-from kernels.common import DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, scale_grad
+from kernels.common import (
+    DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, check_transform, scale_grad,
+)
 from kernels.triton.common import (
     INTERPRET, check_dtype, dlogits_tile, guard_target, logits_tile, normalizer_rows, online_lse_update, opd_row,
-    rowwise, to_dot,
+    rowwise, to_dot, transform_args,
 )
 
 # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
@@ -57,12 +61,12 @@ DH_CHUNK_ROWS = 16384
 
 @triton.jit
 def _linear_fwd_kernel(
-    h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, N, V, H, inv_temp,
+    h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, N, V, H, inv_temp, cap_in, cap_out,
     lp_ptr, lse_ptr, rest_ptr,
     teacher_lp_ptr, rollout_lp_ptr, normalizer_ptr, stride_norm, loss_ptr, grad_ptr, kl_coef, log_ratio_cap,
     OPD: tl.constexpr, IMPORTANCE_RATIO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -73,9 +77,9 @@ def _linear_fwd_kernel(
     x_y = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = logits_tile(
-            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
-            PRECISION,
+        x, _ = logits_tile(
+            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, cap_in, cap_out, BLOCK_N, BLOCK_V,
+            BLOCK_H, UPCAST, PRECISION, SOFTCAP,
         )
         is_target = cols[None, :] == target[:, None]
         m, s, s_rest = online_lse_update(m, s, s_rest, x, is_target, 1)
@@ -98,8 +102,9 @@ def _linear_fwd_kernel(
 @triton.jit
 def _linear_dh_kernel(
     h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, lse_ptr, rest_ptr, grad_ptr, dh_ptr, N, V, H, inv_temp,
+    cap_in, cap_out,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -110,11 +115,13 @@ def _linear_dh_kernel(
     ks = tl.arange(0, BLOCK_H)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        x = logits_tile(
-            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
-            PRECISION,
+        x, slope = logits_tile(
+            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, cap_in, cap_out, BLOCK_N, BLOCK_V,
+            BLOCK_H, UPCAST, PRECISION, SOFTCAP,
         )
-        d = dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
+        d = dlogits_tile(
+            x, slope, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST, SOFTCAP
+        )
         for k0 in range(0, H, BLOCK_H):
             k = k0 + ks
             k_ok = k < H
@@ -131,8 +138,9 @@ def _linear_dh_kernel(
 @triton.jit
 def _linear_dw_kernel(
     h_ptr, stride_hn, w_ptr, stride_wv, targets_ptr, lse_ptr, rest_ptr, grad_ptr, dw_ptr, N, V, H, inv_temp,
+    cap_in, cap_out,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
@@ -144,11 +152,13 @@ def _linear_dw_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         rest = tl.load(rest_ptr + rows, mask=row_ok, other=0.0)
         scale = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temp
-        x = logits_tile(
-            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST,
-            PRECISION,
+        x, slope = logits_tile(
+            h_ptr, stride_hn, w_ptr, stride_wv, rows, cols, N, V, H, inv_temp, cap_in, cap_out, BLOCK_N, BLOCK_V,
+            BLOCK_H, UPCAST, PRECISION, SOFTCAP,
         )
-        d = dlogits_tile(x, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST)
+        d = dlogits_tile(
+            x, slope, cols[None, :] == target[:, None], lse, rest, scale, h_ptr.dtype.element_ty, UPCAST, SOFTCAP
+        )
         dt = tl.trans(d)  # [BLOCK_V, BLOCK_N]
         for k0 in range(0, H, BLOCK_H):
             k = k0 + ks
@@ -215,8 +225,9 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="ieee" if ieee else "tf32")
 
 
-def _forward(hidden, weight, targets, inv_temp, tiles, opd=None):
-    """lp, lse, rest fp32 [N]; with opd=(teacher_lp, rollout_lp, normalizer, kl, cap, ratio) also loss rows and grad."""
+def _forward(hidden, weight, targets, logit_args, tiles, opd=None):
+    """lp, lse, rest fp32 [N]; with opd=(teacher_lp, rollout_lp, normalizer, kl, cap, ratio) also loss rows and grad.
+    `logit_args` = (inv_temp, cap_in, cap_out, softcap): `common.transform_args` and whether there is a cap."""
     n, h = hidden.shape
     v = weight.shape[0]
     device = hidden.device
@@ -234,13 +245,13 @@ def _forward(hidden, weight, targets, inv_temp, tiles, opd=None):
     if n:
         kernel, tile_args = _kernel("fwd", tiles)
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            hidden, hidden.stride(0), weight, weight.stride(0), targets, n, v, h, inv_temp, lp, lse, rest,
-            *opd_args, **opd_flags, **tile_args, **_dot_args(hidden.dtype),
+            hidden, hidden.stride(0), weight, weight.stride(0), targets, n, v, h, *logit_args[:3], lp, lse, rest,
+            *opd_args, **opd_flags, **tile_args, **_dot_args(hidden.dtype), SOFTCAP=logit_args[3],
         )
     return lp, lse, rest, loss_rows, grad
 
 
-def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, need_dw):
+def _grads(hidden, weight, targets, lse, rest, grad, logit_args, tiles, need_dh, need_dw):
     """dH (hidden dtype) and dW (weight dtype), each summed in fp32; None where not needed."""
     n, h = hidden.shape
     v = weight.shape[0]
@@ -255,7 +266,7 @@ def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, n
             kernel, tile_args = _kernel("dh", tiles)
             kernel[lambda meta: (triton.cdiv(e - s, meta["BLOCK_N"]),)](
                 hidden[s:], hidden.stride(0), weight, weight.stride(0), targets[s:], lse[s:], rest[s:], grad[s:],
-                out, e - s, v, h, inv_temp, **tile_args, **_dot_args(hidden.dtype),
+                out, e - s, v, h, *logit_args[:3], **tile_args, **_dot_args(hidden.dtype), SOFTCAP=logit_args[3],
             )
             if acc is not None:
                 dhidden[s:e] = out
@@ -265,7 +276,7 @@ def _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, n
             kernel, tile_args = _kernel("dw", tiles)
             kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
                 hidden, hidden.stride(0), weight, weight.stride(0), targets, lse, rest, grad, dweight, n, v, h,
-                inv_temp, **tile_args, **_dot_args(hidden.dtype),
+                *logit_args[:3], **tile_args, **_dot_args(hidden.dtype), SOFTCAP=logit_args[3],
             )
         dweight = dweight.to(weight.dtype)
     return dhidden, dweight
@@ -279,14 +290,18 @@ def _prepare(hidden, weight, targets, temperature, chunk_tokens):
     return rowwise(hidden), rowwise(weight), targets.contiguous()
 
 
+def _logit_args(temperature: float, transform: tuple[float, float | None]) -> tuple:
+    return (*transform_args(temperature, *transform), transform[1] is not None)
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, tiles):
+    def forward(ctx, hidden, weight, targets, temperature, tiles, transform):
         tiles = _tiles(tiles)
-        inv_temp = 1.0 / temperature
-        lp, lse, rest, _, _ = _forward(hidden, weight, targets, inv_temp, tiles)
+        logit_args = _logit_args(temperature, transform)
+        lp, lse, rest, _, _ = _forward(hidden, weight, targets, logit_args, tiles)
         ctx.save_for_backward(hidden, weight, targets, lse, rest)
-        ctx.inv_temp, ctx.tiles = inv_temp, tiles
+        ctx.logit_args, ctx.tiles = logit_args, tiles
         return lp
 
     @staticmethod
@@ -294,10 +309,10 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_lp):
         hidden, weight, targets, lse, rest = ctx.saved_tensors
         dhidden, dweight = _grads(
-            hidden, weight, targets, lse, rest, grad_lp.float().contiguous(), ctx.inv_temp, ctx.tiles,
+            hidden, weight, targets, lse, rest, grad_lp.float().contiguous(), ctx.logit_args, ctx.tiles,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
         )
-        return dhidden, dweight, None, None, None
+        return dhidden, dweight, None, None, None, None
 
 
 def linear_token_logprobs(
@@ -307,19 +322,25 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
     tiles: tuple[int, int, int, int] | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
 
     Differentiable in hidden and weight. `chunk_tokens` is accepted for the reference's signature and
     unused; `tiles` = (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) fixes the tile shape (else autotuned on a GPU).
     Without `tiles`, an N too small to fill the GPU runs the chunked cuBLAS path (module docstring).
+    `logit_scale` and `softcap` transform the logits before T, as in `chunked.linear_token_logprobs`.
     """
     if _use_chunked_path(hidden, tiles):
         return chunked.linear_token_logprobs(
-            hidden, weight, targets, temperature, chunk_tokens or DEFAULT_CHUNK_TOKENS
+            hidden, weight, targets, temperature, chunk_tokens or DEFAULT_CHUNK_TOKENS, logit_scale=logit_scale,
+            softcap=softcap,
         )
     hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
-    return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), tiles)
+    transform = check_transform(logit_scale, softcap)
+    return _LinearTokenLogprobs.apply(hidden, weight, targets, float(temperature), tiles, transform)
 
 
 class _LinearOPDLoss(torch.autograd.Function):
@@ -327,15 +348,15 @@ class _LinearOPDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, teacher_lp, rollout_lp, opts, need_dh, need_dw):
-        kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, tiles = opts
+        kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, tiles, transform = opts
         tiles = _tiles(tiles)
-        inv_temp = 1.0 / temperature
+        logit_args = _logit_args(temperature, transform)
         normalizer = normalizer_rows(normalizer, hidden.shape[0], hidden.device)
         opd = (teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio)
-        student_lp, lse, rest, loss_rows, grad = _forward(hidden, weight, targets, inv_temp, tiles, opd)
+        student_lp, lse, rest, loss_rows, grad = _forward(hidden, weight, targets, logit_args, tiles, opd)
         dhidden = dweight = None
         if need_dh or need_dw:
-            dhidden, dweight = _grads(hidden, weight, targets, lse, rest, grad, inv_temp, tiles, need_dh, need_dw)
+            dhidden, dweight = _grads(hidden, weight, targets, lse, rest, grad, logit_args, tiles, need_dh, need_dw)
         ctx.save_for_backward(dhidden, dweight)
         ctx.mark_non_differentiable(student_lp)
         return loss_rows.sum(), student_lp
@@ -362,6 +383,8 @@ def linear_opd_loss(
     importance_ratio: bool = True,
     chunk_tokens: int | None = None,
     tiles: tuple[int, int, int, int] | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`chunked.linear_opd_loss` in Triton: (loss fp32 scalar, student_lp fp32 [N] detached).
 
@@ -372,12 +395,15 @@ def linear_opd_loss(
         return chunked.linear_opd_loss(
             hidden, weight, targets, teacher_lp, rollout_lp, kl_coef=kl_coef, log_ratio_cap=log_ratio_cap,
             normalizer=normalizer, temperature=temperature, importance_ratio=importance_ratio,
-            chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS,
+            chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS, logit_scale=logit_scale, softcap=softcap,
         )
     hidden, weight, targets = _prepare(hidden, weight, targets, temperature, chunk_tokens)
     n = hidden.shape[0]
     check_opd(n, teacher_lp, rollout_lp, normalizer)
-    opts = (float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), tiles)
+    transform = check_transform(logit_scale, softcap)
+    opts = (
+        float(kl_coef), float(log_ratio_cap), normalizer, float(temperature), bool(importance_ratio), tiles, transform
+    )
     need_dh = torch.is_grad_enabled() and hidden.requires_grad
     need_dw = torch.is_grad_enabled() and weight.requires_grad
     return _LinearOPDLoss.apply(
