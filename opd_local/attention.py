@@ -19,6 +19,8 @@ handed to transformers' own SDPA code unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
 import warnings
@@ -56,6 +58,28 @@ def uses_sliding_window(config) -> bool:
     if layer_types is not None:
         return any("sliding" in str(t) or "chunked" in str(t) for t in layer_types)
     return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+
+
+# The position ids of the packed row whose forward is running (`packed_row`). Layers that are not handed
+# `position_ids` read the row's layout here: a model may keep them from its attention or its mask builder
+# (GraniteMoeHybrid, GptOss), and recurrent and convolutional layers never take them (`token_mixers`).
+_current_row: contextvars.ContextVar = contextvars.ContextVar("opd_packed_row", default=None)
+
+
+@contextlib.contextmanager
+def packed_row(position_ids: torch.Tensor):
+    """While a packed row `[1, T]` runs through a model without a cache, its layers can read its layout."""
+    token = _current_row.set(position_ids)
+    try:
+        yield
+    finally:
+        _current_row.reset(token)
+
+
+def current_row(length: int) -> torch.Tensor | None:
+    """The running packed row's position ids when the caller sees all `length` of its tokens, else None."""
+    position_ids = _current_row.get()
+    return position_ids if position_ids is not None and position_ids.shape[-1] == length else None
 
 
 def _packed_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
@@ -126,34 +150,71 @@ def _may_attend(q_idx, kv_idx, run_start, prefix_start, prefix_end):
     return own | ((kv_idx >= prefix_start) & (kv_idx < prefix_end))
 
 
-def layout_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """The row's dense `[1, 1, T, T]` bool mask, True where a query may attend a key."""
+def layout_mask(position_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """The row's dense `[1, 1, T, T]` bool mask, True where a query may attend a key; with `window`, only
+    keys fewer than `window` positions back (transformers' sliding window, counted in sequence positions,
+    so a completion's window reaches into its shared prompt as it would in its own sequence)."""
     t = position_ids.shape[1]
     run_start, prefix_start, prefix_end = _layout_vectors(row_layout(position_ids), position_ids.device)
     q = torch.arange(t, device=position_ids.device)[:, None]
     kv = torch.arange(t, device=position_ids.device)[None, :]
-    return _may_attend(q, kv, run_start[:, None], prefix_start[:, None], prefix_end[:, None])[None, None]
+    mask = _may_attend(q, kv, run_start[:, None], prefix_start[:, None], prefix_end[:, None])
+    if window is not None:
+        pos = position_ids[0]
+        mask &= (pos[:, None] - pos[None, :]) < window
+    return mask[None, None]
 
 
 def supports_shared_prefix(config) -> bool:
-    """Whether a model can run rows whose completions share a prompt: its attention either reads the
-    layout from position_ids (`PACKED_SDPA`) or takes it as a dense mask (sdpa, eager). flash_attention_2
-    sees only whole sequences, and a sliding window would need its own mask."""
-    return config._attn_implementation in (PACKED_SDPA, "sdpa", "eager") and not uses_sliding_window(config)
+    """Whether a model's attention can run rows whose completions share a prompt: it reads the layout from
+    the row (`PACKED_SDPA`) or takes it as a dense mask (sdpa, eager). flash_attention_2 sees only whole
+    sequences."""
+    return config._attn_implementation in (PACKED_SDPA, "sdpa", "eager")
 
 
-def shared_prefix_mask(config, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """What a row with shared prompts passes as attention_mask: None where `PACKED_SDPA` reads the layout
-    itself, else the dense mask, as bool for sdpa and additive in `dtype` for eager (which adds it)."""
+def _attention_layer_types(config) -> set[str]:
+    return {str(t) for t in (getattr(config, "layer_types", None) or []) if "attention" in str(t) and "linear" not in str(t)}
+
+
+def packed_row_mask(config, position_ids: torch.Tensor, dtype: torch.dtype):
+    """What a packed row passes as `attention_mask`.
+
+    None where the attention reads the row's layout itself (`PACKED_SDPA` without a window) or takes
+    whole sequences from the position ids (flash_attention_2; a shared prompt is refused there). Else the
+    layout as a dense mask, bool for sdpa and additive in `dtype` for eager (which adds it), windowed for
+    sliding layers: one `[1, 1, T, T]` tensor when every attention layer sees the same mask, else a dict
+    by layer type, which the models with mixed layer types take in place of building their own. Either
+    way transformers' own packed-sequence detection is not relied on: it needs `position_ids` at the mask
+    builder, which some models never hand it, and it takes a shared prompt's completions for new sequences.
+    """
     implementation = config._attn_implementation
-    if not supports_shared_prefix(config):
-        raise ValueError(f"attn_implementation={implementation}: cannot attend a shared prompt's completions")
-    if implementation == PACKED_SDPA and packed_path(position_ids.device) != "sdpa":
+    windowed = uses_sliding_window(config)
+    if implementation == PACKED_SDPA and packed_path(position_ids.device) != "sdpa" and not windowed:
         return None
-    mask = layout_mask(position_ids)
-    if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask
+    if not supports_shared_prefix(config):
+        if has_shared_prefix(row_layout(position_ids)):
+            raise ValueError(f"attn_implementation={implementation}: cannot attend a shared prompt's completions")
+        return None
+    window = getattr(config, "sliding_window", None)
+    if any("chunked" in t for t in _attention_layer_types(config)):
+        raise ValueError("chunked attention layers: opd-local has no packed layout for them")
+
+    def as_mask(mask: torch.Tensor) -> torch.Tensor:
+        if implementation == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        return mask
+
+    layer_types = _attention_layer_types(config)
+    full = as_mask(layout_mask(position_ids))
+    if not windowed:
+        return full
+    sliding = as_mask(layout_mask(position_ids, window))
+    if not any("sliding" in t for t in layer_types) or all("sliding" in t for t in layer_types):
+        return sliding  # one window for every layer (Mistral)
+    masks = {t: sliding if "sliding" in t else full for t in layer_types}
+    for t in getattr(config, "layer_types", None) or []:
+        masks.setdefault(str(t), None)  # recurrent and conv layers: no padding in a packed row
+    return masks
 
 
 def _flex_attention():
@@ -250,6 +311,8 @@ def _attention_dtype(q: torch.Tensor) -> torch.dtype:
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] of one packed row -> [1, T, Hq, D], like transformers' sdpa."""
     position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = current_row(query.shape[2])
     path = packed_path(query.device)
     plain = attention_mask is None and query.shape[2] == key.shape[2] and query.shape[0] == 1
     if not plain or position_ids is None or path == "sdpa":
@@ -260,6 +323,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
     if path == "flash" and not has_shared_prefix(runs):
         from transformers.integrations.flash_attention import flash_attention_forward
 
+        kwargs["position_ids"] = position_ids  # where the model did not hand them down, the row's
         return flash_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if path == "flex" and not _flex_failed:
         if dropout:

@@ -69,6 +69,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max_values(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (of a copy); the identity in a single process."""
+    if _group is None:
+        return values
+    values = values.clone()
+    torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX, group=_group)
+    return values
+
+
 def all_reduce_max(value: int) -> int:
     """The largest `value` over ranks; itself in a single process."""
     if _group is None:

@@ -21,6 +21,7 @@ from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, flush_logs_to_disk, span
 from opd_local.models import check_output_head, check_output_heads, load_student
+from opd_local.packing_check import check_run_models
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
@@ -61,6 +62,9 @@ def train(cfg: Config) -> Path:
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
     teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
     check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
+    # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
+    log = tqdm.write if ctx.is_main else (lambda line: None)
+    packing_metrics = check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), log)
     optimizer, scheduler = build_optimizer(student, cfg)
     probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
     weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
@@ -94,7 +98,7 @@ def train(cfg: Config) -> Path:
     # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
     bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
     for step in tqdm(range(start_step, cfg.run.steps), **bar):
-        metrics: dict[str, float] = dict(inputs.counts) if step == 0 else {}
+        metrics: dict[str, float] = {**inputs.counts, **packing_metrics} if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
 
@@ -120,7 +124,9 @@ def train(cfg: Config) -> Path:
 
             # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
             with span(metrics, "train", ctx.device):
-                metrics.update(train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head))
+                metrics.update(
+                    train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head, teacher.logit_transform)
+                )
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 

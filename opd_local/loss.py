@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from opd_local.config import LossConfig
-from opd_local.models import active_hidden_and_head
+from opd_local.models import active_hidden_and_head, logit_transform
 from opd_local.packing import PackedBatch
 
 OBJECTIVES = ("sampled_rkl",) + kernels.reference.DIVERGENCES
@@ -74,9 +74,11 @@ def opd_micro_batch_loss(
     teacher_hidden: torch.Tensor | None = None,  # [N_active, H_t], full-vocabulary objectives only
     teacher_head: torch.Tensor | None = None,  # [V, H_t]
     compute_dtype: torch.dtype | None = None,  # the precision policy's loss-input dtype; None: the model's own
+    teacher_logit_transform: tuple[float, float | None] = (1.0, None),  # `models.logit_transform` of the teacher
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss share of this micro-batch, student_lp [N_active]); runs under the caller's autocast."""
     active_hidden, weight = active_hidden_and_head(student, batch, compute_dtype)
+    scale, softcap = logit_transform(student)
     if isinstance(normalizer, torch.Tensor):
         normalizer = normalizer.to(active_hidden.device)
     if loss_cfg.objective == "sampled_rkl":
@@ -92,6 +94,8 @@ def opd_micro_batch_loss(
             temperature=temperature,
             importance_ratio=loss_cfg.importance_ratio,
             chunk_tokens=loss_cfg.chunk_tokens,
+            logit_scale=scale,
+            softcap=softcap,
         )
     if teacher_hidden is None or teacher_head is None:
         raise ValueError(f"loss.objective={loss_cfg.objective} needs the teacher's hidden states and lm_head")
@@ -110,5 +114,9 @@ def opd_micro_batch_loss(
         beta=loss_cfg.jsd_beta,
         temperature=temperature,
         chunk_tokens=loss_cfg.chunk_tokens,
+        logit_scale=scale,
+        softcap=softcap,
+        teacher_logit_scale=teacher_logit_transform[0],
+        teacher_softcap=teacher_logit_transform[1],
     )
     return loss, student_lp

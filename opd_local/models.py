@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from opd_local.attention import model_attention, shared_prefix_mask
+from opd_local.attention import model_attention, packed_row, packed_row_mask
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
+from opd_local.token_mixers import split_token_mixers
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,6 +110,7 @@ def load_causal_lm(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torc
         attn_implementation=model_attention(cfg.attn_implementation),
         trust_remote_code=cfg.trust_remote_code,
     )
+    split_token_mixers(model)  # recurrent and conv layers see each sequence of a packed row on its own
     return model.to(device)
 
 
@@ -206,13 +209,70 @@ def check_same_tokenizer(student: PreTrainedTokenizerBase, teacher: PreTrainedTo
         )
 
 
-# Config fields of architectures whose logits are not `hidden @ lm_head.weight.T` (Gemma 2/3's tanh cap,
-# Cohere's scale, Granite's divisor): the fused kernels take only the weight, so they would score other logits.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+# Config fields that transform z = hidden @ lm_head.weight.T into the logits, each with its identity value and,
+# by config.model_type, how that architecture's transformers forward applies it (modeling_<type>.py; multimodal
+# models read it from config.get_text_config()). The fused kernels apply the same transform (`logit_transform`).
+# A field set on any other model type is refused: one name means different things (HyperCLOVAX multiplies by
+# logits_scaling where Granite divides; transformers' MPT ignores its logit_scale and Gemma 3's multimodal
+# model its text config's cap, which vLLM's Gemma 3 applies).
+_SOFTCAPPED = (
+    "gemma2", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "gemma4_unified",
+    "gemma4_unified_text", "nanochat", "vaultgemma",
+)
+_LOGIT_SCALED = ("cohere", "cohere2", "cohere2_moe", "cohere_compass", "cohere_compass_text")
+_LOGIT_DIVIDED = (
+    "granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "granitemoehybrid", "granite4_vision",
+    "minicpm3",  # divides the hidden states: the same for a head without bias
+)
+LOGIT_TRANSFORMS = {
+    # cap * tanh(z / cap)
+    "final_logit_softcapping": (None, dict.fromkeys(_SOFTCAPPED, "softcap")),
+    # z * s
+    "logit_scale": (1.0, dict.fromkeys(_LOGIT_SCALED, "multiply")),
+    # z / s, or z * s
+    "logits_scaling": (
+        1.0, {**dict.fromkeys(_LOGIT_DIVIDED, "divide"), "hyperclovax": "multiply", "hyperclovax_vision_v2": "multiply"}
+    ),
+}
+
+
+def _read_logit_transform(model) -> tuple[float, float | None, str | None]:
+    """(scale, softcap, problem): the logits are softcap(scale * z), or `problem` says why that is not known."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", None)
+    scale, softcap = 1.0, None
+    for name, (plain, appliers) in LOGIT_TRANSFORMS.items():
+        value = getattr(text, name, getattr(config, name, plain))
+        if value is None or value == plain:
+            continue
+        how = appliers.get(model_type)
+        if how is None:
+            return 1.0, None, (
+                f"its config sets {name}={value!r}, a transform of the logits after the lm_head that opd-local does not "
+                f"know how model type {model_type!r} applies"
+            )
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            return 1.0, None, f"its config sets {name}={value!r}; a logit transform must be a finite number > 0"
+        if how == "softcap":
+            softcap = float(value)
+        else:
+            scale *= float(value) if how == "multiply" else 1.0 / float(value)
+    return scale, softcap, None
+
+
+def logit_transform(model) -> tuple[float, float | None]:
+    """(scale, softcap) such that the model's logits are softcap(scale * hidden @ lm_head.weight.T),
+    softcap(u) = cap * tanh(u / cap), or softcap None for none: what each `kernels` op takes as `logit_scale`
+    and `softcap`. (1.0, None) for the plain product. Refuses a transform it cannot tell (`output_head_problem`)."""
+    scale, softcap, problem = _read_logit_transform(model)
+    if problem is not None:
+        raise ValueError(f"{type(model).__name__}: {problem}")
+    return scale, softcap
 
 
 def output_head_problem(model) -> str | None:
-    """Why the fused kernels cannot compute this model's logits from its lm_head weight alone, or None."""
+    """Why the fused kernels cannot compute this model's logits from its lm_head weight (and `logit_transform`), or None."""
     head = model.get_output_embeddings()
     if head is None:
         return "it has no output embeddings (lm_head)"
@@ -220,16 +280,12 @@ def output_head_problem(model) -> str | None:
         return "its lm_head carries a LoRA adapter, which the fused loss leaves out (drop lm_head from model.lora_target_modules)"
     if getattr(head, "bias", None) is not None:
         return "its lm_head has a bias"
-    config = getattr(model, "config", None)
-    for name, plain in LOGIT_TRANSFORMS.items():
-        value = getattr(config, name, plain)
-        if value is not None and value != plain:
-            return f"its config sets {name}={value!r}, a transform of the logits after the lm_head"
-    return None
+    return _read_logit_transform(model)[2]
 
 
 def lm_head_weight(model) -> torch.Tensor:
-    """The output embedding `W` such that the model's logits are `hidden @ W.T`; refuses a model where they are not."""
+    """The output embedding `W` such that the model's logits are `hidden @ W.T`, up to `logit_transform`; refuses a
+    model where they are not."""
     check_output_head(model, type(model).__name__)
     return model.get_output_embeddings().weight
 
@@ -259,23 +315,21 @@ def check_output_heads(student, teacher, objective: str) -> None:
 
 
 def final_hidden_states(
-    model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None
 ) -> torch.Tensor:
     """Last-layer hidden states of one packed row: `[1, T, H]`.
 
-    No attention mask and `use_cache=False`: transformers then infers block-diagonal attention
-    from the restarting `position_ids`. With a cache, that detection is skipped and later
-    sequences silently attend to earlier ones. A `[1, 1, T, T]` mask, when given, replaces that inference.
+    `use_cache=False`, and the row's layout in force (`attention.packed_row`) for the layers that read it
+    rather than take it as an argument. `attention_mask` is what `attention.packed_row_mask` gives.
     """
-    out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+    with packed_row(position_ids):
+        out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
 
 def active_hidden_states(model, batch) -> torch.Tensor:
     """Hidden states at the packed batch's active positions, `[N_active, H]`."""
-    mask = None
-    if batch.shared_prefix:  # transformers would take each completion after the first for a new sequence
-        mask = shared_prefix_mask(model.config, batch.position_ids, next(model.parameters()).dtype)
+    mask = packed_row_mask(model.config, batch.position_ids, next(model.parameters()).dtype)
     hidden = final_hidden_states(model, batch.input_ids, batch.position_ids, mask)[0]  # [T, H]
     return hidden.index_select(0, batch.logit_positions)
 

@@ -14,6 +14,28 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class PackingPlan:
+    """The row layouts a model has been proven to score exactly (`packing_check`); both until checked."""
+
+    packed: bool = True  # several sequences in one row; else one sequence per row
+    shared_prompt: bool = True  # a group's completions behind one copy of their prompt
+
+    def budget(self, micro_batch_tokens: int) -> int:
+        """The token budget of a row under this plan: 1 puts every sequence in a row of its own."""
+        return micro_batch_tokens if self.packed else 1
+
+
+def packing_plan(model) -> PackingPlan:
+    """The plan proven for `model` (a transformers model, with or without a PEFT adapter)."""
+    return getattr(model.get_decoder(), "_opd_packing_plan", PackingPlan())
+
+
+def set_packing_plan(model, plan: PackingPlan) -> None:
+    # On the decoder: a LoRA student and the teacher that is its base with the adapter off share it.
+    model.get_decoder()._opd_packing_plan = plan
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`. Onto a GPU it goes through pinned memory without waiting: a
     copy from pageable memory would make the host wait for every kernel queued before it."""

@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from opd_local import dist, models
-from opd_local.packing import split_by_token_budget
+from opd_local.packing import packing_plan, split_by_token_budget
 from opd_local.scoring import CompletionScores, score_completions
 
 LAYOUTS = ("auto", "none", "ddp", "fsdp")
@@ -269,7 +269,8 @@ def score_completions_distributed(
             unwrap(model), prompts, completions, micro_batch_tokens=micro_batch_tokens, shared_prefix=shared_prefix, **kwargs
         )
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    batches = split_by_token_budget(lengths, micro_batch_tokens) if prompts else []
+    # The plan's budget here too: each rank's forwards must be the ones counted for `rounds`.
+    batches = split_by_token_budget(lengths, packing_plan(model.module).budget(micro_batch_tokens)) if prompts else []
     rounds = dist.all_reduce_max(len(batches))
     parts = []
     for r in range(rounds):

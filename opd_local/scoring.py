@@ -16,8 +16,8 @@ import torch
 
 import kernels
 from opd_local.attention import supports_shared_prefix
-from opd_local.models import active_hidden_and_head, active_hidden_states, lm_head_weight
-from opd_local.packing import PackedBatch, pack_groups, pack_sequences, split_by_token_budget, split_groups_by_token_budget
+from opd_local.models import active_hidden_and_head, active_hidden_states, lm_head_weight, logit_transform
+from opd_local.packing import PackedBatch, pack_groups, packing_plan, pack_sequences, split_by_token_budget, split_groups_by_token_budget
 from opd_local.precision import autocast_to
 
 
@@ -39,8 +39,10 @@ def packed_token_logprobs(
     device = next(model.parameters()).device
     with autocast_to(device.type, compute_dtype):
         active_hidden, weight = active_hidden_and_head(model, batch, compute_dtype)
+    scale, softcap = logit_transform(model)
     return kernels.linear_token_logprobs(
-        active_hidden, weight, batch.targets, temperature=temperature, chunk_tokens=chunk_tokens
+        active_hidden, weight, batch.targets, temperature=temperature, chunk_tokens=chunk_tokens, logit_scale=scale,
+        softcap=softcap,
     )
 
 
@@ -74,20 +76,26 @@ def score_completions(
     logprob kernel reads (and of the hidden states returned); None keeps the model's own dtype.
     """
     device = next(model.parameters()).device
+    plan = packing_plan(model)  # what the start-up check proved (`packing_check`)
+    micro_batch_tokens = plan.budget(micro_batch_tokens)
     make_batches = _packed_batches
-    if shared_prefix:
+    if shared_prefix and plan.packed and plan.shared_prompt:
         make_batches = _shared_row_batches if supports_shared_prefix(model.config) else _shared_prefix_batches
     scores: list = [None] * len(prompts)
     hiddens: list = [None] * len(prompts)
     weight = lm_head_weight(model)
     weight = weight.to(compute_dtype or weight.dtype)  # once per call, not per batch
+    scale, softcap = logit_transform(model)
     batches = make_batches(model, prompts, completions, micro_batch_tokens, device, compute_dtype)
     order: list[int] = []
     logprob_parts: list[torch.Tensor] = []
     for indices, active_hidden, targets in batches:
         active_hidden = active_hidden.to(weight.dtype)
         logprob_parts.append(
-            kernels.linear_token_logprobs(active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens)
+            kernels.linear_token_logprobs(
+                active_hidden, weight, targets, temperature=temperature, chunk_tokens=chunk_tokens, logit_scale=scale,
+                softcap=softcap,
+            )
         )
         order.extend(indices)
         if return_hidden:

@@ -16,7 +16,7 @@ import torch
 from opd_local import parallel
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loss import needs_teacher_hidden
-from opd_local.models import check_output_head, load_frozen_teacher
+from opd_local.models import check_output_head, load_frozen_teacher, logit_transform
 from opd_local.rollouts import Rollout
 
 
@@ -24,8 +24,9 @@ class Teacher:
     """A frozen model that scores completions behind the teacher prompt.
 
     `head` is the full lm_head weight, held when the objective reads the teacher's hidden states
-    (frozen, so one reference serves every step); `offload_dir` is where a disk-placed teacher's
-    layers live until `close()`.
+    (frozen, so one reference serves every step), and `logit_transform` the (scale, softcap) its logits
+    take after it (`models.logit_transform`); `offload_dir` is where a disk-placed teacher's layers live
+    until `close()`.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class Teacher:
         self.adapter_off = adapter_off
         self.context = context
         self.head = head
+        self.logit_transform = logit_transform(parallel.unwrap(model))
         self.micro_batch_tokens = micro_batch_tokens
         self.chunk_tokens = chunk_tokens
         self.shared_prefix = shared_prefix

@@ -16,7 +16,7 @@ from opd_local import dist, parallel
 from opd_local.attention import supports_shared_prefix
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loss import opd_micro_batch_loss, token_divisors
-from opd_local.packing import PackedBatch, pack_groups, split_groups_by_token_budget, to_device
+from opd_local.packing import PackedBatch, pack_groups, packing_plan, split_groups_by_token_budget, to_device
 from opd_local.precision import PrecisionPolicy
 from opd_local.rollouts import Rollout
 
@@ -79,7 +79,8 @@ def pack_micro_batch(segments: list[list[Rollout]], device: torch.device, teache
 
 
 def train_on_rollouts(
-    student, optimizer, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, teacher_head=None
+    student, optimizer, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, teacher_head=None,
+    teacher_logit_transform: tuple[float, float | None] = (1.0, None),
 ) -> dict[str, float]:
     """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
@@ -92,8 +93,9 @@ def train_on_rollouts(
     # loss, sum |student_lp - rollout_lp|: summed on the device and read once after the step, since a
     # read per micro-batch would hold the host until that micro-batch's kernels had run.
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    shared = cfg.model.student_shared_prefix and supports_shared_prefix(student.config)
-    micro_batches = plan_micro_batches(kept, resolve_micro_batch_tokens(cfg.optim, device.type), shared)
+    plan = packing_plan(parallel.unwrap(student))  # what the start-up check proved (`packing_check`)
+    shared = cfg.model.student_shared_prefix and plan.shared_prompt and supports_shared_prefix(student.config)
+    micro_batches = plan_micro_batches(kept, plan.budget(resolve_micro_batch_tokens(cfg.optim, device.type)), shared)
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
     # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
     passes = dist.all_reduce_max(len(micro_batches))
@@ -116,6 +118,7 @@ def train_on_rollouts(
                     teacher_hidden=batch.teacher_hidden,
                     teacher_head=teacher_head,
                     compute_dtype=precision.compute,
+                    teacher_logit_transform=teacher_logit_transform,
                 )
             (loss if batch.rollouts else 0.0 * loss).backward()
         if batch.rollouts:

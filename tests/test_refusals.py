@@ -175,18 +175,11 @@ def with_context(tokens: int):
     return build
 
 
-def with_softcapped_teacher(tmp: Path, model: str) -> None:
-    """A teacher whose logits are tanh-capped after the lm_head (Gemma 2), with the student's tokenizer."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    config = Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    Gemma2ForCausalLM(config).save_pretrained(tmp / "softcapped")
-    tokenizer.save_pretrained(tmp / "softcapped")
+def with_unknown_logit_transform(tmp: Path, model: str) -> None:
+    """A teacher whose config names a logit transform on an architecture whose use of it opd-local does not know."""
+    folder = _model_copy(model, tmp / "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "logit_scale": 4.0}))
 
 
 @dataclass
@@ -369,8 +362,9 @@ CASES = [
          "model.student='{tmp}/no-tokenizer': cannot load its tokenizer (the folder holds none of tokenizer.json", build=without_tokenizer_files),
     Case("teacher-head-narrower", ["--student", "{tmp}/padded", "--teacher", "{model}"],
          "model.teacher: its lm_head has 49152 rows and the student's 49216", build=with_padded_vocabulary),
-    Case("teacher-logits-softcapped", ["--teacher", "{tmp}/softcapped"], "model.teacher: its config sets final_logit_softcapping=30.0",
-         build=with_softcapped_teacher),
+    Case("teacher-logit-transform-unknown", ["--teacher", "{tmp}/scaled"],
+         "model.teacher: its config sets logit_scale=4.0, a transform of the logits after the lm_head that opd-local does "
+         "not know how model type 'llama' applies", build=with_unknown_logit_transform),
     Case("student-context-short", ["--student", "{tmp}/short"], "= 1024 exceeds the student's context of 512 tokens",
          build=with_context(512)),
     Case("probe-text-one-token", ["--probe_text", "a"], "sync.probe_text='a' is 1 token(s); the parity probe needs at least 2"),
