@@ -45,14 +45,16 @@ class ModelConfig:
     teacher_offload_dir: str = knob("", "teacher_placement=disk: where the layers are written; empty means OUT_DIR/teacher-offload")
     teacher_shared_prefix: bool = knob(
         True,
-        "teacher scoring: each privileged prompt runs once and its KV cache serves the group's K completions "
-        "(a sharded teacher always packs every completion with its own copy of the prompt)",
+        "teacher scoring: each privileged prompt runs once with the group's K completions behind it in the packed row "
+        "(on its KV cache under flash_attention_2; a sharded teacher always packs every completion with its own copy of "
+        "the prompt, and so does a model whose shared-prompt rows failed the start-up packing check)",
     )
     student_shared_prefix: bool = knob(
         True,
         "training forward: a group's K completions follow one copy of the student prompt, each attending to the prompt "
         "and itself (P + K*C tokens instead of K*(P+C)); the same loss and gradients as one copy per completion, "
-        "which attn_implementation=flash_attention_2 and sliding-window models always get",
+        "which attn_implementation=flash_attention_2 and a model whose shared-prompt rows failed the start-up packing "
+        "check always get",
     )
     trust_remote_code: bool = knob(False, "allow model repos to run their own code")
     dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16"] = knob(
