@@ -253,3 +253,113 @@ def test_fsdp2_on_one_gpu_matches_the_plain_model(tiny_model_dir):
     proc = subprocess.run([sys.executable, "-c", _FSDP_ONE_GPU, tiny_model_dir, ROOT], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+# --- Qwen 3.5's Gated DeltaNet on packed rows, on whichever implementation transformers picked -------------
+
+
+def _gdn_implementations() -> dict[str, str]:
+    """What transformers' Qwen 3.5 runs for its token mixers: `use_kernel_func_from_hub_with_fallback` picks, once
+    at import, flash-linear-attention's (`fla`) or causal-conv1d's function when the package imports, else its
+    own torch code, and keeps the choice in the wrapper's closure as `implementation`."""
+    import importlib.util
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    found = {}
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn"):
+        fn, implementation = getattr(modeling_qwen3_5, name), None
+        while fn is not None and implementation is None:  # through any hub-kernel wrapper around it
+            code = getattr(fn, "__code__", None)
+            if code is not None and "implementation" in code.co_freevars:
+                implementation = fn.__closure__[code.co_freevars.index("implementation")].cell_contents
+            fn = getattr(fn, "__wrapped__", None)
+        found[name] = f"{implementation.__module__}.{implementation.__qualname__}" if implementation else "?"
+    for package in ("fla", "causal_conv1d"):
+        found[package] = "importable" if importlib.util.find_spec(package) is not None else "absent"
+    if found["fla"] == "importable":
+        try:
+            import fla
+
+            found["fla"] = f"importable, version {getattr(fla, '__version__', '?')}"
+            importlib.import_module("fla.ops.gated_delta_rule")
+        except Exception as exc:  # transformers swallows this and falls back: say why
+            found["fla"] += f", but fla.ops.gated_delta_rule fails to import: {type(exc).__name__}: {exc}"
+    return found
+
+
+def _qwen3_5_probe(vocab_size: int):
+    """Two prompts and five completions of random tokens: sequences of 77, 71, 160, 64 and 153 tokens, so the
+    chunked delta rule (64-token chunks) runs one to three chunks per sequence, and a shared prompt's
+    completion replays 70 or 23 prompt tokens before its own."""
+    g = torch.Generator().manual_seed(5)
+
+    def tokens(n):
+        return torch.randint(0, vocab_size, (n,), generator=g).tolist()
+
+    prompts = [tokens(70), tokens(23)]
+    completions = [[tokens(n) for n in (7, 1, 90)], [tokens(n) for n in (41, 130)]]
+    return prompts, completions
+
+
+def _assert_qwen3_5_packs_exactly(model_dir: str, device: torch.device, tokenizer, label: str) -> None:
+    from opd_local.config import ModelConfig
+    from opd_local.models import load_causal_lm
+    from opd_local.packing import PackingPlan, pack_groups
+    from opd_local.packing_check import check_packing
+    from opd_local.scoring import packed_token_logprobs, score_completions
+    from opd_local.token_mixers import token_mixer_types
+
+    model = load_causal_lm(model_dir, ModelConfig(), torch.float32, device)
+    assert token_mixer_types(model) == ["Qwen3_5GatedDeltaNet"], token_mixer_types(model)
+    prompts, completions = _qwen3_5_probe(len(tokenizer))
+    pairs = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
+    expected = []
+    for p, c in pairs:  # each sequence alone through the model's own transformers forward
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c], device=device)).logits[0].double()
+        positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
+        expected.append(torch.log_softmax(logits, -1)[positions, torch.tensor(c, device=device)].cpu())
+    for shared in (False, True):
+        scores = score_completions(model, [p for p, _ in pairs], [c for _, c in pairs], micro_batch_tokens=100_000,
+                                   shared_prefix=shared)
+        for got, want in zip(scores.logprobs, expected):
+            torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=0,
+                                       msg=lambda m: f"shared_prefix={shared}: {m}")
+    with torch.enable_grad():  # the student's training row
+        row = packed_token_logprobs(model, pack_groups(list(zip(prompts, completions))).to(device))
+    torch.testing.assert_close(row.detach().double().cpu(), torch.cat(expected), atol=1e-4, rtol=0)
+
+    for compute_dtype in (torch.float32, torch.bfloat16):
+        check = check_packing(model, compute_dtype=compute_dtype, shared_prompt=True, vocab_size=len(tokenizer),
+                              differentiated=True)
+        print(check.describe(label, token_mixer_types(model)))
+        assert check.plan == PackingPlan(packed=True, shared_prompt=True), check.describe(label, [])
+        assert max(check.leaks.values()) == 0.0, check.describe(label, [])
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_dirs(tmp_path_factory, tokenizer):
+    from model_families import save_tiny_family
+
+    return {name: save_tiny_family(name, tmp_path_factory.mktemp(name), tokenizer, seed=0)
+            for name in ("qwen3_5", "qwen3_5_hub")}
+
+
+@pytest.mark.parametrize("layout", ["qwen3_5", "qwen3_5_hub"])
+def test_qwen3_5_gated_deltanet_packs_exactly_on_cuda(layout, qwen3_5_dirs, tokenizer, monkeypatch):
+    """Tiny Qwen 3.5 (3 Gated DeltaNet layers + 1 attention) in float32 on CUDA, through whichever delta-rule code
+    transformers picked at import (flash-linear-attention's Triton kernels when `fla` imports, else its torch
+    fallback; printed: `-s` or -rA shows it): packed rows, with and without a shared prompt, and the training row
+    equal each sequence alone through the model's own forward to 1e-4, and the start-up check keeps both layouts
+    with no leak in float32 and under bf16 autocast. `scripts/gpu_check.sh` runs it in its `fla` step.
+
+    The attention layer takes the per-sequence path: flex's compiles (fp32, bf16, with autograd) would take most
+    of the step's time, and test_packed_attention_equals_unpacked_on_cuda covers every path."""
+    implementations = _gdn_implementations()
+    print(f"Gated DeltaNet implementation ({layout}): " + "; ".join(f"{k}: {v}" for k, v in implementations.items()),
+          flush=True)
+    if implementations["fla"].startswith("importable"):  # fla is there: the test is about its kernels, not the fallback
+        assert implementations["torch_chunk_gated_delta_rule"].startswith("fla."), implementations
+    monkeypatch.setenv("OPD_PACKED_ATTENTION", "per_sequence")
+    _assert_qwen3_5_packs_exactly(qwen3_5_dirs[layout], CUDA, tokenizer, layout)
