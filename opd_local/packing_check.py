@@ -177,7 +177,7 @@ def check_run_models(student, teacher, cfg, compute_dtype: torch.dtype | None, v
             scorer=scorer, run=run,
         )
         log(result.describe(role, token_mixer_types(model)))
-        metrics[f"packing/{role}_check_seconds"] = result.seconds
+        metrics[f"time/packing_check_{role}"] = result.seconds
         metrics[f"packing/{role}_packed"] = float(result.plan.packed)
         metrics[f"packing/{role}_shared_prompt"] = float(result.plan.shared_prompt)
     return metrics

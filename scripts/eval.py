@@ -25,6 +25,7 @@ from opd_local.engines import make_sampler
 from opd_local.evaluation import TRACE_RECORDS, Evaluator, teacher_greedy
 from opd_local.metrics import METRICS_FILE
 from opd_local.models import load_causal_lm
+from opd_local.packing_check import check_run_models
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream
 from opd_local.run_directory import CONFIG_FILE, saved_run_teacher
@@ -58,6 +59,7 @@ def main() -> None:
 
     student = load_causal_lm(student_path, cfg.model, precision.master, ctx.device)
     teacher = Teacher.build(cfg, inputs, precision, ctx)  # never the evaluated student's base: it is a saved model
+    check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), print)  # the layouts scoring may pack
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
     evaluator = Evaluator(
         cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, resolve_micro_batch_tokens(cfg.optim, ctx.device.type),
