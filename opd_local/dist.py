@@ -61,20 +61,20 @@ def trainer_group() -> torch_dist.ProcessGroup | None:
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place on a copy); the identity in a single process."""
-    if _group is None:
-        return values
-    values = values.clone()
-    torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM, group=_group)
-    return values
+    """Sum over ranks (of a copy); the identity in a single process."""
+    return _all_reduce(values, torch_dist.ReduceOp.SUM)
 
 
 def all_reduce_max_values(values: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over ranks (of a copy); the identity in a single process."""
+    return _all_reduce(values, torch_dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
     if _group is None:
         return values
     values = values.clone()
-    torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX, group=_group)
+    torch_dist.all_reduce(values, op=op, group=_group)
     return values
 
 

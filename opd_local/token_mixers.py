@@ -25,8 +25,9 @@ from opd_local.attention import current_row, row_layout
 # Class-name parts of the layers that carry a state along the sequence. A layer found neither here nor
 # by its Conv1d is still caught by the start-up check (`packing_check`), which then packs no more.
 RECURRENT_NAME_PARTS = ("DeltaNet", "Mamba", "ShortConv", "Mixer", "LinearAttention", "Recurrent", "Rwkv", "SSM", "Ssm")
-# Arguments that describe the whole row: a per-sequence call gets none of them.
-ROW_KWARGS = ("attention_mask", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+# Arguments that describe the whole row's layout: a per-sequence call gets none of them. Other per-token
+# arguments (position ids, rotary embeddings) are cut to the sequence's tokens.
+ROW_KWARGS = ("attention_mask", "seq_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 CACHE_KWARGS = ("cache_params", "past_key_values", "past_key_value", "cache")
 
 
@@ -73,13 +74,25 @@ def _per_sequence_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     if len(runs) == 1:
         return forward(self, hidden_states, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k not in ROW_KWARGS}
+    length = hidden_states.shape[1]
     outputs = []
-    for start, end, prefix_start, prefix_end in runs:
-        inputs = hidden_states[:, start:end]
-        if prefix_end > prefix_start:
-            inputs = torch.cat([hidden_states[:, prefix_start:prefix_end], inputs], dim=1)
-        output = forward(self, inputs, **kwargs)
+    for run in runs:
+        inputs = _sequence_tokens(hidden_states, length, run)
+        output = forward(self, inputs, **{k: _sequence_tokens(v, length, run) for k, v in kwargs.items()})
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"{type(self).__name__} returned {type(output).__name__}; opd-local splits only layers returning a tensor")
-        outputs.append(output[:, inputs.shape[1] - (end - start) :])
+        outputs.append(output[:, inputs.shape[1] - (run[1] - run[0]) :])
     return torch.cat(outputs, dim=1)
+
+
+def _sequence_tokens(value, length: int, run: tuple[int, int, int, int]):
+    """A per-token `[1, T, ...]` tensor (or a tuple of them) cut to one run's tokens, behind its prompt's when it
+    shares one; anything else as it is."""
+    if isinstance(value, tuple):
+        return tuple(_sequence_tokens(v, length, run) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != 1 or value.shape[1] != length:
+        return value
+    start, end, prefix_start, prefix_end = run
+    if prefix_end > prefix_start:
+        return torch.cat([value[:, prefix_start:prefix_end], value[:, start:end]], dim=1)
+    return value[:, start:end]

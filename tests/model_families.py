@@ -399,3 +399,29 @@ def save_tiny_family(name: str, path, tokenizer, seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def one_step_config(student_dir: str, out_dir, attn_implementation: str = "sdpa"):
+    """One fp32 step with the HF sampler and the plain teacher (the student's own weights and prompt): at step 0
+    the trainer's logprobs must equal the sampler's, and the teacher's the rollout's."""
+    from opd_local.config import Config
+
+    cfg = Config()
+    cfg.model.student = student_dir
+    cfg.model.attn_implementation = attn_implementation
+    cfg.model.dtype = "float32"
+    cfg.model.teacher_context = "plain"
+    cfg.rollout.sampler = "hf"
+    cfg.rollout.groups_per_step = 2
+    cfg.rollout.samples_per_group = 2
+    cfg.rollout.max_tokens = 10
+    cfg.data.max_train_rows = 2
+    cfg.data.max_heldout_rows = 1
+    cfg.run.steps = 1
+    cfg.run.device = "cpu"
+    cfg.run.save_every = 0
+    cfg.run.save_final = False
+    cfg.eval.every = 0
+    cfg.run.out_dir = str(out_dir)
+    return cfg
+

@@ -3,10 +3,10 @@ alone, in every layout a run packs, and one training step starts on the sampler'
 
 import pytest
 import torch
-from model_families import ATTN_IMPLEMENTATION, FAMILIES, save_tiny_family
+from model_families import ATTN_IMPLEMENTATION, FAMILIES, one_step_config, save_tiny_family
 
 from opd_local import token_mixers
-from opd_local.config import Config, ModelConfig
+from opd_local.config import ModelConfig
 from opd_local.loop import train
 from opd_local.metrics import read_metrics
 from opd_local.models import load_causal_lm
@@ -83,23 +83,7 @@ def test_every_layout_scores_each_sequence_as_alone(name, family_dir, tokenizer)
 def test_one_step_starts_on_the_samplers_logprobs(name, family_dir, tmp_path):
     """At step 0 the trainer holds the sampler's weights and the plain teacher is the same model on the same
     prompt: the packed student logprobs must equal the sampler's, and the teacher's the rollout's."""
-    cfg = Config()
-    cfg.model.student = family_dir(name)
-    cfg.model.attn_implementation = ATTN_IMPLEMENTATION.get(name, "sdpa")
-    cfg.model.dtype = "float32"
-    cfg.model.teacher_context = "plain"
-    cfg.rollout.sampler = "hf"
-    cfg.rollout.groups_per_step = 2
-    cfg.rollout.samples_per_group = 2
-    cfg.rollout.max_tokens = 10
-    cfg.data.max_train_rows = 2
-    cfg.data.max_heldout_rows = 1
-    cfg.run.steps = 1
-    cfg.run.device = "cpu"
-    cfg.run.save_every = 0
-    cfg.run.save_final = False
-    cfg.eval.every = 0
-    cfg.run.out_dir = str(tmp_path / "run")
+    cfg = one_step_config(family_dir(name), tmp_path / "run", ATTN_IMPLEMENTATION.get(name, "sdpa"))
     [metrics] = read_metrics(train(cfg))
     assert metrics["opd/active_tokens"] > 0
     assert metrics["rollout/trainer_lp_mismatch"] < 1e-5, metrics

@@ -5,11 +5,11 @@ import types
 
 import pytest
 import torch
-from model_families import save_tiny_family
+from model_families import one_step_config, save_tiny_family
 
 from opd_local import models, token_mixers
 from opd_local.attention import row_layout
-from opd_local.config import Config, ModelConfig
+from opd_local.config import ModelConfig
 from opd_local.loop import train
 from opd_local.metrics import read_metrics
 from opd_local.models import load_causal_lm
@@ -80,22 +80,7 @@ def test_a_run_on_unsplit_recurrent_layers_trains_on_true_logprobs(tmp_path, tok
     """Qwen 3.5 with its Gated DeltaNet layers left to carry their state along the row, as transformers runs
     them: the check sees the leak on the student and the teacher, and step 0 is exact anyway."""
     monkeypatch.setattr(models, "split_token_mixers", lambda model: [])
-    cfg = Config()
-    cfg.model.student = save_tiny_family("qwen3_5", tmp_path / "qwen3_5", tokenizer)
-    cfg.model.dtype = "float32"
-    cfg.model.teacher_context = "plain"
-    cfg.rollout.sampler = "hf"
-    cfg.rollout.groups_per_step = 2
-    cfg.rollout.samples_per_group = 2
-    cfg.rollout.max_tokens = 8
-    cfg.data.max_train_rows = 2
-    cfg.data.max_heldout_rows = 1
-    cfg.run.steps = 1
-    cfg.run.device = "cpu"
-    cfg.run.save_every = 0
-    cfg.run.save_final = False
-    cfg.eval.every = 0
-    cfg.run.out_dir = str(tmp_path / "run")
+    cfg = one_step_config(save_tiny_family("qwen3_5", tmp_path / "qwen3_5", tokenizer), tmp_path / "run")
     [metrics] = read_metrics(train(cfg))
     assert metrics["packing/student_packed"] == metrics["packing/teacher_packed"] == 0.0
     assert metrics["time/packing_check_student"] > 0
