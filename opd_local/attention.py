@@ -11,9 +11,9 @@ A student row may also hold a group's completions behind one copy of their promp
 each completion attends to the prompt and to itself, never to a sibling. `row_layout` reads that from the
 position ids; flex takes it into its block mask, the per-sequence path attends each completion to the
 prompt's keys and its own, and flash-attn (whole sequences only) hands such rows to the per-sequence path.
-eager and plain sdpa get the same layout as a dense mask (`shared_prefix_mask`).
-The path can be forced with OPD_PACKED_ATTENTION=flash|flex|per_sequence|sdpa (sdpa: transformers' dense
-mask, the old behaviour). Anything else (padding masks, a KV cache: generation, shared-prefix scoring) is
+eager, plain sdpa and sliding windows get the same layout as a dense mask (`packed_row_mask`).
+The path can be forced with OPD_PACKED_ATTENTION=flash|flex|per_sequence|sdpa (sdpa: one dense layout
+mask through SDPA). Anything else (padding masks, a KV cache: generation, shared-prefix scoring) is
 handed to transformers' own SDPA code unchanged.
 """
 
@@ -176,8 +176,8 @@ def _attention_layer_types(config) -> set[str]:
     return {str(t) for t in (getattr(config, "layer_types", None) or []) if "attention" in str(t) and "linear" not in str(t)}
 
 
-def packed_row_mask(config, position_ids: torch.Tensor, dtype: torch.dtype):
-    """What a packed row passes as `attention_mask`.
+def packed_row_mask(config, position_ids: torch.Tensor, dtype: torch.dtype, shared_prefix: bool):
+    """What a packed row passes as `attention_mask`; `shared_prefix` says whether completions share a prompt.
 
     None where the attention reads the row's layout itself (`PACKED_SDPA` without a window) or takes
     whole sequences from the position ids (flash_attention_2; a shared prompt is refused there). Else the
@@ -192,7 +192,7 @@ def packed_row_mask(config, position_ids: torch.Tensor, dtype: torch.dtype):
     if implementation == PACKED_SDPA and packed_path(position_ids.device) != "sdpa" and not windowed:
         return None
     if not supports_shared_prefix(config):
-        if has_shared_prefix(row_layout(position_ids)):
+        if shared_prefix:
             raise ValueError(f"attn_implementation={implementation}: cannot attend a shared prompt's completions")
         return None
     window = getattr(config, "sliding_window", None)
@@ -205,12 +205,12 @@ def packed_row_mask(config, position_ids: torch.Tensor, dtype: torch.dtype):
         return mask
 
     layer_types = _attention_layer_types(config)
-    full = as_mask(layout_mask(position_ids))
     if not windowed:
-        return full
+        return as_mask(layout_mask(position_ids))
     sliding = as_mask(layout_mask(position_ids, window))
     if not any("sliding" in t for t in layer_types) or all("sliding" in t for t in layer_types):
         return sliding  # one window for every layer (Mistral)
+    full = as_mask(layout_mask(position_ids))
     masks = {t: sliding if "sliding" in t else full for t in layer_types}
     for t in getattr(config, "layer_types", None) or []:
         masks.setdefault(str(t), None)  # recurrent and conv layers: no padding in a packed row

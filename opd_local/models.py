@@ -110,7 +110,7 @@ def load_causal_lm(path: str, cfg: ModelConfig, dtype: torch.dtype, device: torc
         attn_implementation=model_attention(cfg.attn_implementation),
         trust_remote_code=cfg.trust_remote_code,
     )
-    split_token_mixers(model)  # recurrent and conv layers see each sequence of a packed row on its own
+    split_token_mixers(decoder_layers(model))  # recurrent and conv layers see each sequence of a packed row on its own
     return model.to(device)
 
 
@@ -149,6 +149,14 @@ def load_student(path: str, cfg: ModelConfig, dtype: torch.dtype, seed: int):
 
 def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks of a transformers model (with or without a PEFT adapter); none where its decoder
+    keeps them under another name."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    return list(layers) if layers is not None else []
 
 
 def merged_named_weights(model, only=None):
@@ -329,7 +337,7 @@ def final_hidden_states(
 
 def active_hidden_states(model, batch) -> torch.Tensor:
     """Hidden states at the packed batch's active positions, `[N_active, H]`."""
-    mask = packed_row_mask(model.config, batch.position_ids, next(model.parameters()).dtype)
+    mask = packed_row_mask(model.config, batch.position_ids, next(model.parameters()).dtype, batch.shared_prefix)
     hidden = final_hidden_states(model, batch.input_ids, batch.position_ids, mask)[0]  # [T, H]
     return hidden.index_select(0, batch.logit_positions)
 

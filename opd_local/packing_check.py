@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_local import dist
+from opd_local import dist, parallel
 from opd_local.packing import PackingPlan, pack_groups, set_packing_plan
-from opd_local.scoring import packed_token_logprobs
+from opd_local.scoring import indices_by_prompt, packed_token_logprobs
+from opd_local.models import decoder_layers
 from opd_local.token_mixers import token_mixer_types
 
 # Two tolerances per dtype, both on max |Δlogprob| (docs/design.md, "Packing check").
@@ -82,18 +83,13 @@ def _training_row_logprobs(model, groups, compute_dtype, differentiated: bool) -
 
 def _layout_logprobs(model, layout: str, pairs, compute_dtype, differentiated: bool, scorer, run) -> torch.Tensor:
     """The logprobs of `(prompt, completion)` pairs, in order, scored in `layout`: `alone`, `packed` or
-    `shared prompt` (consecutive pairs of one prompt behind one copy of it)."""
+    `shared prompt` (the pairs of each prompt behind one copy of it)."""
     if scorer is None:  # the student: the rows training builds, each forward through `run`
         if layout == "alone":
             return torch.cat([run(_training_row_logprobs, [(p, [c])], compute_dtype, differentiated) for p, c in pairs])
         groups = [(p, [c]) for p, c in pairs]
         if layout == "shared prompt":
-            groups = []
-            for p, c in pairs:
-                if groups and groups[-1][0] == p:
-                    groups[-1][1].append(c)
-                else:
-                    groups.append((p, [c]))
+            groups = [(pairs[m[0]][0], [pairs[i][1] for i in m]) for m in indices_by_prompt([p for p, _ in pairs])]
         return run(_training_row_logprobs, groups, compute_dtype, differentiated)
     budget = 1 if layout == "alone" else 1 << 30  # the teacher: its own scoring call, one row or one per sequence
     scores = scorer(
@@ -159,8 +155,6 @@ def check_run_models(student, teacher, cfg, compute_dtype: torch.dtype | None, v
     A teacher that is the student's base with its adapter off runs the same layers: checked once, as the
     student. Returns step-0 metrics: each check's seconds and the layouts it kept.
     """
-    from opd_local import parallel
-
     module = parallel.unwrap(student)
     checks = [("student", module, cfg.model.student_shared_prefix, None, functools.partial(parallel.call, student))]
     teacher_module = parallel.unwrap(teacher.model)
@@ -176,7 +170,7 @@ def check_run_models(student, teacher, cfg, compute_dtype: torch.dtype | None, v
             model, compute_dtype=compute_dtype, shared_prompt=shared, vocab_size=vocab_size, differentiated=differentiated,
             scorer=scorer, run=run,
         )
-        log(result.describe(role, token_mixer_types(model)))
+        log(result.describe(role, token_mixer_types(decoder_layers(model))))
         metrics[f"time/packing_check_{role}"] = result.seconds
         metrics[f"packing/{role}_packed"] = float(result.plan.packed)
         metrics[f"packing/{role}_shared_prompt"] = float(result.plan.shared_prompt)

@@ -109,11 +109,10 @@ def resolve_layout(choice: str, num_params: int, ddp_max_params: int, world_size
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks, the units FSDP2 shards and gathers one at a time."""
-    base = model.get_base_model() if models.is_peft_model(model) else model
-    layers = getattr(base.get_decoder(), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(base).__name__}: no decoder `layers` to shard; use run.parallel=ddp")
-    return list(layers)
+    layers = models.decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to shard; use run.parallel=ddp")
+    return layers
 
 
 def _fully_shard(

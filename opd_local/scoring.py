@@ -121,7 +121,7 @@ def _packed_batches(model, prompts, completions, micro_batch_tokens: int, device
         yield indices, active_hidden, batch.targets
 
 
-def _indices_by_prompt(prompts: list[list[int]]) -> list[list[int]]:
+def indices_by_prompt(prompts: list[list[int]]) -> list[list[int]]:
     """The indices of each distinct prompt, in order of first appearance."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -131,7 +131,7 @@ def _indices_by_prompt(prompts: list[list[int]]) -> list[list[int]]:
 
 def _shared_row_batches(model, prompts, completions, micro_batch_tokens: int, device, compute_dtype):
     """The same, each distinct prompt once per packed row with the completions that share it behind it."""
-    members = _indices_by_prompt(prompts)
+    members = indices_by_prompt(prompts)
     plan = split_groups_by_token_budget(
         [len(prompts[m[0]]) for m in members], [[len(completions[i]) for i in m] for m in members], micro_batch_tokens
     )
@@ -150,7 +150,7 @@ def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int,
     as a right-padded batch on its KV cache (padding sits after every real token, so causal attention
     never reads it)."""
     decoder = model.get_decoder()
-    for members in _indices_by_prompt(prompts):
+    for members in indices_by_prompt(prompts):
         prompt = prompts[members[0]]
         prefix = len(prompt) - 1  # the last prompt token predicts the first completion token
         prefix_cache = None

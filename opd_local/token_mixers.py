@@ -41,27 +41,21 @@ def is_token_mixer(module: torch.nn.Module) -> bool:
     return any(isinstance(child, torch.nn.Conv1d) for child in module.children())
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    return list(layers) if layers is not None else []
+def _token_mixers(layers):
+    return [child for layer in layers for child in layer.children() if is_token_mixer(child)]
 
 
-def split_token_mixers(model) -> list[str]:
-    """Make every token mixer of `model` run per sequence on packed rows; returns the class names split."""
-    split = []
-    for layer in decoder_layers(model):
-        for child in layer.children():
-            if is_token_mixer(child) and not getattr(child, "_opd_per_sequence", False):
-                child.forward = types.MethodType(_per_sequence_forward, child)
-                child._opd_per_sequence = True
-                split.append(type(child).__name__)
-    return sorted(set(split))
+def split_token_mixers(layers) -> None:
+    """Make every token mixer of the decoder `layers` (`models.decoder_layers`) run per sequence on packed rows."""
+    for mixer in _token_mixers(layers):
+        if not getattr(mixer, "_opd_per_sequence", False):
+            mixer.forward = types.MethodType(_per_sequence_forward, mixer)
+            mixer._opd_per_sequence = True
 
 
-def token_mixer_types(model) -> list[str]:
-    """The class names of the layers `split_token_mixers` splits (or would)."""
-    return sorted({type(c).__name__ for layer in decoder_layers(model) for c in layer.children() if is_token_mixer(c)})
+def token_mixer_types(layers) -> list[str]:
+    """The class names of the layers `split_token_mixers` splits among the decoder `layers`."""
+    return sorted({type(mixer).__name__ for mixer in _token_mixers(layers)})
 
 
 def _per_sequence_forward(self, hidden_states: torch.Tensor, *args, **kwargs):

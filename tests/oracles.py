@@ -16,6 +16,19 @@ V_SMALL = 509  # odd too: the interpreter is slow
 TINY_TILES = (16, 32, 16, 1)  # BLOCK_N, BLOCK_V, BLOCK_H, num_warps: many blocks on every axis
 
 
+# The fused linear log-prob's tolerances, (log-prob atol, gradient tolerance: atol per max |expected| and rtol),
+# by backend and dtype. fp32: fp32 products and sums. bf16, Triton: inputs are exact, logits fp32-accumulated,
+# dlogits rounded to bf16 before the gradient matmuls (like autograd's bf16 matmul) and dH/dW rounded to bf16 at
+# the end. bf16, torch: the matmul itself returns bf16 logits, so log-probs carry bf16 rounding of logits of
+# size ~1-10 (before a logit transform, which the kernels apply in fp32).
+LINEAR_TOL = {
+    ("reference", torch.float32): (2e-5, 2e-5),
+    ("triton", torch.float32): (2e-5, 2e-5),
+    ("reference", torch.bfloat16): (5e-2, 2e-2),
+    ("triton", torch.bfloat16): (1e-4, 1.5e-2),
+}
+
+
 def backend_options(backend: str, chunk_tokens: int, **triton_options) -> dict:
     """Keyword arguments of a `kernels` call: the chunk for the torch path, block or tile overrides for Triton
     (which accepts `chunk_tokens` and ignores it)."""

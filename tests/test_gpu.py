@@ -304,14 +304,15 @@ def _qwen3_5_probe(vocab_size: int):
 
 def _assert_qwen3_5_packs_exactly(model_dir: str, device: torch.device, tokenizer, label: str) -> None:
     from opd_local.config import ModelConfig
-    from opd_local.models import load_causal_lm
+    from opd_local.models import decoder_layers, load_causal_lm
     from opd_local.packing import PackingPlan, pack_groups
     from opd_local.packing_check import check_packing
     from opd_local.scoring import packed_token_logprobs, score_completions
     from opd_local.token_mixers import token_mixer_types
 
     model = load_causal_lm(model_dir, ModelConfig(), torch.float32, device)
-    assert token_mixer_types(model) == ["Qwen3_5GatedDeltaNet"], token_mixer_types(model)
+    mixers = token_mixer_types(decoder_layers(model))
+    assert mixers == ["Qwen3_5GatedDeltaNet"], mixers
     prompts, completions = _qwen3_5_probe(len(tokenizer))
     pairs = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
     expected = []
@@ -333,7 +334,7 @@ def _assert_qwen3_5_packs_exactly(model_dir: str, device: torch.device, tokenize
     for compute_dtype in (torch.float32, torch.bfloat16):
         check = check_packing(model, compute_dtype=compute_dtype, shared_prompt=True, vocab_size=len(tokenizer),
                               differentiated=True)
-        print(check.describe(label, token_mixer_types(model)))
+        print(check.describe(label, token_mixer_types(decoder_layers(model))))
         assert check.plan == PackingPlan(packed=True, shared_prompt=True), check.describe(label, [])
         assert max(check.leaks.values()) == 0.0, check.describe(label, [])
 

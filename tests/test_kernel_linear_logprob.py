@@ -15,7 +15,7 @@ import torch
 import kernels
 import kernels.reference.linear_logprob as chunked
 from oracles import (
-    DEVICE, TINY_TILES, V, V_SMALL, backend_options, close, float64_leaves, linear_inputs, lp64, opd64, opd_inputs,
+    DEVICE, LINEAR_TOL, TINY_TILES, V, V_SMALL, backend_options, close, float64_leaves, linear_inputs, lp64, opd64, opd_inputs,
     reinforce_value64,
 )
 
@@ -28,18 +28,6 @@ pytestmark = [
 def triton_linear():
     """The Triton module, imported only by tests that run it (`import kernels` never does)."""
     return importlib.import_module("kernels.triton.linear_logprob")
-
-
-# (log-prob atol, gradient tolerance: atol per max |expected| and rtol) by backend and dtype.
-# fp32: fp32 products and sums. bf16, Triton: inputs are exact, logits fp32-accumulated, dlogits rounded to bf16
-# before the gradient matmuls (like autograd's bf16 matmul) and dH/dW rounded to bf16 at the end. bf16, torch:
-# the matmul itself returns bf16 logits, so log-probs carry bf16 rounding of logits of size ~1-10.
-LINEAR_TOL = {
-    ("reference", torch.float32): (2e-5, 2e-5),
-    ("triton", torch.float32): (2e-5, 2e-5),
-    ("reference", torch.bfloat16): (5e-2, 2e-2),
-    ("triton", torch.bfloat16): (1e-4, 1.5e-2),
-}
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from oracles import (
-    DEVICE, TINY_TILES, backend_options, close, divergence64, float64_leaves, linear_inputs, logits64, opd64,
+    DEVICE, LINEAR_TOL, TINY_TILES, backend_options, close, divergence64, float64_leaves, linear_inputs, logits64, opd64,
     opd_inputs,
 )
 
@@ -88,16 +88,6 @@ def test_opd_loss(backend, transform):
     close(student_lp, s64.detach(), atol=2e-6 * x64.detach().abs().max().item(), what="student_lp")
     close(loss, expect, atol=1e-5, rtol=1e-5, what="loss")
     grad_close(dlogits, expect_grad, 1e-5, "dlogits")
-
-
-# (log-prob atol, gradient tolerance per max |expected| and relative): fp32; bf16 as in test_kernel_linear_logprob
-# (the torch path's CPU matmul returns bf16 logits, so its log-probs carry their rounding before the transform).
-LINEAR_TOL = {
-    ("reference", torch.float32): (2e-5, 2e-5),
-    ("triton", torch.float32): (2e-5, 2e-5),
-    ("reference", torch.bfloat16): (5e-2, 2e-2),
-    ("triton", torch.bfloat16): (1e-4, 1.5e-2),
-}
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from opd_local import token_mixers
 from opd_local.config import ModelConfig
 from opd_local.loop import train
 from opd_local.metrics import read_metrics
-from opd_local.models import load_causal_lm
+from opd_local.models import decoder_layers, load_causal_lm
 from opd_local.packing import PackingPlan, packing_plan, pack_groups
 from opd_local.packing_check import check_packing
 from opd_local.scoring import packed_token_logprobs, score_completions
@@ -61,7 +61,7 @@ def test_every_layout_scores_each_sequence_as_alone(name, family_dir, tokenizer)
     start-up check's verdict, which must keep both layouts."""
     model = _load(family_dir, name)
     if name in RECURRENT:
-        assert token_mixers.token_mixer_types(model), f"{name}: no recurrent or conv layer was found to split"
+        assert token_mixers.token_mixer_types(decoder_layers(model)), f"{name}: no recurrent or conv layer was found to split"
     prompts, completions = _probe(tokenizer)
     pairs = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
     expected = [_alone(model, p, c) for p, c in pairs]
