@@ -29,7 +29,7 @@ from opd_local.run_directory import FINAL_MODEL, check_run_directory, start_run_
 from opd_local.rollouts import build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import rollout_seeds
-from opd_local.sync import WeightSync
+from opd_local.sync import WeightSync, prove_push
 from opd_local.teacher import Teacher
 from opd_local.training import train_on_rollouts
 
@@ -60,6 +60,8 @@ def train(cfg: Config) -> Path:
     check_output_head(student, "model.student")
     layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
     student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
+    # While the student still holds the weights the engine loaded: a push must reproduce them bit for bit.
+    push_proof = prove_push(sampler, student)
     teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
     check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
     # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
@@ -98,7 +100,7 @@ def train(cfg: Config) -> Path:
     # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
     bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
     for step in tqdm(range(start_step, cfg.run.steps), **bar):
-        metrics: dict[str, float] = {**inputs.counts, **packing_metrics} if step == 0 else {}
+        metrics: dict[str, float] = {**inputs.counts, **packing_metrics, **push_proof} if step == 0 else {}
         if evaluator is not None and evaluator.due(step):
             metrics.update(evaluator.run(step, student, sampler))
 

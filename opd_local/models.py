@@ -151,32 +151,38 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def base_model(model):
+    """The transformers model inside a PEFT wrapper, or `model` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The transformer blocks of a transformers model (with or without a PEFT adapter); none where its decoder
     keeps them under another name."""
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = base_model(model)
     layers = getattr(base.get_decoder(), "layers", None)
     return list(layers) if layers is not None else []
 
 
 def merged_named_weights(model, only=None):
-    """`(name, tensor)` pairs in the plain checkpoint layout an inference engine loads.
+    """`(name, tensor)` pairs of what `save_pretrained` writes (parameters and persistent buffers), under the
+    model's own module names; `engine_layout.checkpoint_layout` turns them into the checkpoint's.
 
     For a PEFT model the LoRA deltas are added to the base weights (PEFT's own `get_delta_weight`)
     without touching the trained model, unless the adapter is disabled at the time. Tied weights
-    appear under every name. `only(name)` picks parameters by their name in the base model, so a
+    appear under every name. `only(name)` picks tensors by their name in the base model, so a
     sharded model can be read one gathered layer at a time.
     """
     if not is_peft_model(model):
-        for name, param in model.named_parameters(remove_duplicate=False):
+        for name, tensor in saved_tensors(model):
             if only is None or only(name):
-                yield name, param.detach()
+                yield name, tensor.detach()
         return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
     lora_layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
-    for name, param in base.named_parameters(remove_duplicate=False):
+    for name, param in saved_tensors(base):
         if ".lora_" in name or (only is not None and not only(name)):
             continue
         if ".base_layer." not in name:
@@ -192,12 +198,25 @@ def merged_named_weights(model, only=None):
         yield f"{module_name}.{leaf}", weight
 
 
+def saved_tensors(model):
+    """Parameters and persistent buffers (Gemma 4's per-layer `layer_scalar` is one) module by module, so that
+    an engine loading layer by layer gets each layer's tensors together; shared ones under every name."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield dot + name, param
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield dot + name, buffer
+
+
 def merged_weight_shapes(model) -> dict[str, tuple[int, ...]]:
     """Names and shapes of `merged_named_weights(model)`, read without touching the values (so no gathering)."""
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = base_model(model)
     return {
-        name.replace(".base_layer.", "."): tuple(param.shape)
-        for name, param in base.named_parameters(remove_duplicate=False)
+        name.replace(".base_layer.", "."): tuple(tensor.shape)
+        for name, tensor in saved_tensors(base)
         if ".lora_" not in name
     }
 

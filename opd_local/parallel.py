@@ -301,7 +301,7 @@ def _fsdp_groups(model: DistributedModel) -> tuple[nn.Module, list[tuple[str, nn
     """The FSDP2 root and the sharded layers, with their parameter-name prefixes in `merged_named_weights` naming."""
     from torch.distributed.fsdp import FSDPModule
 
-    base = model.module.get_base_model() if models.is_peft_model(model.module) else model.module
+    base = models.base_model(model.module)
     layers = [(name + ".", m) for name, m in base.named_modules() if isinstance(m, FSDPModule)]
     return model.root, layers
 

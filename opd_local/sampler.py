@@ -10,14 +10,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opd_local.config import ModelConfig
-from opd_local.models import load_causal_lm
+from opd_local.models import load_causal_lm, saved_tensors
+from opd_local.weight_fingerprint import differing, fingerprints
 
 
 @dataclass
@@ -48,6 +49,12 @@ def rollout_seeds(run_seed: int, step: int, num_groups: int, n: int) -> list[int
 
 class Sampler(abc.ABC):
     dtype: torch.dtype  # what the engine holds its weights in; pushed tensors are cast to it
+    # The names `push_weights` takes: the trainer module's own ("module") or its checkpoint's ("checkpoint",
+    # `engine_layout.checkpoint_layout`).
+    weight_layout = "module"
+    # `weight_fingerprint.fingerprints(self.engine_weights())` as the engine loaded them from the model's
+    # directory: what a push of the same weights must reproduce bit for bit (`sync.prove_push`).
+    loaded_fingerprints: dict[str, torch.Tensor] | None = None
 
     @abc.abstractmethod
     def generate(
@@ -63,6 +70,22 @@ class Sampler(abc.ABC):
     @abc.abstractmethod
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's current weights in place."""
+
+    @abc.abstractmethod
+    def engine_weights(self) -> dict[str, torch.Tensor]:
+        """The engine's floating-point weights that every push must write, under the engine's own names."""
+
+    def prove_push(self, push: Callable[[], None]) -> list[str]:
+        """The engine tensors that `push` (of the weights the engine loaded) leaves other than the engine loaded them.
+
+        Every weight is first overwritten with NaN, so a tensor the push skips shows as well as one it
+        misplaces."""
+        if self.loaded_fingerprints is None:
+            raise RuntimeError("prove_push needs an engine that recorded its weights as loaded (engines.make_sampler)")
+        for tensor in self.engine_weights().values():
+            tensor.data.fill_(math.nan)
+        push()
+        return differing(self.loaded_fingerprints, fingerprints(self.engine_weights()))
 
     @abc.abstractmethod
     def score(self, ids: list[int]) -> list[float]:
@@ -124,7 +147,12 @@ class HFSampler(Sampler):
         model = load_causal_lm(model_path, model_cfg, dtype, device)
         model.eval()
         model.requires_grad_(False)
-        return cls(model, eos_token_id, pad_token_id)
+        sampler = cls(model, eos_token_id, pad_token_id)
+        sampler.loaded_fingerprints = fingerprints(sampler.engine_weights())
+        return sampler
+
+    def engine_weights(self):
+        return {name: t for name, t in saved_tensors(self.model) if t.is_floating_point()}
 
     @torch.no_grad()
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
@@ -179,7 +207,7 @@ class HFSampler(Sampler):
 
     @torch.no_grad()
     def push_weights(self, named_tensors):
-        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params = dict(saved_tensors(self.model))
         updated = set()
         for name, tensor in named_tensors:
             if name not in params:

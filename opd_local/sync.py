@@ -1,19 +1,26 @@
-"""Weight push into the rollout engine (step 8) and the parity probe that proves it (step 9).
+"""Weight push into the rollout engine (step 8), the proof before step 0 that a push writes every engine
+weight exactly, and the parity probe after every push (step 9).
 
-Stale engine weights are the classic silent bug of on-policy training: the run keeps going,
-but samples come from an old policy. The probe scores one fixed sequence on both sides.
+Stale or misplaced engine weights are the classic silent bug of on-policy training: the run keeps
+going, but samples come from another policy. See docs/design.md, "Weight push".
 """
 
 from __future__ import annotations
 
 import torch
 
-from opd_local import parallel
+from opd_local import dist, parallel
+from opd_local.engine_layout import checkpoint_layout
 from opd_local.metrics import device_clock
+from opd_local.models import base_model
 from opd_local.sampler import Sampler
 
 
 class StaleWeightsError(RuntimeError):
+    pass
+
+
+class WeightPushError(RuntimeError):
     pass
 
 
@@ -28,10 +35,35 @@ def push_model_weights(sampler: Sampler, model, digests: list[torch.Tensor] | No
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
     weights = parallel.gather_engine_weights(model)
+    if sampler.weight_layout == "checkpoint":
+        weights = checkpoint_layout(base_model(parallel.unwrap(model)), weights)
     if digests is not None:
         weights = _digested(weights, sampler.dtype, digests, _tied_storages(model))
     sampler.push_weights(weights)
     return device_clock(device) - start
+
+
+def prove_push(sampler: Sampler, model) -> dict[str, float]:
+    """Prove, before step 0, that a push writes every engine weight exactly where the engine's own loader put it.
+
+    `model` must hold the weights the engine loaded from the model's directory (as it does when it has
+    just been loaded, before a resumed run restores its checkpoint). The engine overwrites its weights
+    with NaN and has `model` pushed (`Sampler.prove_push`): each must then hold, bit for bit, what the
+    engine loaded. That holds at any precision, so it catches under bf16 what the parity probe cannot
+    tell from rounding: a skipped tensor, a transposed one, an expert in another's slot. Pushes later
+    in the run take the same path with other values. Returns its seconds as a metric.
+    """
+    device = next(model.parameters()).device
+    start = device_clock(device)
+    wrong = sampler.prove_push(lambda: push_model_weights(sampler, model))
+    if dist.all_reduce_max(len(wrong)):
+        shown = ", ".join(wrong[:6]) + (f" and {len(wrong) - 6} more" if len(wrong) > 6 else "")
+        raise WeightPushError(
+            "the weight push does not reproduce the rollout engine's weights: pushed the weights it loaded, it holds "
+            f"other values in {len(wrong)} tensors ({shown or 'on another rank'}); the push leaves them stale, misplaced "
+            "or unwritten. Pass --rollout.sampler hf to train with transformers as the engine."
+        )
+    return {"time/push_proof": device_clock(device) - start}
 
 
 def parity_probe(

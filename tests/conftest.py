@@ -156,6 +156,21 @@ def save_tiny_llama(path, tokenizer, seed: int, num_layers: int = 2, tied: bool 
 
 
 @pytest.fixture(scope="session")
+def family_dir(tmp_path_factory, tokenizer):
+    """`family_dir(name)`: the directory of `model_families.save_tiny_family(name)`, saved once per session."""
+    from model_families import save_tiny_family
+
+    saved = {}
+
+    def get(name: str) -> str:
+        if name not in saved:
+            saved[name] = save_tiny_family(name, tmp_path_factory.mktemp(name), tokenizer, seed=0)
+        return saved[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-student"), tokenizer, seed=1)
 

@@ -1,7 +1,7 @@
 """Tiny random-init models of many transformers families, built around the SmolLM2 tokenizer.
 
 `FAMILIES[name](tokenizer)` returns the family's transformers config, sized for unit tests (hidden 64, 2-4
-layers, head_dim 16-32; about 26 MB in float32, almost all of it the two untied 49152 x 64 vocabulary tables), and
+layers, head_dim 32, the smallest that vLLM's CPU attention takes; about 26 MB in float32, almost all of it the two untied 49152 x 64 vocabulary tables), and
 `save_tiny_family(name, path, tokenizer, seed)` saves a random-init model of it with the tokenizer, as
 `conftest.save_tiny_llama` does: the lm_head drawn from normal(0, 0.2) so next-token distributions are neither
 uniform nor one-hot, untied unless noted. Load each with `opd_local.models.load_causal_lm` and
@@ -73,20 +73,20 @@ def _common(tokenizer) -> dict:
 def llama(tokenizer):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**_common(tokenizer), num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaConfig(**_common(tokenizer), num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
 def qwen2(tokenizer):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**_common(tokenizer), num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return Qwen2Config(**_common(tokenizer), num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
 def qwen3(tokenizer):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        **_common(tokenizer), num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+        **_common(tokenizer), num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32
     )
 
 
@@ -96,9 +96,9 @@ def qwen3_moe(tokenizer):
     return Qwen3MoeConfig(
         **_common(tokenizer),
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=INTERMEDIATE,
@@ -185,9 +185,9 @@ def gemma3(tokenizer):
         **_common(tokenizer),
         num_hidden_layers=4,
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         query_pre_attn_scalar=16,
         sliding_window=SLIDING_WINDOW,
     )
@@ -202,8 +202,8 @@ def gemma4(tokenizer):
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
-        global_head_dim=32,
+        head_dim=32,
+        global_head_dim=64,
         sliding_window=SLIDING_WINDOW,
         # No per-layer input embeddings (the E2B/E4B models' second vocabulary-sized table).
         vocab_size_per_layer_input=len(tokenizer),
@@ -217,9 +217,9 @@ def mistral(tokenizer):
     return MistralConfig(
         **_common(tokenizer),
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         sliding_window=SLIDING_WINDOW,
     )
 
@@ -231,15 +231,15 @@ def phi3(tokenizer):
         **_common(tokenizer),
         original_max_position_embeddings=MAX_POSITIONS,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
 
 
 def olmo2(tokenizer):
     from transformers import Olmo2Config
 
-    return Olmo2Config(**_common(tokenizer), num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return Olmo2Config(**_common(tokenizer), num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
 def olmo3(tokenizer):
@@ -248,8 +248,8 @@ def olmo3(tokenizer):
     return Olmo3Config(
         **_common(tokenizer),
         num_hidden_layers=4,  # the default pattern: 3 sliding, then 1 full
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         sliding_window=SLIDING_WINDOW,
     )
 
@@ -260,8 +260,8 @@ def smollm3(tokenizer):
     return SmolLM3Config(
         **_common(tokenizer),
         num_hidden_layers=4,  # the 4th without RoPE
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
 
 
@@ -271,8 +271,8 @@ def granite(tokenizer):
     return GraniteConfig(
         **_common(tokenizer),
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         embedding_multiplier=12.0,
         residual_multiplier=0.22,
         attention_multiplier=1 / 16,
@@ -287,8 +287,8 @@ def granitemoehybrid(tokenizer):
         **_common(tokenizer),
         num_hidden_layers=4,
         layer_types=["mamba", "mamba", "attention", "mamba"],  # the hub's names, remapped on load
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         position_embedding_type="nope",  # as Granite 4.0-H: the Mamba layers carry position
         num_local_experts=4,
         num_experts_per_tok=2,
@@ -315,8 +315,8 @@ def lfm2(tokenizer):
         **kwargs,
         num_hidden_layers=4,
         layer_types=["conv", "conv", "full_attention", "conv"],
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         conv_L_cache=3,
         block_multiple_of=64,
     )
@@ -328,9 +328,9 @@ def gpt_oss(tokenizer):
     return GptOssConfig(
         **_common(tokenizer),
         num_hidden_layers=2,  # sliding, then full
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
         num_local_experts=4,
         num_experts_per_tok=2,
         sliding_window=SLIDING_WINDOW,

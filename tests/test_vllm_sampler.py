@@ -12,7 +12,7 @@ pytest.importorskip("vllm")
 
 from opd_local import dist  # noqa: E402
 from opd_local.config import Config, ModelConfig  # noqa: E402
-from opd_local.models import load_causal_lm  # noqa: E402
+from opd_local.models import load_causal_lm, load_student  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
 from opd_local.loop import build_optimizer  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS, resolve_precision  # noqa: E402
@@ -137,6 +137,50 @@ def test_push_updates_engine_and_skipped_push_is_caught(engine, student, tokeniz
     assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
     assert (after - before).abs().max() > 100 * LOGPROB_ATOL
     assert after.sum() > before.sum()
+
+
+def test_an_engine_on_the_transformers_backend_leaves_transformers_classes_alone(tokenizer, family_dir):
+    """vLLM serves olmo2 through its transformers backend, which marks `Olmo2Model` for torch.compile in place
+    (bases, __init__, __call__...). The engine is built first (loop.train), then the trainer's models: they must
+    build from the untouched class and compute what plain transformers computes, while the engine keeps its
+    patched instances, gives the same outputs as before and still takes a weight push."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2Model
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    from opd_local.vllm_sampler import VLLMSampler
+
+    path, model_cfg = family_dir("olmo2"), ModelConfig()
+    probe = tokenizer("Final: 42. The answer is forty-two.")["input_ids"]
+    prompt = _prompts(tokenizer)[0]
+    with torch.no_grad():  # built before any engine: plain transformers
+        clean_logits = load_causal_lm(path, model_cfg, torch.float32, torch.device("cpu"))(torch.tensor([probe])).logits
+    bases, attributes = Olmo2Model.__bases__, dict(vars(Olmo2Model))
+
+    cfg = Config()
+    cfg.rollout.max_model_len = 512
+    engine = VLLMSampler(path, cfg, torch.device("cpu"))
+    try:
+        assert Olmo2Model.__bases__ == bases and all(vars(Olmo2Model).get(k) is v for k, v in attributes.items())
+        assert vars(Olmo2Model).keys() - attributes.keys() <= {"_can_set_experts_implementation_cached_value"}  # transformers' own
+        (engine_class,) = engine.llm.apply_model(lambda model: type(model.model))
+        assert engine_class.__mro__[1] is Olmo2Model and issubclass(engine_class, TorchCompileWithNoGuardsWrapper)
+        assert engine_class.__call__ is not torch.nn.Module.__call__  # vLLM's dispatch to its compiled graph
+        greedy = engine.generate([prompt], n=1, temperature=0.0, max_tokens=8, seed=0)
+        scores = engine.score(probe)
+
+        student = load_student(path, model_cfg, torch.float32, seed=0)
+        assert type(student.model) is Olmo2Model and TorchCompileWithNoGuardsWrapper not in Olmo2Model.__mro__
+        assert Olmo2Model.__init__ is attributes["__init__"] and Olmo2Model.__call__ is torch.nn.Module.__call__
+        with torch.no_grad():
+            assert torch.equal(student(torch.tensor([probe])).logits, clean_logits)
+
+        assert engine.generate([prompt], n=1, temperature=0.0, max_tokens=8, seed=0)[0][0].token_ids == greedy[0][0].token_ids
+        assert engine.score(probe) == scores
+        assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
+        push_model_weights(engine, student)  # vLLM's in-place reload into the engine's own instances
+        assert parity_probe(engine, student, probe, threshold=LOGPROB_ATOL)["sync/parity_max_abs"] < LOGPROB_ATOL
+    finally:
+        engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,123 @@
+"""Weight push into the in-process vLLM engine, per model family: what a push and its checks cost, and what tells
+a wrong push from rounding.
+
+For each family (a tiny random-init model from tests/model_families.py, or the default SmolLM2-135M with
+`--default`) and each engine dtype, one engine is built and the trainer's own weights are pushed:
+
+- push seconds, parity-probe seconds (median of `--repeats`), and the start-up proof's seconds;
+- the parity probe's max |Δlogprob| after a true push, and after each of three wrong pushes (an expert
+  pushed with another's values where the model has experts, a square projection transposed, an
+  expert's projection or a norm skipped), next to what the push proof says of each.
+
+    python benchmarks/bench_push.py [--families llama,qwen3_moe] [--dtypes bfloat16,float32] [--default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from opd_local import sync  # noqa: E402
+from opd_local.config import Config, ModelConfig  # noqa: E402
+from opd_local.models import load_causal_lm, load_tokenizer, merged_named_weights  # noqa: E402
+from opd_local.precision import PARITY_THRESHOLDS  # noqa: E402
+from opd_local.sync import WeightPushError, parity_probe, prove_push, push_model_weights  # noqa: E402
+
+ASSETS = ROOT / "tests" / "assets" / "smollm2-135m-instruct"
+
+
+def faults(names: list[str]) -> dict:
+    """Three wrong pushes built from the checkpoint names this family has."""
+    experts = sorted(n for n in names if ".experts.1." in n and n.endswith(".weight"))
+    square = next(n for n in names if n.endswith(("q_proj.weight", "o_proj.weight", "out_proj.weight", "qkv_proj.weight")))
+    skipped = experts[0] if experts else next(n for n in names if n.endswith("post_attention_layernorm.weight") or n.endswith("norm.weight"))
+    chosen = {}
+    if experts:
+        other = experts[0].replace(".experts.1.", ".experts.0.")
+        chosen["expert swapped"] = lambda ws: [(n, dict(ws)[other] if n == experts[0] else t) for n, t in ws]
+    chosen["transposed"] = lambda ws: [(n, t.t() if n == square and t.shape[0] == t.shape[-1] else t) for n, t in ws]
+    chosen["skipped"] = lambda ws: [(n, t) for n, t in ws if n != skipped]
+    return chosen
+
+
+def seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, path: str, dtype: torch.dtype, attn: str, repeats: int) -> None:
+    from opd_local.vllm_sampler import VLLMSampler
+
+    tokenizer = load_tokenizer(str(ASSETS), ModelConfig())
+    cfg = Config()
+    cfg.rollout.max_model_len = 512
+    engine = VLLMSampler(path, cfg, torch.device("cpu"), dtype)
+    student = load_causal_lm(path, ModelConfig(attn_implementation=attn), torch.float32, torch.device("cpu"))
+    probe = tokenizer(cfg.sync.probe_text)["input_ids"]
+    limit = PARITY_THRESHOLDS[dtype]
+    proof = prove_push(engine, student)["time/push_proof"]
+    push = seconds(lambda: push_model_weights(engine, student), repeats)
+    check = seconds(lambda: parity_probe(engine, student, probe, limit, dtype), repeats)
+    true_parity = parity_probe(engine, student, probe, limit, dtype)["sync/parity_max_abs"]
+    row = f"| {name} | {str(dtype).removeprefix('torch.')} | {push:.3f} | {check:.3f} | {proof:.2f} | {true_parity:.3g} |"
+    layout = sync.checkpoint_layout
+    names = [n for n, _ in layout(student, merged_named_weights(student))]
+    for fault, corrupt in faults(names).items():
+        sync.checkpoint_layout = lambda model, weights, c=corrupt: c(list(layout(model, weights)))
+        try:
+            prove_push(engine, student)
+            verdict = "passed"
+        except WeightPushError as exc:
+            verdict = "refused: " + str(exc).split("(")[1].split(")")[0]
+        parity = parity_probe(engine, student, probe, 1e9, dtype)["sync/parity_max_abs"]
+        row += f" {fault}: parity {parity:.3g}, proof {verdict};"
+        sync.checkpoint_layout = layout
+    print(row + " |", flush=True)
+    engine.close()
+    del engine
+    gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default="llama,qwen3,qwen3_moe,gemma3,gemma4,mistral,phi3,granite,gpt_oss")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--default", action="store_true", help="the default SmolLM2-135M-Instruct instead")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    from model_families import ATTN_IMPLEMENTATION, save_tiny_family
+
+    print("| family | engine dtype | push s | parity probe s | proof s | parity, true push | wrong pushes |")
+    print("|---|---|---|---|---|---|---|")
+    tokenizer = load_tokenizer(str(ASSETS), ModelConfig())
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes.split(","):
+            if args.default:
+                from opd_local.models import resolve_model_path
+
+                model = Config().model
+                measure("SmolLM2-135M", resolve_model_path(model.student, model), getattr(torch, dtype), "sdpa", args.repeats)
+                continue
+            for name in args.families.split(","):
+                path = Path(tmp) / name
+                if not path.exists():
+                    save_tiny_family(name, path, tokenizer, seed=0)
+                measure(name, str(path), getattr(torch, dtype), ATTN_IMPLEMENTATION.get(name, "sdpa"), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
