@@ -88,7 +88,6 @@ def measure(name: str, path: str, dtype: torch.dtype, attn: str, repeats: int) -
         sync.checkpoint_layout = layout
     print(row + " |", flush=True)
     engine.close()
-    del engine
     gc.collect()
 
 

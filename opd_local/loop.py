@@ -54,109 +54,111 @@ def train(cfg: Config) -> Path:
     # The engine before anything of the trainer's: vLLM claims its share of the GPU from the memory
     # free at start-up, which the trainer's weights and its allocator's cache would have taken.
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
-    if ctx.is_main:
-        tqdm.write(precision.describe())
-    student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
-    check_output_head(student, "model.student")
-    layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
-    student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
-    # While the student still holds the weights the engine loaded: a push must reproduce them bit for bit.
-    push_proof = prove_push(sampler, student)
-    teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
-    check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
-    # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
-    log = tqdm.write if ctx.is_main else (lambda line: None)
-    packing_metrics = check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), log)
-    optimizer, scheduler = build_optimizer(student, cfg)
-    probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
-    weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
-    if resume:
-        progress = load_training_state(resume.checkpoint, student, optimizer, scheduler, ctx)
-        apply_optim_config(optimizer, scheduler, cfg.optim)  # flags given with --resume win over the saved ones
-        totals.load_state_dict(progress["cumulative"])
-    # The engine starts from the trainer's weights (the checkpoint's on resume), proven before step 0;
-    # this also gives the movement check of step 9 its baseline.
-    weight_sync.push_and_check(sampler, student)
-    if ctx.is_main:
-        start_run_directory(cfg, resume)  # only now is anything in the run directory written
-        tqdm.write(inputs.summary())
-    dist.barrier()
-    logger = MetricsLogger(
-        run_dir,
-        enabled=ctx.is_main,
-        wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
-        wandb_config=cfg.to_dict(),
-        purge_step=start_step if resume else None,
-    )
-    evaluator = None
-    # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
-    if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
-        evaluator = Evaluator(
-            cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer,
-            resolve_micro_batch_tokens(cfg.optim, ctx.device.type), write=ctx.is_main, compute_dtype=precision.compute,
+    try:
+        if ctx.is_main:
+            tqdm.write(precision.describe())
+        student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
+        check_output_head(student, "model.student")
+        layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
+        student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
+        # While the student still holds the weights the engine loaded: a push must reproduce them bit for bit.
+        push_proof = prove_push(sampler, student)
+        teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
+        check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
+        # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
+        log = tqdm.write if ctx.is_main else (lambda line: None)
+        packing_metrics = check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), log)
+        optimizer, scheduler = build_optimizer(student, cfg)
+        probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
+        weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
+        if resume:
+            progress = load_training_state(resume.checkpoint, student, optimizer, scheduler, ctx)
+            apply_optim_config(optimizer, scheduler, cfg.optim)  # flags given with --resume win over the saved ones
+            totals.load_state_dict(progress["cumulative"])
+        # The engine starts from the trainer's weights (the checkpoint's on resume), proven before step 0;
+        # this also gives the movement check of step 9 its baseline.
+        weight_sync.push_and_check(sampler, student)
+        if ctx.is_main:
+            start_run_directory(cfg, resume)  # only now is anything in the run directory written
+            tqdm.write(inputs.summary())
+        dist.barrier()
+        logger = MetricsLogger(
+            run_dir,
+            enabled=ctx.is_main,
+            wandb_project=cfg.run.wandb_project if cfg.run.wandb else None,
+            wandb_config=cfg.to_dict(),
+            purge_step=start_step if resume else None,
         )
-        evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
+        evaluator = None
+        # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
+        if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
+            evaluator = Evaluator(
+                cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer,
+                resolve_micro_batch_tokens(cfg.optim, ctx.device.type), write=ctx.is_main, compute_dtype=precision.compute,
+            )
+            evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
 
-    # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
-    bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
-    for step in tqdm(range(start_step, cfg.run.steps), **bar):
-        metrics: dict[str, float] = {**inputs.counts, **packing_metrics, **push_proof} if step == 0 else {}
-        if evaluator is not None and evaluator.due(step):
-            metrics.update(evaluator.run(step, student, sampler))
+        # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
+        bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
+        for step in tqdm(range(start_step, cfg.run.steps), **bar):
+            metrics: dict[str, float] = {**inputs.counts, **packing_metrics, **push_proof} if step == 0 else {}
+            if evaluator is not None and evaluator.due(step):
+                metrics.update(evaluator.run(step, student, sampler))
 
-        with span(metrics, "step", ctx.device):
-            # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
-            all_groups = stream.next_groups(cfg.rollout.groups_per_step)
-            step_groups = dist.shard_for_rank(all_groups, ctx)
-            group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
-            with span(metrics, "sample", ctx.device):
-                completions = sampler.generate(
-                    [g.student_prompt_ids for g in step_groups],
-                    n=cfg.rollout.samples_per_group,
-                    temperature=cfg.rollout.temperature,
-                    max_tokens=cfg.rollout.max_tokens,
-                    seed=group_seeds,
-                )
-                sampler.release_memory()
+            with span(metrics, "step", ctx.device):
+                # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
+                all_groups = stream.next_groups(cfg.rollout.groups_per_step)
+                step_groups = dist.shard_for_rank(all_groups, ctx)
+                group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
+                with span(metrics, "sample", ctx.device):
+                    completions = sampler.generate(
+                        [g.student_prompt_ids for g in step_groups],
+                        n=cfg.rollout.samples_per_group,
+                        temperature=cfg.rollout.temperature,
+                        max_tokens=cfg.rollout.max_tokens,
+                        seed=group_seeds,
+                    )
+                    sampler.release_memory()
 
-            # 3-4. validate, then the frozen teacher scores the same tokens behind its prompt (privileged or plain)
-            with span(metrics, "score", ctx.device):
-                rollouts = build_rollouts(step_groups, completions)
-                kept = teacher.score(rollouts)
+                # 3-4. validate, then the frozen teacher scores the same tokens behind its prompt (privileged or plain)
+                with span(metrics, "score", ctx.device):
+                    rollouts = build_rollouts(step_groups, completions)
+                    kept = teacher.score(rollouts)
 
-            # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
-            with span(metrics, "train", ctx.device):
-                metrics.update(
-                    train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head, teacher.logit_transform)
-                )
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
+                # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
+                with span(metrics, "train", ctx.device):
+                    metrics.update(
+                        train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head, teacher.logit_transform)
+                    )
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 
-            # 8-9. push the new weights into the engine in place, then prove they arrived
-            with span(metrics, "push", ctx.device):
-                metrics.update(weight_sync.push_and_check(sampler, student))
+                # 8-9. push the new weights into the engine in place, then prove they arrived
+                with span(metrics, "push", ctx.device):
+                    metrics.update(weight_sync.push_and_check(sampler, student))
 
-            # 10. metrics, reduced over ranks, and the run totals they add to
-            step_counts = rollout_metrics(rollouts, kept, len(step_groups))
-            metrics.update(step_counts)
-            metrics.update(totals.add(step_counts))
-        metrics["optim/lr"] = scheduler.get_last_lr()[0]
-        logger.log(step, metrics)
-        if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
-            # "cumulative" is the checkpoint format's key for the run totals.
-            progress = {"stream": stream.state_dict(), "cumulative": totals.state_dict()}
-            if ctx.is_main:
-                flush_logs_to_disk(run_dir)
-            save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
+                # 10. metrics, reduced over ranks, and the run totals they add to
+                step_counts = rollout_metrics(rollouts, kept, len(step_groups))
+                metrics.update(step_counts)
+                metrics.update(totals.add(step_counts))
+            metrics["optim/lr"] = scheduler.get_last_lr()[0]
+            logger.log(step, metrics)
+            if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
+                # "cumulative" is the checkpoint format's key for the run totals.
+                progress = {"stream": stream.state_dict(), "cumulative": totals.state_dict()}
+                if ctx.is_main:
+                    flush_logs_to_disk(run_dir)
+                save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
 
-    if evaluator is not None:  # the end point of every eval curve
-        logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
-    if cfg.run.save_final:
-        replica = functools.partial(load_student, student_path, cfg.model, precision.master, cfg.run.seed)
-        save_final_model(student, tokenizer, run_dir / FINAL_MODEL, ctx, replica)
-    logger.close()
-    sampler.close()
-    teacher.close()
+        if evaluator is not None:  # the end point of every eval curve
+            logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
+        if cfg.run.save_final:
+            replica = functools.partial(load_student, student_path, cfg.model, precision.master, cfg.run.seed)
+            save_final_model(student, tokenizer, run_dir / FINAL_MODEL, ctx, replica)
+        logger.close()
+        teacher.close()
+    finally:
+        sampler.close()  # also when the run is refused or fails: a process may build another engine after it
     if ctx.is_main:
         tqdm.write(write_report(run_dir))
     dist.barrier()

@@ -71,6 +71,12 @@ class Sampler(abc.ABC):
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's current weights in place."""
 
+    def stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as a push sends it: a matrix in the engine's dtype, cast once on the trainer's side; a
+        vector (a norm, a bias, Mamba's `A_log`, attention sinks) as it is, since an engine may keep such
+        small tensors in fp32 (vLLM's Mamba and Gated DeltaNet layers do) and casts the rest itself."""
+        return tensor.to(self.dtype) if tensor.ndim >= 2 else tensor
+
     @abc.abstractmethod
     def engine_weights(self) -> dict[str, torch.Tensor]:
         """The engine's floating-point weights that every push must write, under the engine's own names."""

@@ -38,7 +38,7 @@ def push_model_weights(sampler: Sampler, model, digests: list[torch.Tensor] | No
     if sampler.weight_layout == "checkpoint":
         weights = checkpoint_layout(base_model(parallel.unwrap(model)), weights)
     if digests is not None:
-        weights = _digested(weights, sampler.dtype, digests, _tied_storages(model))
+        weights = _digested(weights, sampler.stored, digests, _tied_storages(model))
     sampler.push_weights(weights)
     return device_clock(device) - start
 
@@ -133,9 +133,9 @@ class WeightSync:
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor], tied: frozenset[int] = frozenset()):
-    """`named_tensors` cast to the engine's `dtype` (once, here), appending a checksum of each as the
-    engine will store it: the sum of its bit patterns, which any flipped value changes.
+def _digested(named_tensors, stored, digests: list[torch.Tensor], tied: frozenset[int] = frozenset()):
+    """`named_tensors` as the push sends them (`stored`, `Sampler.stored`: cast once, here), appending a
+    checksum of each: the sum of its bit patterns, which any flipped value changes.
 
     A tensor whose storage is in `tied` (the data pointers of weights that come under several names:
     tied embeddings and lm_head, at 135M parameters a sixth of the push) is cast and summed once, and
@@ -144,14 +144,14 @@ def _digested(named_tensors, dtype: torch.dtype, digests: list[torch.Tensor], ti
     for name, tensor in named_tensors:
         key = tensor.data_ptr() if tied else None
         if key in tied and key in seen:
-            stored, digest = seen[key]
+            sent, digest = seen[key]
         else:
-            stored = tensor.detach().to(dtype)
-            digest = stored.view(_SAME_WIDTH_INT[dtype]).sum(dtype=torch.int64)
+            sent = stored(tensor.detach())
+            digest = sent.view(_SAME_WIDTH_INT[sent.dtype]).sum(dtype=torch.int64)
             if key in tied:
-                seen[key] = stored, digest
+                seen[key] = sent, digest
         digests.append(digest)
-        yield name, stored
+        yield name, sent
 
 
 def _tied_storages(student) -> frozenset[int]:

