@@ -134,7 +134,6 @@ def check_cpu_kernels(model_config, dtype: torch.dtype) -> None:
         )
 
 
-
 def _enforce_eager(setting: str, on_gpu: bool) -> bool:
     choice = setting.strip().lower()
     if choice not in ("auto", "true", "false"):

@@ -207,6 +207,19 @@ def test_qwen3_5_hub_checkpoint_serves_seeded_rollouts(family_dir, tokenizer):
         engine.close()
 
 
+def test_fp32_gated_deltanet_is_refused_before_the_engine_is_built(family_dir, monkeypatch):
+    import vllm
+
+    from opd_local.vllm_sampler import VLLMSampler
+
+    def build(**kwargs):
+        raise AssertionError("the engine was built")
+
+    monkeypatch.setattr(vllm, "LLM", build)
+    with pytest.raises(RuntimeError, match=r"Gated DeltaNet \(Qwen3_5ForConditionalGeneration\) computes in bfloat16 only"):
+        VLLMSampler(family_dir("qwen3_5_hub"), Config(), torch.device("cpu"), torch.float32)
+
+
 @pytest.fixture(scope="module")
 def bf16_engine(tiny_model_dir):
     from opd_local.vllm_sampler import VLLMSampler
