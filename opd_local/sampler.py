@@ -71,11 +71,13 @@ class Sampler(abc.ABC):
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the trainer's current weights in place."""
 
-    def stored(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` as a push sends it: a matrix in the engine's dtype, cast once on the trainer's side; a
-        vector (a norm, a bias, Mamba's `A_log`, attention sinks) as it is, since an engine may keep such
-        small tensors in fp32 (vLLM's Mamba and Gated DeltaNet layers do) and casts the rest itself."""
-        return tensor.to(self.dtype) if tensor.ndim >= 2 else tensor
+    def stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as a push sends it: in the engine's dtype, cast once on the trainer's side, except a state-space
+        layer's `A_log`, which vLLM keeps in fp32 (Mamba2 and Gated DeltaNet layers; Mamba2's loader stores
+        `-exp(A_log)`) and takes from the checkpoint as saved. Casting it first would round it to the engine's
+        dtype; the push proof shows either choice on every other tensor (a GptOss router bias, say, must be
+        rounded as vLLM's first load rounds it)."""
+        return tensor if name.endswith("A_log") else tensor.to(self.dtype)
 
     @abc.abstractmethod
     def engine_weights(self) -> dict[str, torch.Tensor]:

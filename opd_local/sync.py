@@ -146,7 +146,7 @@ def _digested(named_tensors, stored, digests: list[torch.Tensor], tied: frozense
         if key in tied and key in seen:
             sent, digest = seen[key]
         else:
-            sent = stored(tensor.detach())
+            sent = stored(name, tensor.detach())
             digest = sent.view(_SAME_WIDTH_INT[sent.dtype]).sum(dtype=torch.int64)
             if key in tied:
                 seen[key] = sent, digest

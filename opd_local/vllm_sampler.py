@@ -54,8 +54,11 @@ _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 def _drop_rotary_reload_warning(record: logging.LogRecord) -> bool:
     """vLLM warns on every push that RotaryEmbedding "Failed to load weights": its cos/sin cache is
-    computed from the config, never loaded from a checkpoint, and is put back as it was."""
-    return not (record.msg == "%s: Failed to load weights" and str(record.args[0]).endswith("RotaryEmbedding"))
+    computed from the config, never loaded from a checkpoint, and is put back as it was. GptOss's
+    attention gets the same notice because its sinks are copied in after the reload (`gpt_oss_routes`)."""
+    return not (
+        record.msg == "%s: Failed to load weights" and str(record.args[0]).endswith(("RotaryEmbedding", "OAIAttention"))
+    )
 
 
 def _configure_environment(cfg, device: torch.device) -> None:
@@ -417,7 +420,7 @@ class VLLMSampler(Sampler):
         # instead of holding a second full copy of the weights.
         # Cast here, not in the engine: it would warn once per tensor, and fp32 copies of a bf16 engine's
         # weights would double what travels.
-        tensors = ((name, self.stored(tensor.detach())) for name, tensor in named_tensors)
+        tensors = ((name, self.stored(name, tensor.detach())) for name, tensor in named_tensors)
         if self.asleep:
             # vLLM's order for a weight update from sleep: the weight buffers alone (level 2 discarded
             # their contents), the reload into them, then the KV cache, so that the cache is not

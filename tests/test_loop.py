@@ -182,10 +182,15 @@ def _group_rollouts(student, tokenizer):
     return rollouts
 
 
+# Every attention path under token normalization; sequence normalization (which only weighs the same token
+# losses otherwise) on the default path.
 @pytest.mark.parametrize(
-    "implementation,path", [("sdpa", "per_sequence"), ("sdpa", "per_sequence+matmul"), ("sdpa", "sdpa"), ("eager", "")]
+    "implementation,path,normalize",
+    [
+        ("sdpa", "per_sequence", "token"), ("sdpa", "per_sequence+matmul", "token"), ("sdpa", "sdpa", "token"),
+        ("eager", "", "token"), ("sdpa", "per_sequence", "sequence"),
+    ],
 )
-@pytest.mark.parametrize("normalize", ["token", "sequence"])
 def test_student_shared_prefix_gives_the_unshared_loss_and_gradients(
     tiny_model_dir, tokenizer, monkeypatch, float64_norms, implementation, path, normalize
 ):
