@@ -31,21 +31,22 @@ from opd_local import sync  # noqa: E402
 from opd_local.config import Config, ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm, load_tokenizer, merged_named_weights  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS  # noqa: E402
-from opd_local.sync import WeightPushError, parity_probe, prove_push, push_model_weights  # noqa: E402
+from opd_local.sync import StaleWeightsError, WeightPushError, parity_probe, prove_push, push_model_weights  # noqa: E402
 
 ASSETS = ROOT / "tests" / "assets" / "smollm2-135m-instruct"
 
 
-def faults(names: list[str]) -> dict:
-    """Three wrong pushes built from the checkpoint names this family has."""
+def faults(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Three wrong pushes built from the checkpoint tensors this family has."""
+    names = list(shapes)
     experts = sorted(n for n in names if ".experts.1." in n and n.endswith(".weight"))
-    square = next(n for n in names if n.endswith(("q_proj.weight", "o_proj.weight", "out_proj.weight", "qkv_proj.weight")))
+    square = next(n for n in names if len(shapes[n]) == 2 and shapes[n][0] == shapes[n][1] and ".layers." in n)
     skipped = experts[0] if experts else next(n for n in names if n.endswith("post_attention_layernorm.weight") or n.endswith("norm.weight"))
     chosen = {}
     if experts:
         other = experts[0].replace(".experts.1.", ".experts.0.")
         chosen["expert swapped"] = lambda ws: [(n, dict(ws)[other] if n == experts[0] else t) for n, t in ws]
-    chosen["transposed"] = lambda ws: [(n, t.t() if n == square and t.shape[0] == t.shape[-1] else t) for n, t in ws]
+    chosen["transposed"] = lambda ws: [(n, t.t() if n == square else t) for n, t in ws]
     chosen["skipped"] = lambda ws: [(n, t) for n, t in ws if n != skipped]
     return chosen
 
@@ -75,16 +76,19 @@ def measure(name: str, path: str, dtype: torch.dtype, attn: str, repeats: int) -
     true_parity = parity_probe(engine, student, probe, limit, dtype)["sync/parity_max_abs"]
     row = f"| {name} | {str(dtype).removeprefix('torch.')} | {push:.3f} | {check:.3f} | {proof:.2f} | {true_parity:.3g} |"
     layout = sync.checkpoint_layout
-    names = [n for n, _ in layout(student, merged_named_weights(student))]
-    for fault, corrupt in faults(names).items():
+    shapes = {n: tuple(t.shape) for n, t in layout(student, merged_named_weights(student))}
+    for fault, corrupt in faults(shapes).items():
         sync.checkpoint_layout = lambda model, weights, c=corrupt: c(list(layout(model, weights)))
         try:
             prove_push(engine, student)
             verdict = "passed"
         except WeightPushError as exc:
             verdict = "refused: " + str(exc).split("(")[1].split(")")[0]
-        parity = parity_probe(engine, student, probe, 1e9, dtype)["sync/parity_max_abs"]
-        row += f" {fault}: parity {parity:.3g}, proof {verdict};"
+        try:
+            parity = f'{parity_probe(engine, student, probe, 1e9, dtype)["sync/parity_max_abs"]:.3g}'
+        except StaleWeightsError:  # NaN: the skipped tensor still holds the proof's NaN
+            parity = "nan"
+        row += f" {fault}: parity {parity}, proof {verdict};"
         sync.checkpoint_layout = layout
     print(row + " |", flush=True)
     engine.close()
@@ -93,7 +97,11 @@ def measure(name: str, path: str, dtype: torch.dtype, attn: str, repeats: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default="llama,qwen3,qwen3_moe,gemma3,gemma4,mistral,phi3,granite,gpt_oss")
+    parser.add_argument(
+        "--families",
+        default="llama,qwen2,qwen3,qwen3_moe,gemma3,gemma4,mistral,phi3,granite,gpt_oss,olmo2,olmo3,smollm3,"
+        "qwen3_5,qwen3_5_hub,qwen3_next,granitemoehybrid,lfm2",
+    )
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--default", action="store_true", help="the default SmolLM2-135M-Instruct instead")
     parser.add_argument("--repeats", type=int, default=5)
