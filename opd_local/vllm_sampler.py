@@ -185,12 +185,26 @@ def loaded_layer_fingerprints(model):
 
         return process_weights_after_loading
 
+    # How many elements each layer received before vLLM processed it: a layer that got part of its weights is
+    # processed all the same, its missing part from uninitialized memory, which may still hold the last push's
+    # values, so its fingerprints alone could pass.
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    process_layer = layerwise._layerwise_process
+
+    def counting(layer, info):
+        if id(layer) in trained:
+            records[f"{names[id(layer)]}.<elements loaded>"] = torch.tensor([info.load_numel, info.load_numel_total])
+        return process_layer(layer, info)
+
     wrapped = [m for m in methods.values() if hasattr(m, "process_weights_after_loading")]
     for method in wrapped:
         method.process_weights_after_loading = recording(method.process_weights_after_loading)
+    layerwise._layerwise_process = counting
     try:
         yield records
     finally:
+        layerwise._layerwise_process = process_layer
         for method in wrapped:
             del method.process_weights_after_loading  # back to the class's own
 

@@ -58,7 +58,7 @@ def test_a_faulty_push_fails_the_proof_and_a_true_one_passes(moe_engine, moe_stu
     probe = tokenizer(Config().sync.probe_text)["input_ids"]
     for fault, (corrupt, engine_name) in FAULTS.items():
         monkeypatch.setattr(sync, "checkpoint_layout", lambda model, weights, c=corrupt: c(layout(model, weights)))
-        with pytest.raises(WeightPushError, match=rf"other values in 1 tensors \({engine_name}\)"):
+        with pytest.raises(WeightPushError, match=rf"other values in [12] tensors \([^)]*{engine_name}"):
             prove_push(moe_engine, moe_student)
         if fault == "corrupted expert" and moe_engine.dtype == torch.bfloat16:
             # What the proof exists for: the bf16 parity limit does not see this push.
