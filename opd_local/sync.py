@@ -2,7 +2,7 @@
 weight exactly, and the parity probe after every push (step 9).
 
 Stale or misplaced engine weights are the classic silent bug of on-policy training: the run keeps
-going, but samples come from another policy. See docs/design.md, "Weight push".
+going, but samples come from another policy. See docs/design.md, "Weight sync" and "Push proof".
 """
 
 from __future__ import annotations
