@@ -25,6 +25,8 @@ from safetensors.torch import load_model, save_model
 from opd_local import dist, parallel
 from opd_local.config import OptimConfig
 from opd_local.models import is_peft_model
+from opd_local.safetensors_files import safetensors_problem
+from opd_local.write_failures import tensor_bytes, writing
 
 
 def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
@@ -33,10 +35,11 @@ def save_pretrained_atomic(model, tokenizer, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _with_umask_modes(tmp)
-        replace_directory(tmp, target)
+        with writing(target, "the model", tensor_bytes(model.state_dict())):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _with_umask_modes(tmp)
+            replace_directory(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -223,6 +226,18 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
     root = Path(run_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
+    need = tensor_bytes(module.state_dict()) + tensor_bytes(optimizer.state)
+    with writing(target, f"the checkpoint of step {step}", need, temporary=tmp if ctx.is_main else None):
+        _write_training_state(tmp, target, step, module, student, optimizer, scheduler, progress, ctx)
+    if ctx.is_main:
+        for old in checkpoints_to_prune(root, step, keep):
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def _write_training_state(tmp: Path, target: Path, step: int, module, student, optimizer, scheduler, progress: dict, ctx) -> None:
+    root = target.parent
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -255,10 +270,6 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(target.name)
         os.replace(pointer, root / LATEST)
-        for old in checkpoints_to_prune(root, step, keep):
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return target
 
 
 def checkpoints_to_prune(root: Path, step: int, keep: int) -> list[Path]:
@@ -285,31 +296,6 @@ def checkpoint_steps(root: Path) -> dict[Path, int]:
 
 def read_progress(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / "progress.json").read_text())
-
-
-def _safetensors_problem(path: Path) -> str | None:
-    """Whether the file is a whole safetensors file: its header parses and its data ends where the file does."""
-    if not path.is_file():
-        return "missing"
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return "truncated (no header)"
-        header_len = int.from_bytes(head, "little")
-        if header_len > size - 8:
-            return "truncated (header cut short)"
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "not a safetensors file (header is not JSON)"
-    try:
-        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
-        return "not a safetensors file (header lacks the tensors' data_offsets)"
-    if 8 + header_len + max(ends, default=0) != size:
-        return f"truncated or padded ({size} bytes, its header describes {8 + header_len + max(ends, default=0)})"
-    return None
 
 
 def _torch_file_problem(path: Path) -> str | None:
@@ -348,11 +334,11 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if sharded.exists():
         # Checkpoints written before the manifest was recorded: the shards that are there.
         names = progress.get("shards") or sorted(p.name for p in sharded.glob("*.safetensors"))
-        files.update({f"{SHARDED}/{name}": _safetensors_problem for name in names})
+        files.update({f"{SHARDED}/{name}": safetensors_problem for name in names})
         if len(files) == 1:
             return f"{sharded}: holds no safetensors shards"
     else:
-        files["model.safetensors"] = _safetensors_problem
+        files["model.safetensors"] = safetensors_problem
     # Checkpoints written before the rank count was recorded have as many RNG files as ranks.
     ranks = progress.get("world_size", max(1, len(list(checkpoint.glob("rng_rank*.pt")))))
     files.update({f"rng_rank{rank}.pt": _torch_file_problem for rank in range(ranks)})
@@ -363,15 +349,17 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, dict]:
-    """The newest checkpoint that is whole, and its progress; each damaged newer one is named in a warning.
+def newest_intact_checkpoint(run_dir: Path, at_most: int | None = None) -> tuple[Path, dict]:
+    """The newest checkpoint (of step `at_most` or earlier, if given) that is whole, and its progress;
+    each damaged newer one is named in a warning.
 
     Raises ValueError when the run has none, or none is whole.
     """
     root = Path(run_dir) / CHECKPOINTS
     # Folders only get their step-NNNNNN name once complete, so the newest is the latest even when a
     # crash came between that rename and the move of the `latest` pointer.
-    candidates = list(reversed(checkpoint_steps(root)))
+    steps = checkpoint_steps(root)
+    candidates = [folder for folder in reversed(steps) if at_most is None or steps[folder] <= at_most]
     if not candidates:
         raise ValueError(f"--resume {run_dir}: it holds no checkpoint yet (run.save_every writes them)")
     problems = []

@@ -16,6 +16,11 @@ from opd_local.config_parsing import parse_config
 # ValueErrors; a missing file an OSError; a missing package an ImportError; a device a RuntimeError).
 REFUSALS = (ValueError, OSError, ImportError, RuntimeError)
 EXIT_REFUSED = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run; the message says what the run directory holds now."""
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -23,10 +28,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def run_refusing(body: Callable[[], object], debug: bool) -> int:
-    """Run `body`; a refusal prints `error: <what and where>` on one line and returns 2."""
+    """Run `body`; a refusal prints `error: <what and where>` on one line and returns 2, Ctrl-C
+    `interrupted ...` and 130."""
     warnings.showwarning = _one_line_warning
     try:
         body()
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        if debug:
+            traceback.print_exc()
+        print(str(err) or "interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except REFUSALS as err:
         if debug:
             traceback.print_exc()

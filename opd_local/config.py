@@ -141,6 +141,13 @@ class OptimConfig:
     eps: float = knob(1e-8, "AdamW epsilon", gt=0)
     warmup_steps: int = knob(0, "linear learning-rate warm-up steps", ge=0)
     grad_clip: float = knob(1.0, "max global gradient norm (0 = off)", ge=0)
+    skip_grad_norm: float = knob(
+        1e6,
+        "skip (and count in optim/skipped) a step whose gradient norm before clipping exceeds this, as one whose loss or "
+        "gradient norm is not finite is always skipped; 0 = skip only those",
+        ge=0,
+    )
+    max_skipped_steps: int = knob(3, "stop the run, naming the cause, after this many steps skipped in a row", ge=1)
     micro_batch_tokens: int = knob(
         0,
         "token budget of one packed micro-batch (the tokens of its row: a shared student prompt counts once); "

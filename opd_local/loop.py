@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,13 +26,14 @@ from opd_local.packing_check import check_run_models
 from opd_local.precision import resolve_precision
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
-from opd_local.run_directory import FINAL_MODEL, check_run_directory, start_run_directory
+from opd_local.run_directory import FINAL_MODEL, check_run_directory, claim_run_directory, interrupted, start_run_directory
+from opd_local.run_lock import RunDirectoryBusy
 from opd_local.rollouts import build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import rollout_seeds
 from opd_local.sync import WeightSync, prove_push
 from opd_local.teacher import Teacher
-from opd_local.training import train_on_rollouts
+from opd_local.training import DivergenceGuard, train_on_rollouts
 
 
 def train(cfg: Config) -> Path:
@@ -41,20 +43,23 @@ def train(cfg: Config) -> Path:
     # First: an unknown dtype is refused before anything is written.
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     run_dir = Path(cfg.run.out_dir)
-    resume = check_run_directory(cfg)  # None for a new run; a resume's newest intact checkpoint
-    inputs = load_run_inputs(cfg)
-    student_path, tokenizer = inputs.student_path, inputs.tokenizer
-    stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    totals = RunTotals()
-    if resume:
-        stream.load_state_dict(resume.progress["stream"])  # refuses other rows than the checkpoint's
-    start_step = resume.step if resume else 0
-
-    # ---- set-up ----
-    # The engine before anything of the trainer's: vLLM claims its share of the GPU from the memory
-    # free at start-up, which the trainer's weights and its allocator's cache would have taken.
-    sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
+    lock = claim(cfg, ctx)  # one owner per run directory, from here to the end of the run, however it ends
+    sampler = logger = overwrite = None
+    position = None  # where the run is, for the line Ctrl-C prints; None until the run directory is written
     try:
+        resume = check_run_directory(cfg)  # None for a new run; a resume's newest intact checkpoint
+        inputs = load_run_inputs(cfg)
+        student_path, tokenizer = inputs.student_path, inputs.tokenizer
+        stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        totals = RunTotals()
+        if resume:
+            stream.load_state_dict(resume.progress["stream"])  # refuses other rows than the checkpoint's
+        start_step = resume.step if resume else 0
+
+        # ---- set-up ----
+        # The engine before anything of the trainer's: vLLM claims its share of the GPU from the memory
+        # free at start-up, which the trainer's weights and its allocator's cache would have taken.
+        sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
         if ctx.is_main:
             tqdm.write(precision.describe())
         student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
@@ -79,8 +84,10 @@ def train(cfg: Config) -> Path:
         # this also gives the movement check of step 9 its baseline.
         weight_sync.push_and_check(sampler, student)
         if ctx.is_main:
-            start_run_directory(cfg, resume)  # only now is anything in the run directory written
+            # Only now is anything in the run directory written; a run it overwrites is kept aside until this one stands.
+            overwrite = start_run_directory(cfg, resume)
             tqdm.write(inputs.summary())
+        position = f"before step {start_step}"
         dist.barrier()
         logger = MetricsLogger(
             run_dir,
@@ -98,9 +105,11 @@ def train(cfg: Config) -> Path:
             )
             evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
 
+        divergence = DivergenceGuard(cfg.optim)
         # A progress bar only on a terminal: in a log file each redraw is more text, and a step's output is its one line.
         bar = dict(desc="opd", initial=start_step, total=cfg.run.steps, disable=not (ctx.is_main and sys.stderr.isatty()))
         for step in tqdm(range(start_step, cfg.run.steps), **bar):
+            position = f"at step {step}"
             metrics: dict[str, float] = {**inputs.counts, **packing_metrics, **push_proof} if step == 0 else {}
             if evaluator is not None and evaluator.due(step):
                 metrics.update(evaluator.run(step, student, sampler))
@@ -126,11 +135,14 @@ def train(cfg: Config) -> Path:
                     kept = teacher.score(rollouts)
 
                 # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
+                # (skipped, and counted, when the loss or gradient norm is not finite or absurd)
                 with span(metrics, "train", ctx.device):
                     metrics.update(
                         train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head, teacher.logit_transform)
                     )
-                    scheduler.step()
+                    with warnings.catch_warnings():  # a skipped step still counts in the schedule: torch warns of that
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 
                 # 8-9. push the new weights into the engine in place, then prove they arrived
@@ -143,12 +155,16 @@ def train(cfg: Config) -> Path:
                 metrics.update(totals.add(step_counts))
             metrics["optim/lr"] = scheduler.get_last_lr()[0]
             logger.log(step, metrics)
+            divergence.check(step, metrics)  # stops the run after optim.max_skipped_steps skipped steps in a row
             if cfg.run.save_every > 0 and (step + 1) % cfg.run.save_every == 0:
                 # "cumulative" is the checkpoint format's key for the run totals.
                 progress = {"stream": stream.state_dict(), "cumulative": totals.state_dict()}
                 if ctx.is_main:
                     flush_logs_to_disk(run_dir)
                 save_training_state(run_dir, step + 1, student, optimizer, scheduler, progress, ctx, cfg.run.keep_checkpoints)
+                if overwrite is not None:
+                    overwrite.commit()  # the new run stands: the one it replaced goes
+        position = "after the last step"
 
         if evaluator is not None:  # the end point of every eval curve
             logger.log(cfg.run.steps, evaluator.run(cfg.run.steps, student, sampler))
@@ -157,12 +173,42 @@ def train(cfg: Config) -> Path:
             save_final_model(student, tokenizer, run_dir / FINAL_MODEL, ctx, replica)
         logger.close()
         teacher.close()
+        if overwrite is not None:
+            overwrite.commit()
+    except BaseException as err:
+        restored = False
+        if overwrite is not None and not overwrite.done:
+            if logger is not None:
+                logger.close()
+            overwrite.restore()
+            restored = True
+            if not isinstance(err, KeyboardInterrupt):
+                warnings.warn(f"the run failed before it stood; {run_dir} holds the run it replaced, as it was")
+        if isinstance(err, KeyboardInterrupt):
+            raise interrupted(run_dir, position, restored) from None
+        raise
     finally:
-        sampler.close()  # also when the run is refused or fails: a process may build another engine after it
+        if sampler is not None:
+            sampler.close()  # also when the run is refused or fails: a process may build another engine after it
+        if lock is not None:
+            lock.release()
     if ctx.is_main:
         tqdm.write(write_report(run_dir))
     dist.barrier()
     return run_dir
+
+
+def claim(cfg: Config, ctx):
+    """The run directory's lock, taken by the main rank; every rank refuses alike when it is held."""
+    lock, refusal = None, None
+    if ctx.is_main:
+        try:
+            lock = claim_run_directory(cfg)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            refusal = err
+    if dist.all_reduce_max(int(refusal is not None)):
+        raise refusal or RunDirectoryBusy(f"run.out_dir={cfg.run.out_dir!r}: the main rank could not take its lock")
+    return lock
 
 
 def build_optimizer(student, cfg: Config):

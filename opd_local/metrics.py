@@ -155,6 +155,15 @@ def records_before(path: Path, step: int) -> tuple[list[str], int | None]:
     return kept, cut
 
 
+def first_missing_step(path: Path, step: int) -> int | None:
+    """The first of steps 0 .. step-1 that the JSONL log at `path` holds no whole record of, or None."""
+    if not Path(path).exists():
+        return None
+    kept, _ = records_before(path, step)
+    logged = {json.loads(line)["step"] for line in kept}
+    return next((s for s in range(step) if s not in logged), None)
+
+
 def flush_logs_to_disk(run_dir: Path, names=RUN_LOGS) -> None:
     """fsync the run's JSONL logs, so that a checkpoint, flushed itself, never outlives the records before it."""
     for name in names:

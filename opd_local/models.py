@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from opd_local.attention import model_attention, packed_row, packed_row_mask
 from opd_local.config import EMBEDDED_MODEL, ModelConfig
 from opd_local.token_mixers import split_token_mixers
+from opd_local.write_failures import tensor_bytes, writing
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -71,12 +72,13 @@ def convert_embedded_model(cache_dir: Path) -> Path:
     model.generation_config = gguf_model.generation_config
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        saved = json.loads(config_path.read_text())
-        saved.pop("quantization_config", None)
-        config_path.write_text(json.dumps(saved, indent=2))
+        with writing(target, "the embedded model's converted weights", tensor_bytes(model.state_dict())):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            config_path = tmp / "config.json"
+            saved = json.loads(config_path.read_text())
+            saved.pop("quantization_config", None)
+            config_path.write_text(json.dumps(saved, indent=2))
         try:
             tmp.rename(target)
         except OSError:

@@ -18,6 +18,7 @@ from opd_local.data import PromptGroup, count_duplicates, load_train_and_heldout
 from opd_local.loss import check_loss_config
 from opd_local.models import check_context_fits, check_same_tokenizer, load_tokenizer, resolve_model_path
 from opd_local.rows import check_adds_privileged
+from opd_local.safetensors_files import check_model_weight_files
 
 
 @dataclass
@@ -119,6 +120,8 @@ def load_run_inputs(cfg: Config) -> RunInputs:
         check_model_source(getattr(cfg.model, setting), f"model.{setting}")
     student_path = resolve_model_path(cfg.model.student, cfg.model)
     teacher_path = resolve_model_path(cfg.model.teacher or cfg.model.student, cfg.model)
+    check_model_weight_files(student_path, "model.student")
+    check_model_weight_files(teacher_path, "model.teacher" if cfg.model.teacher else "model.student")
     tokenizer = _tokenizer(student_path, cfg, "model.student", renders_prompts=True)
     teacher_setting = "model.teacher" if cfg.model.teacher else "model.student"
     check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, teacher_setting, renders_prompts=False))

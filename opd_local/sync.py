@@ -14,6 +14,7 @@ from opd_local.engine_layout import checkpoint_layout
 from opd_local.metrics import device_clock
 from opd_local.models import base_model
 from opd_local.sampler import Sampler
+from opd_local.training import TrainingDiverged
 
 
 class StaleWeightsError(RuntimeError):
@@ -113,6 +114,11 @@ class WeightSync:
             student, [self.probe_ids[:1]], [self.probe_ids[1:]], micro_batch_tokens=len(self.probe_ids),
             compute_dtype=self.compute_dtype,
         ).logprobs
+        if not torch.isfinite(trainer_lp).all():
+            raise TrainingDiverged(
+                "the student's own log-probs of the parity probe are not finite: its weights hold inf or NaN (after an "
+                "update, training diverged: lower --optim.lr or --optim.skip_grad_norm)"
+            )
         delta = (engine_lp - trainer_lp).abs()
         max_abs, mean_abs = float(delta.max()), float(delta.mean())
         if not max_abs <= self.threshold:  # also catches NaN

@@ -8,13 +8,14 @@ completions, so its gradient is the sum of their K contributions, as with K copi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from opd_local import dist, parallel
 from opd_local.attention import supports_shared_prefix
-from opd_local.config import Config, resolve_micro_batch_tokens
+from opd_local.config import Config, OptimConfig, resolve_micro_batch_tokens
 from opd_local.loss import opd_micro_batch_loss, token_divisors
 from opd_local.packing import PackedBatch, pack_groups, packing_plan, split_groups_by_token_budget, to_device
 from opd_local.precision import PrecisionPolicy
@@ -126,12 +127,43 @@ def train_on_rollouts(
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = parallel.clip_grad_norm_(params, max_norm)
-    optimizer.step()
+    # Read before the update: a non-finite or absurd loss or gradient norm must not reach the weights.
+    # Every rank reads the same reduced values, so all of them skip or step together.
     sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)
     totals = dist.all_reduce_sum(sums)
+    loss, norm = float(totals[0]), float(grad_norm)
+    diverged = not (math.isfinite(loss) and math.isfinite(norm)) or (0 < cfg.optim.skip_grad_norm < norm)
+    if diverged:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
     return {
-        "opd/loss": float(totals[0]),
+        "opd/loss": loss,
         "rollout/trainer_lp_mismatch": float(totals[1]) / n_active,
-        "optim/grad_norm": float(grad_norm),
-        "optim/skipped": 0.0,
+        "optim/grad_norm": norm,
+        "optim/skipped": float(diverged),
+        "optim/diverged": float(diverged),
     }
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class DivergenceGuard:
+    """Stops the run after `optim.max_skipped_steps` steps in a row were skipped for a non-finite or
+    absurd loss or gradient norm: the weights no longer move, so later steps would only repeat it."""
+
+    def __init__(self, optim: OptimConfig):
+        self.optim = optim
+        self.in_a_row = 0
+
+    def check(self, step: int, metrics: dict[str, float]) -> None:
+        self.in_a_row = self.in_a_row + 1 if metrics.get("optim/diverged") else 0
+        if self.in_a_row >= self.optim.max_skipped_steps:
+            raise TrainingDiverged(
+                f"training diverged: steps {step - self.in_a_row + 1}-{step} were skipped, each for a non-finite or absurd "
+                f"loss or gradient norm (step {step}: loss {metrics.get('opd/loss'):.4g}, gradient norm "
+                f"{metrics.get('optim/grad_norm'):.4g}, optim.skip_grad_norm={self.optim.skip_grad_norm:g}); "
+                f"lower --optim.lr (now {self.optim.lr:g}) or look for bad rows"
+            )

@@ -3,22 +3,28 @@
 Each case runs scripts/train.py's entry point in process with a directory that already holds a
 finished run as its run directory (a new run passes --overwrite, so that the bad input is what is
 refused), then checks the exit code, that stderr has one `error:` line naming the bad thing, and
-that the run directory is byte-identical afterwards.
+that the run directory is byte-identical afterwards. The same holds for what fails once the run has
+started (divergence, a full disk, Ctrl-C): the overwritten run is put back as it was.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
+import os
+import resource
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from opd_local.cli import EXIT_REFUSED, train_main
+from opd_local.cli import EXIT_INTERRUPTED, EXIT_REFUSED, train_main
+from opd_local.run_lock import LOCK_FILE
 
 GOOD = {"question": "Sam has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"}
 GOOD_MESSAGES = {
@@ -117,6 +123,21 @@ def break_saved_config(run: Path):
 # ---------------------------------------------------------------- models built from the micro model
 
 
+def held_by_another_run(run: Path):
+    """The run directory's lock, held as a live run holds it (flock conflicts between open files, in one process too)."""
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, json.dumps({"pid": 4242, "host": "trainer-7", "started": "2026-12-07T10:00:00+0000"}).encode())
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return lambda: os.close(fd)
+
+
+def cut_metrics_line(run: Path):
+    """The last metrics line half written."""
+    path = run / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+
+
 def _model_copy(model: str, target: Path, drop: tuple[str, ...] = ()) -> Path:
     shutil.copytree(model, target)
     for name in drop:
@@ -157,6 +178,33 @@ def with_padded_vocabulary(tmp: Path, model: str) -> None:
     padded.save_pretrained(folder)
 
 
+def with_truncated_weights(tmp: Path, model: str) -> None:
+    weights = _model_copy(model, tmp / "cut") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def interrupt_at_step(step: int):
+    """Ctrl-C while step `step` builds its rollouts (KeyboardInterrupt is what SIGINT raises in the main thread)."""
+    def inject(monkeypatch):
+        import opd_local.loop
+
+        calls = []
+        build = opd_local.loop.build_rollouts
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > step:
+                raise KeyboardInterrupt
+            return build(*args, **kwargs)
+
+        monkeypatch.setattr(opd_local.loop, "build_rollouts", interrupted)
+    return inject
+
+
+def model_file_size(model: str) -> int:
+    return (Path(model) / "model.safetensors").stat().st_size
+
+
 def empty_saved_config(run: Path):
     (run / "config.yaml").write_text("")
 
@@ -193,6 +241,9 @@ class Case:
     overwrite: bool = True
     damage: object = None  # done to the copied run before the snapshot; may return its undo
     marks: tuple = ()
+    code: int = EXIT_REFUSED
+    inject: object = None  # (monkeypatch) -> None: a fault inside the run
+    file_size_limit: object = None  # (micro model dir) -> bytes: RLIMIT_FSIZE while the run writes
 
 
 NO_WANDB = (pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),)
@@ -282,7 +333,20 @@ CASES = [
     # ---- the run directory
     Case("run-dir-holds-a-run", [], "already holds a run (config.yaml); pass --overwrite", overwrite=False),
     Case("run-dir-is-a-file", ["--out_dir", "{tmp}/afile"], "run.out_dir='{tmp}/afile' is a file", files={"afile": "x"}),
+    Case("run-dir-in-use", [], "run.out_dir='{run}' is in use by pid 4242 on host trainer-7 (since 2026-12-07T10:00:00+0000)",
+         damage=held_by_another_run),
+    # ---- what fails once the run has started: the overwritten run comes back as it was
+    Case("diverged-every-step-skipped", ["--skip_grad_norm", "1e-12", "--max_skipped_steps", "2"],
+         "training diverged: steps 0-1 were skipped, each for a non-finite or absurd loss or gradient norm"),
+    Case("diverged-weights-not-finite", ["--lr", "1e30"], "its weights hold inf or NaN (after an update, training diverged"),
+    Case("disk-full-weights", ["--save_every", "1"], "cannot write the checkpoint of step 1 to {run}/checkpoints/step-000001: a file-size limit",
+         file_size_limit=lambda model: model_file_size(model) // 2),
+    Case("disk-full-optimizer", ["--save_every", "1"], "cannot write the checkpoint of step 1 to {run}/checkpoints/step-000001: the write stopped short",
+         file_size_limit=lambda model: model_file_size(model) + 65536),
+    Case("interrupted-before-it-stood", [], "interrupted at step 1, before the new run's first checkpoint; {run} holds the run it replaced, as it was",
+         code=EXIT_INTERRUPTED, inject=interrupt_at_step(1)),
     # ---- resume
+    Case("resume-into-a-running-run", [], "run.out_dir='{run}' is in use by pid 4242", resume=True, damage=held_by_another_run),
     Case("resume-not-a-run", ["--resume", "{tmp}"], "--resume {tmp}: no config.yaml there", resume=True),
     Case("resume-no-checkpoint", [], "holds no checkpoint yet", resume=True, damage=remove_checkpoints),
     Case("resume-other-student", ["--student", "{tmp}"], "--model.student", resume=True),
@@ -354,6 +418,10 @@ CASES = [
     Case("model-empty-folder", ["--student", "{tmp}/empty"], "model.student='{tmp}/empty' is an empty folder", files={"empty/": ""}),
     Case("model-folder-without-config", ["--student", "{tmp}/w"], "model.student='{tmp}/w' has no config.json", files={"w/weights.bin": "x"}),
     Case("model-is-a-file", ["--student", "{tmp}/f.bin"], "model.student='{tmp}/f.bin' is a file", files={"f.bin": "x"}),
+    Case("model-weights-truncated", ["--student", "{tmp}/cut"], "model.student='{tmp}/cut': model.safetensors is truncated or padded",
+         build=with_truncated_weights),
+    Case("teacher-weights-truncated", ["--teacher", "{tmp}/cut"], "model.teacher='{tmp}/cut': model.safetensors is truncated or padded",
+         build=with_truncated_weights),
     Case("teacher-missing", ["--teacher", "{tmp}/no-teacher"], "model.teacher='{tmp}/no-teacher': no such directory"),
     Case("embedded-unknown", ["--student", "embedded:gpt-5"], "unknown embedded model 'embedded:gpt-5'"),
     Case("model-without-chat-template", ["--student", "{tmp}/no-template"], "model.student='{tmp}/no-template': its tokenizer has no chat template",
@@ -374,11 +442,12 @@ CASES = [
 def test_the_table_is_large_and_its_cases_distinct():
     assert len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES)
-    assert len({(tuple(c.args), c.resume, c.damage, tuple(sorted(c.files.items())), c.overwrite, c.build) for c in CASES}) == len(CASES)
+    assert len({(tuple(c.args), c.resume, c.damage, tuple(sorted(c.files.items())), c.overwrite, c.build, c.inject, c.file_size_limit)
+                for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run, micro_model_dir, tmp_path, capsys):
+def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run, micro_model_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     undo = case.damage(run) if case.damage else None
@@ -402,16 +471,25 @@ def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run
         argv = base_args(micro_model_dir, run) + (["--overwrite"] if case.overwrite else []) + args
     before = snapshot(run)
     capsys.readouterr()
+    if case.inject:
+        case.inject(monkeypatch)
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(signal.SIGXFSZ)
+    if case.file_size_limit:
+        # A write past the limit fails with EFBIG, as one past a full disk fails with ENOSPC (the signal ignored).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (case.file_size_limit(micro_model_dir), limit[1]))
 
     try:
         code = train_main(argv)
     finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
         if undo:
             undo()
 
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == EXIT_REFUSED, err
+    errors = [line for line in err.splitlines() if line.startswith(("error:", "interrupted"))]
+    assert code == case.code, err
     assert len(errors) == 1 and "Traceback" not in err, err
     assert case.expect.format(**fill) in errors[0], errors[0]
     assert snapshot(run) == before
@@ -421,3 +499,21 @@ def test_debug_shows_the_traceback(micro_model_dir, tmp_path, capsys):
     assert train_main(base_args(micro_model_dir, tmp_path / "run") + ["--device", "gpu", "--debug"]) == EXIT_REFUSED
     err = capsys.readouterr().err
     assert "Traceback" in err and "ConfigError: --run.device: 'gpu' is not one of" in err
+
+
+def test_a_crash_after_the_run_started_puts_the_overwritten_run_back(finished_run, micro_model_dir, tmp_path, monkeypatch, capsys):
+    """Not a refusal (a bug's traceback), yet the run that --overwrite replaced is back, byte for byte."""
+    import opd_local.loop
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot(run)
+
+    def crash(*args, **kwargs):
+        raise ZeroDivisionError("a bug in step 0")
+
+    monkeypatch.setattr(opd_local.loop, "train_on_rollouts", crash)
+    with pytest.raises(ZeroDivisionError):
+        train_main(base_args(micro_model_dir, run) + ["--overwrite"])
+    assert f"warning: the run failed before it stood; {run} holds the run it replaced, as it was" in capsys.readouterr().err
+    assert snapshot(run) == before

@@ -122,8 +122,28 @@ def test_overwrite_replaces_the_old_run_and_keeps_other_files(micro_model_dir, t
     assert [r["step"] for r in read_metrics(out)] == [0]  # not appended to the old run's
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000001"]
     assert (out / "train.log").read_text() == "a sweep's own log\n"
+    assert not list(out.glob(".opd-local-*"))  # neither the replaced run kept aside nor the lock is left
     # the exported model is readable by whoever the umask lets read: not 0700 and 0600
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "final").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (out / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_resume_redoes_the_step_whose_metrics_line_was_cut_off(micro_model_dir, tmp_path, capsys):
+    from opd_local.cli import train_main
+    from opd_local.metrics import read_metrics
+
+    out = tmp_path / "run"
+    assert train_main(_micro_args(micro_model_dir, out, "--steps", "3", "--save_final", "false")) == 0
+    uninterrupted = _comparable(read_metrics(out))
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    # step 2's line half written, as a crash (or a full disk) while appending it leaves it; checkpoint 3 is whole
+    (out / "metrics.jsonl").write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    capsys.readouterr()
+
+    assert train_main(["--resume", str(out)]) == 0
+
+    err = capsys.readouterr().err
+    assert "has no record of step 2: resuming from step-000002 to redo it" in err, err
+    assert _comparable(read_metrics(out)) == uninterrupted  # steps 0, 1, 2: step 2 redone to the same numbers
