@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from opd_local.config import BUNDLED_GSM8K, DataConfig, resolve_max_train_rows
-from opd_local.rows import DataError, PrivilegedRow
+from opd_local.rows import DataError, PrivilegedRow, plain_words
 from opd_local.tasks import TASKS
 
 FORMATS = tuple(TASKS)
@@ -333,3 +333,47 @@ def tokenize_groups(
     if rows and not groups:
         raise DataError(f"{problems[0]}; all {len(rows)} rows are over-long, nothing left to train on")
     return groups, dropped
+
+
+def _reaches(tokenizer, content: str, rendered: str) -> bool:
+    """Whether a message's text is in a rendered prompt, as plain words. The text goes through the tokenizer
+    first, so that what its normalizer changes (Unicode forms, case, unknown characters) counts as kept."""
+    kept = plain_words(tokenizer.decode(tokenizer.encode(content, add_special_tokens=False), skip_special_tokens=False))
+    return not kept or f" {kept} " in f" {rendered} "
+
+
+def _turns(tokenizer, messages, rendered: str) -> list[str]:
+    """The turns of `messages` whose text the rendered prompt lacks, as "the system turn (message 0)"."""
+    return [
+        f"the {m['role']} turn (message {i})"
+        for i, m in enumerate(messages)
+        if not _reaches(tokenizer, m["content"], rendered)
+    ]
+
+
+def check_rendered_adds_privileged(group: PromptGroup, tokenizer) -> None:
+    """Raise DataError if the teacher prompt, as the chat template renders it, adds nothing to the student's.
+
+    `rows.check_adds_privileged` compares the messages' text; a template that skips a turn (a system
+    turn, typically) can still render both prompts alike. The rendered teacher prompt adds nothing when
+    its ids are the student's, or when none of the teacher's own messages (those whose text no student
+    message has) reaches its ids. Either way the message says which turns the template dropped.
+    """
+    student_ids, teacher_ids = group.student_prompt_ids, group.teacher_prompt_ids
+    row = group.row
+    rendered = plain_words(tokenizer.decode(teacher_ids, skip_special_tokens=False))
+    if teacher_ids == student_ids:
+        what = f"the same {len(teacher_ids)} token ids"
+    else:
+        student_texts = {plain_words(m["content"]) for m in row.student_messages}
+        own = [m for m in row.teacher_messages if plain_words(m["content"]) not in student_texts]
+        if not own or any(_reaches(tokenizer, m["content"], rendered) for m in own):
+            return
+        what = f"none of the teacher's own messages reaches its {len(teacher_ids)} token ids"
+    dropped = _turns(tokenizer, row.teacher_messages, rendered)
+    why = f"the chat template dropped {' and '.join(dropped)}" if dropped else "the chat template dropped no turn"
+    raise DataError(
+        f"{row.row_id}: field 'teacher_messages': its rendered prompt adds nothing to the student's ({what}; {why}); "
+        "with model.teacher_context=privileged the teacher must see what the student does not: put the privileged "
+        "text in a turn the chat template renders, or use model.teacher_context=plain"
+    )

@@ -69,7 +69,7 @@ def train(cfg: Config) -> Path:
         # While the student still holds the weights the engine loaded: a push must reproduce them bit for bit.
         push_proof = prove_push(sampler, student)
         teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
-        check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective)
+        check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective, len(tokenizer))
         # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
         log = tqdm.write if ctx.is_main else (lambda line: None)
         packing_metrics = check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), log)

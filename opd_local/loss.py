@@ -58,7 +58,7 @@ def teacher_rows_for(student_head: torch.Tensor, teacher_head: torch.Tensor) -> 
     A teacher whose head is padded wider than the student's (Qwen2.5-7B's 152064 rows against
     1.5B's 151936, one tokenizer) has rows past the student's that are no token of the shared
     tokenizer: its distribution is taken over the student's rows, renormalized. A narrower teacher
-    head is refused before step 0 (`models.check_output_heads`).
+    head is refused before step 0 for these objectives (`models.check_output_heads`).
     """
     return teacher_head[: student_head.shape[0]] if teacher_head.shape[0] > student_head.shape[0] else teacher_head
 

@@ -326,14 +326,56 @@ def check_output_head(model, setting: str) -> None:
         raise ValueError(f"{setting}: {problem}; opd-local computes logits as hidden @ lm_head.weight.T")
 
 
-def check_output_heads(student, teacher, objective: str) -> None:
-    """Refuse before step 0 a student or teacher whose logits the fused kernels cannot compute, and, for
-    the full-vocabulary objectives, a teacher head narrower than the student's (a vocabulary padded less)."""
+def token_rows(model) -> int:
+    """How many token ids the model can read and score: the rows of its input embeddings and of its lm_head, the fewer."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings()
+    return min(rows, embeddings.weight.shape[0]) if embeddings is not None else rows
+
+
+def _vocabulary_problem(teacher_rows: int, student_rows: int, tokenizer_size: int, what: str) -> str | None:
+    """A teacher narrower than the student must still have a row for every token of the tokenizer: the prompts
+    hold any of them and the student samples them all. (One no narrower than the student covers what the
+    student reads and samples, whatever the tokenizer.)"""
+    if teacher_rows >= student_rows or teacher_rows >= tokenizer_size:
+        return None
+    return (
+        f"model.teacher: {what} {teacher_rows} rows, fewer than the tokenizer's {tokenizer_size} tokens and the student's "
+        f"{student_rows} rows; the teacher reads the prompt and scores every token the student samples, so it needs a row for "
+        "each token id, whatever loss.objective. Use a teacher whose vocabulary covers the tokenizer's"
+    )
+
+
+def check_teacher_vocabulary(tokenizer_size: int, student_config, teacher_config) -> None:
+    """`_vocabulary_problem` from the models' `PretrainedConfig`s (their vocab_size), before anything loads.
+    `check_output_heads` makes the same check on the loaded weights."""
+    sizes = []
+    for config in (student_config, teacher_config):
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        sizes.append(getattr(text, "vocab_size", None))
+    if all(isinstance(size, int) for size in sizes):
+        problem = _vocabulary_problem(sizes[1], sizes[0], tokenizer_size, "its config's vocab_size gives it")
+        if problem:
+            raise ValueError(problem)
+
+
+def check_output_heads(student, teacher, objective: str, tokenizer_size: int | None = None) -> None:
+    """Refuse before step 0 a student or teacher whose logits the fused kernels cannot compute, a teacher
+    narrower than the student and than the tokenizer (`_vocabulary_problem`), and, for the full-vocabulary
+    objectives, a teacher head narrower than the student's (a vocabulary padded less)."""
     heads = {}
     for role, setting, model in (("student", "model.student", student), ("teacher", "model.teacher", teacher)):
         check_output_head(model, setting)
         heads[role] = model.get_output_embeddings().weight.shape[0]
+    if tokenizer_size is not None:
+        rows = token_rows(teacher)
+        what = "its lm_head has" if rows == heads["teacher"] else "its input embeddings have"
+        problem = _vocabulary_problem(rows, heads["student"], tokenizer_size, what)
+        if problem:
+            raise ValueError(problem)
     # A wider teacher head is fine: its extra rows are padding past every token (`loss.teacher_rows_for`).
+    # A narrower one that covers the tokenizer is fine for sampled_rkl: a completion holding one of the
+    # student's padding rows, which the teacher has no row for, is dropped (`rollouts.drop_past_teacher_rows`).
     if objective != "sampled_rkl" and heads["teacher"] < heads["student"]:
         raise ValueError(
             f"model.teacher: its lm_head has {heads['teacher']} rows and the student's {heads['student']} (the same tokenizer, "

@@ -20,7 +20,7 @@ from opd_local.sampler import Completion
 # Reasons that mean an engine or the teacher returned bad numbers; anything else is a filter.
 FAILURE_REASONS = frozenset({"rollout_lp_count", "rollout_lp_nonfinite", "teacher_lp_count", "teacher_lp_nonfinite"})
 # Every reason a completion is dropped for, each logged as rollout/dropped_<reason>.
-DROP_REASONS = ("empty_completion", *sorted(FAILURE_REASONS))
+DROP_REASONS = ("empty_completion", "past_teacher_rows", *sorted(FAILURE_REASONS))
 
 
 @dataclass
@@ -62,6 +62,18 @@ def _logprob_problem(values: torch.Tensor, num_tokens: int, prefix: str) -> str 
     if not bool(torch.isfinite(values).all()):
         return f"{prefix}_nonfinite"
     return None
+
+
+def drop_past_teacher_rows(rollouts: list[Rollout], teacher_rows: int) -> None:
+    """Drop a completion holding a token id the teacher has no row for.
+
+    A student head padded wider than the teacher's (one tokenizer, `models.check_output_heads` lets it
+    through for sampled_rkl) has rows past every token of the tokenizer; neither engine masks them, so the
+    student can sample one, rarely, and the teacher could not score it. Counted, as a filter.
+    """
+    for rollout in rollouts:
+        if rollout.kept and max(rollout.completion_ids, default=-1) >= teacher_rows:
+            rollout.drop_reason = "past_teacher_rows"
 
 
 def build_rollouts(groups: list[PromptGroup], completions: list[list[Completion]]) -> list[Rollout]:

@@ -74,7 +74,9 @@ def check_no_privileged_leak(row: PrivilegedRow) -> None:
 
 
 def check_adds_privileged(row: PrivilegedRow) -> None:
-    """Raise DataError if the teacher prompt is the student prompt (as plain words): nothing privileged to learn from."""
+    """Raise DataError if the teacher prompt is the student prompt (as plain words): nothing privileged to learn from.
+
+    The rendered prompts get the same check once tokenized (`data.check_rendered_adds_privileged`)."""
     if plain_words(_text(row.teacher_messages)) == plain_words(_text(row.student_messages)):
         raise DataError(
             f"{row.row_id}: field 'teacher_messages' adds nothing to 'messages'; with model.teacher_context=privileged "

@@ -14,9 +14,21 @@ import torch
 
 from opd_local.config import Config, resolve_teacher_weights
 from opd_local.config_parsing import check_config
-from opd_local.data import PromptGroup, count_duplicates, load_train_and_heldout, tokenize_groups
+from opd_local.data import (
+    PromptGroup,
+    check_rendered_adds_privileged,
+    count_duplicates,
+    load_train_and_heldout,
+    tokenize_groups,
+)
 from opd_local.loss import check_loss_config
-from opd_local.models import check_context_fits, check_same_tokenizer, load_tokenizer, resolve_model_path
+from opd_local.models import (
+    check_context_fits,
+    check_same_tokenizer,
+    check_teacher_vocabulary,
+    load_tokenizer,
+    resolve_model_path,
+)
 from opd_local.rows import check_adds_privileged
 from opd_local.safetensors_files import check_model_weight_files
 
@@ -126,13 +138,19 @@ def load_run_inputs(cfg: Config) -> RunInputs:
     teacher_setting = "model.teacher" if cfg.model.teacher else "model.student"
     check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, teacher_setting, renders_prompts=False))
     check_probe_text(tokenizer, cfg.sync.probe_text)
-    check_context_fits(cfg, _model_config(student_path, cfg), _model_config(teacher_path, cfg))
+    student_config, teacher_config = _model_config(student_path, cfg), _model_config(teacher_path, cfg)
+    check_context_fits(cfg, student_config, teacher_config)
+    check_teacher_vocabulary(len(tokenizer), student_config, teacher_config)
     train_rows, heldout_rows = load_train_and_heldout(cfg.data)
     if cfg.model.teacher_context == "privileged":
         for row in train_rows + heldout_rows:
             check_adds_privileged(row)
     train_groups, overlong = tokenize_groups(train_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
     heldout_groups, heldout_overlong = tokenize_groups(heldout_rows, tokenizer, cfg.data.max_prompt_tokens, cfg.data.drop_overlong)
+    if cfg.model.teacher_context == "privileged":
+        # The same check on the ids: a chat template that skips a turn can render different messages alike.
+        for group in train_groups + heldout_groups:
+            check_rendered_adds_privileged(group, tokenizer)
     counts = {
         "data/train_rows": len(train_groups),
         "data/heldout_rows": len(heldout_groups),

@@ -16,8 +16,8 @@ import torch
 from opd_local import parallel
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loss import needs_teacher_hidden
-from opd_local.models import check_output_head, load_frozen_teacher, logit_transform
-from opd_local.rollouts import Rollout
+from opd_local.models import check_output_head, load_frozen_teacher, logit_transform, token_rows
+from opd_local.rollouts import Rollout, drop_past_teacher_rows
 
 
 class Teacher:
@@ -91,6 +91,7 @@ class Teacher:
 
     def score(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Score the rollouts still kept, record the scores on them, and return those the scores leave kept."""
+        drop_past_teacher_rows(rollouts, token_rows(parallel.unwrap(self.model)))  # a student head padded wider
         scorable = [r for r in rollouts if r.kept]
         with self.scope():
             scores = parallel.score_completions_distributed(

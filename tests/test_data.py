@@ -367,6 +367,62 @@ def test_teacher_prompt_that_adds_nothing_is_refused_under_privileged(tmp_path, 
     assert len(load_run_inputs(cfg).train_groups) == 2
 
 
+SKIPS_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+def test_a_teacher_prompt_whose_hint_the_template_drops_is_refused_on_the_rendered_ids(tokenizer):
+    from opd_local.data import check_rendered_adds_privileged
+
+    question = {"role": "user", "content": "What is 6 * 7?"}
+    hint_in_system = messages_to_row(
+        messages_with(messages=[question], teacher_messages=[{"role": "system", "content": "Hint: 6 * 7 = 42."}, question]), "h#0"
+    )
+    hint_in_user = messages_to_row(messages_with(messages=[question]), "h#1")
+    skips = _with_template(tokenizer, SKIPS_SYSTEM)
+    (dropped, kept), _ = tokenize_groups([hint_in_system, hint_in_user], skips, 2048)
+    assert dropped.teacher_prompt_ids == dropped.student_prompt_ids  # what the text check cannot see
+    with pytest.raises(DataError) as err:
+        check_rendered_adds_privileged(dropped, skips)
+    assert str(err.value).startswith(
+        f"h#0: field 'teacher_messages': its rendered prompt adds nothing to the student's (the same "
+        f"{len(dropped.teacher_prompt_ids)} token ids; the chat template dropped the system turn (message 0))"
+    )
+    check_rendered_adds_privileged(kept, skips)  # the hint in a turn the template renders
+    # SmolLM2's own template renders system turns: the same row passes.
+    (group,), _ = tokenize_groups([hint_in_system], tokenizer, 2048)
+    check_rendered_adds_privileged(group, tokenizer)
+
+    # A template that writes a default system turn where none is given and drops a given one: the ids differ
+    # (the student's are the longer), and still none of the teacher's own text reaches them.
+    replaces = _with_template(tokenizer, "{% if messages[0]['role'] != 'system' %}system: Be helpful.\\n{% endif %}" + SKIPS_SYSTEM)
+    (group, kept), _ = tokenize_groups([hint_in_system, hint_in_user], replaces, 2048)
+    assert group.teacher_prompt_ids != group.student_prompt_ids
+    with pytest.raises(DataError, match=r"h#0: .*none of the teacher's own messages reaches its \d+ token ids; "
+                                        r"the chat template dropped the system turn \(message 0\)"):
+        check_rendered_adds_privileged(group, replaces)
+    check_rendered_adds_privileged(kept, replaces)
+
+
+def test_the_bundled_rows_add_to_the_rendered_student_prompt(tokenizer):
+    from opd_local.data import check_rendered_adds_privileged
+
+    for split in ("train", "test"):
+        groups, _ = tokenize_groups(load_rows("bundled:gsm8k", split), tokenizer, 2048)
+        for group in groups:
+            check_rendered_adds_privileged(group, tokenizer)
+
+
 def test_every_drop_and_duplicate_is_counted(tmp_path, tiny_model_dir):
     from opd_local.config import Config
     from opd_local.run_inputs import load_run_inputs

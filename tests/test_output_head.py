@@ -4,6 +4,8 @@ logits are anything else is refused."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -19,8 +21,8 @@ def _llama(tokenizer, **changes):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, **changes,
+        **{"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, **changes},
     )
     return LlamaForCausalLM(config).eval()
 
@@ -238,6 +240,35 @@ def test_a_teacher_head_narrower_than_the_students_is_refused_only_where_the_who
     check_output_heads(teacher, student, "fkl")  # the wider one as the teacher: see the test below
 
 
+@pytest.mark.parametrize("objective", ["sampled_rkl", "fkl"])
+def test_a_teacher_narrower_than_the_tokenizer_is_refused_whatever_the_objective(tokenizer, objective):
+    """It could not read the prompts' token ids, nor score most of what the student samples."""
+    from opd_local.models import check_teacher_vocabulary
+
+    student, teacher = _llama(tokenizer), _llama(tokenizer, vocab_size=1000)
+    message = f"model.teacher: its lm_head has 1000 rows, fewer than the tokenizer's {len(tokenizer)} tokens"
+    with pytest.raises(ValueError, match=message):
+        check_output_heads(student, teacher, objective, len(tokenizer))
+    with pytest.raises(ValueError, match=f"vocab_size gives it 1000 rows, fewer than the tokenizer's {len(tokenizer)}"):
+        check_teacher_vocabulary(len(tokenizer), student.config, teacher.config)  # from the configs, before anything loads
+    # Input embeddings narrower than the head: the prompt's ids go through them.
+    teacher = _llama(tokenizer)
+    teacher.set_input_embeddings(torch.nn.Embedding(1000, 16))
+    with pytest.raises(ValueError, match="its input embeddings have 1000 rows"):
+        check_output_heads(student, teacher, "sampled_rkl", len(tokenizer))
+
+
+def test_a_teacher_narrower_than_the_student_but_covering_the_tokenizer_passes_for_sampled_rkl(tokenizer):
+    from opd_local.models import check_teacher_vocabulary
+
+    student, teacher = _llama(tokenizer), _llama(tokenizer)
+    student.resize_token_embeddings(len(tokenizer) + 64)
+    check_output_heads(student, teacher, "sampled_rkl", len(tokenizer))
+    check_teacher_vocabulary(len(tokenizer), student.config, teacher.config)
+    # A teacher no narrower than the student covers whatever the student reads or samples, whatever the tokenizer.
+    check_teacher_vocabulary(len(tokenizer) + 10, teacher.config, teacher.config)
+
+
 @pytest.mark.parametrize("objective", ["fkl", "full_rkl", "jsd"])
 def test_a_wider_teacher_head_is_compared_over_the_students_rows_renormalized(objective):
     import kernels
@@ -272,3 +303,23 @@ def test_a_run_trains_against_a_teacher_with_a_wider_head(tokenizer, micro_model
     cfg.model.teacher, cfg.loss.objective, cfg.run.steps, cfg.run.save_final = str(tmp_path / "teacher"), "fkl", 1, False
     (record,) = read_metrics(train(cfg))
     assert record["opd/active_tokens"] > 0 and 0 < record["opd/loss"] < float("inf")
+
+
+def test_a_sampled_rkl_run_trains_against_a_teacher_with_only_the_tokenizers_rows(tokenizer, micro_model_dir, tmp_path):
+    """The student's head padded 64 rows past the tokenizer, the teacher's not (the README: sampled_rkl accepts it)."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_local.loop import train
+    from opd_local.metrics import read_metrics
+    from test_loop import tiny_config
+
+    padded = AutoModelForCausalLM.from_pretrained(micro_model_dir)
+    padded.resize_token_embeddings(padded.config.vocab_size + 64)
+    padded.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    cfg = tiny_config(str(tmp_path / "student"), tmp_path / "run")
+    cfg.model.teacher, cfg.loss.objective, cfg.run.steps, cfg.run.save_final = micro_model_dir, "sampled_rkl", 1, False
+    (record,) = read_metrics(train(cfg))
+    assert record["opd/active_tokens"] > 0 and math.isfinite(record["opd/loss"])
+    # A completion holding a padding row, which the student samples rarely, is dropped (tests/test_teacher.py).
+    assert "rollout/dropped_past_teacher_rows" in record

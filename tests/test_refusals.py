@@ -168,6 +168,35 @@ def with_strict_template(tmp: Path, model: str) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+# Templates that render no system turn, as some models' do: a hint given in one never reaches the prompt.
+SKIPS_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+# ...and one that writes a default system turn where the messages give none, and drops a given one.
+REPLACES_SYSTEM = "{% if messages[0]['role'] != 'system' %}system: You are helpful.\\n{% endif %}" + SKIPS_SYSTEM
+
+
+def with_template(name: str, template: str):
+    def build(tmp: Path, model: str) -> None:
+        folder = _model_copy(model, tmp / name, drop=("chat_template.jinja",))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return build
+
+
+def with_vocabulary_rows(rows: int):
+    """A teacher with the micro model's tokenizer but embeddings and an lm_head of `rows` rows."""
+    def build(tmp: Path, model: str) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model)
+        config.vocab_size = rows
+        folder = _model_copy(model, tmp / f"rows-{rows}")
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return build
+
+
 def with_padded_vocabulary(tmp: Path, model: str) -> None:
     """The same tokenizer, the output head 64 rows wider (as Qwen2.5's sizes differ between checkpoints)."""
     from transformers import AutoModelForCausalLM
@@ -409,6 +438,18 @@ CASES = [
          files={"s.jsonl": jsonl(messages_row(teacher_messages=[{"role": "system", "content": "Hint: 6 * 7 = 42."},
                                                                  {"role": "user", "content": "What is 6 * 7?"}]))},
          build=with_strict_template),
+    Case("data-template-drops-the-hint", ["--student", "{tmp}/skips-system", "--train", "{tmp}/s.jsonl"],
+         "{tmp}/s.jsonl#0: field 'teacher_messages': its rendered prompt adds nothing to the student's (the same 15 token ids; "
+         "the chat template dropped the system turn (message 0))",
+         files={"s.jsonl": jsonl(messages_row(teacher_messages=[{"role": "system", "content": "Hint: 6 * 7 = 42."},
+                                                                 {"role": "user", "content": "What is 6 * 7?"}]))},
+         build=with_template("skips-system", SKIPS_SYSTEM)),
+    Case("data-template-drops-the-hint-heldout", ["--student", "{tmp}/replaces-system", "--heldout", "{tmp}/h.jsonl"],
+         "{tmp}/h.jsonl#0: field 'teacher_messages': its rendered prompt adds nothing to the student's (none of the teacher's "
+         "own messages reaches its 15 token ids; the chat template dropped the system turn (message 0))",
+         files={"h.jsonl": jsonl(messages_row(teacher_messages=[{"role": "system", "content": "Hint: 6 * 7 = 42."},
+                                                                 {"role": "user", "content": "What is 6 * 7?"}]))},
+         build=with_template("replaces-system", REPLACES_SYSTEM)),
     Case("data-null-line", ["--train", "{tmp}/n.jsonl"], "{tmp}/n.jsonl: line 2: a row must be a JSON object, got null",
          files={"n.jsonl": jsonl(GOOD) + "null\n"}),
     Case("data-unknown-columns", ["--train", "{tmp}/u.jsonl"], "{tmp}/u.jsonl: cannot tell the row format from columns",
@@ -430,6 +471,9 @@ CASES = [
          "model.student='{tmp}/no-tokenizer': cannot load its tokenizer (the folder holds none of tokenizer.json", build=without_tokenizer_files),
     Case("teacher-head-narrower", ["--student", "{tmp}/padded", "--teacher", "{model}"],
          "model.teacher: its lm_head has 49152 rows and the student's 49216", build=with_padded_vocabulary),
+    Case("teacher-vocabulary-narrower-than-the-tokenizer", ["--teacher", "{tmp}/rows-1000", "--objective", "sampled_rkl"],
+         "model.teacher: its config's vocab_size gives it 1000 rows, fewer than the tokenizer's 49152 tokens and the student's",
+         build=with_vocabulary_rows(1000)),
     Case("teacher-logit-transform-unknown", ["--teacher", "{tmp}/scaled"],
          "model.teacher: its config sets logit_scale=4.0, a transform of the logits after the lm_head that opd-local does "
          "not know how model type 'llama' applies", build=with_unknown_logit_transform),

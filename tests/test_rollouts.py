@@ -6,7 +6,7 @@ import torch
 
 from opd_local.data import PromptGroup
 from opd_local.progress import RunTotals
-from opd_local.rollouts import build_rollouts, count_groups, rollout_metrics
+from opd_local.rollouts import build_rollouts, count_groups, drop_past_teacher_rows, rollout_metrics
 from opd_local.rows import PrivilegedRow
 from opd_local.sampler import Completion
 
@@ -40,8 +40,21 @@ def test_malformed_completions_are_dropped_and_groups_counted():
     # each dropped completion under its reason, so a NaN from the engine is told apart from an empty reply
     assert {k: v for k, v in metrics.items() if k.startswith("rollout/dropped_") and k != "rollout/dropped_completions"} == {
         "rollout/dropped_empty_completion": 1, "rollout/dropped_rollout_lp_count": 1, "rollout/dropped_rollout_lp_nonfinite": 1,
-        "rollout/dropped_teacher_lp_count": 0, "rollout/dropped_teacher_lp_nonfinite": 1,
+        "rollout/dropped_teacher_lp_count": 0, "rollout/dropped_teacher_lp_nonfinite": 1, "rollout/dropped_past_teacher_rows": 0,
     }
+
+
+def test_a_completion_past_the_teachers_rows_is_dropped_as_a_filter():
+    groups = [_group(0), _group(1)]
+    completions = [[Completion([5, 99], [-0.1, -0.2], "stop")], [Completion([5, 100], [-0.1, -0.2], "stop")]]
+    rollouts = build_rollouts(groups, completions)
+    drop_past_teacher_rows(rollouts, 100)  # ids 0..99 have a teacher row
+    assert [r.drop_reason for r in rollouts] == [None, "past_teacher_rows"]
+    counts = count_groups(len(groups), rollouts)
+    assert (counts.sampled, counts.filtered, counts.failed) == (1, 1, 0)
+    rollouts[0].record_teacher_scores(torch.tensor([-0.5, -0.5]))
+    metrics = rollout_metrics(rollouts, [r for r in rollouts if r.kept], len(groups))
+    assert metrics["rollout/dropped_past_teacher_rows"] == 1
 
 
 def test_run_totals_add_up_steps_and_resume_from_a_checkpoint_dict():

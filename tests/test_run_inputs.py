@@ -28,6 +28,33 @@ def test_plain_and_privileged_teacher_inputs_differ_for_the_same_row(tiny_model_
         assert solution_line not in inputs.tokenizer.decode(plain)
 
 
+def test_a_row_whose_hint_the_chat_template_drops_is_refused_under_privileged_only(tiny_model_dir, tmp_path):
+    """The rows pass the text check (the teacher's messages hold a hint); the template never renders it."""
+    import pytest
+
+    from opd_local.rows import DataError
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "skips-system")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    question = {"role": "user", "content": "What is 6 * 7?"}
+    row = {"messages": [question], "teacher_messages": [{"role": "system", "content": "Hint: 6 * 7 = 42."}, question],
+           "answer": "42", "privileged": "Hint: 6 * 7 = 42."}
+    (tmp_path / "heldout.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = Config()
+    cfg.model.student = str(model)
+    cfg.data.max_train_rows, cfg.data.heldout = 2, str(tmp_path / "heldout.jsonl")
+    with pytest.raises(DataError, match=r"heldout.jsonl#0: field 'teacher_messages': its rendered prompt adds nothing"):
+        load_run_inputs(cfg)  # the bundled training rows pass: their hint is in the user turn
+    cfg.model.teacher_context = "plain"  # the control run: nothing privileged is expected
+    assert len(load_run_inputs(cfg).heldout_groups) == 1
+
+
 def test_plain_teacher_run_trains(tiny_model_dir, tmp_path):
     from opd_local.loop import train
     from opd_local.metrics import read_metrics

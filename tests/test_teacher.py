@@ -48,6 +48,17 @@ def test_score_uses_the_context_prompt_and_returns_the_kept(tiny_teacher_dir, to
     assert not torch.allclose(rollouts[0].teacher_lp, elsewhere)
 
 
+def test_a_completion_holding_a_token_the_teacher_has_no_row_for_is_dropped_not_scored(tiny_teacher_dir, tokenizer):
+    """A student head padded past the tokenizer can sample a padding row; the teacher (the tokenizer's rows) has none."""
+    model = load_causal_lm(tiny_teacher_dir, ModelConfig(), torch.float32, torch.device("cpu"))
+    rows = model.lm_head.weight.shape[0]
+    completions = [[Completion([11, rows - 1], [-1.0] * 2, "stop"), Completion([11, rows, 12], [-1.0] * 3, "stop")]]
+    rollouts = build_rollouts(_groups(tokenizer)[:1], completions)
+    kept = Teacher(model, micro_batch_tokens=4096).score(rollouts)
+    assert kept == [rollouts[0]] and rollouts[0].teacher_lp.shape == (2,)
+    assert rollouts[1].drop_reason == "past_teacher_rows" and rollouts[1].teacher_lp is None
+
+
 def test_score_with_a_head_records_hidden_states(tiny_teacher_dir, tokenizer):
     model = load_causal_lm(tiny_teacher_dir, ModelConfig(), torch.float32, torch.device("cpu"))
     rollouts = build_rollouts(_groups(tokenizer)[:1], [[Completion([11, 12, 13], [-1.0] * 3, "stop")]])
