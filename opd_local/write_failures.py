@@ -95,9 +95,11 @@ def writing(target: Path, what: str, need_bytes: int | None = None, temporary: P
     """Run the block that writes `what` to `target` (through `temporary`, removed if the block fails)."""
     try:
         yield
-    except Exception as err:
+    except BaseException as err:  # Ctrl-C mid-write too leaves no temporary behind
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+        if not isinstance(err, Exception):
+            raise
         failure = write_failure(err, Path(target), what, need_bytes)
         if failure is None:
             raise
