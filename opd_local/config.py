@@ -19,6 +19,12 @@ def knob(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, nonempt
     return field(default=default, metadata=metadata)
 
 
+# The seed's users: random.Random (any int), torch.manual_seed (below 2**64), vLLM's engine seed,
+# which vllm.utils.torch_utils.set_random_seed passes to numpy.random.seed (below 2**32).
+MAX_SEED = 2**32 - 1
+# Below it sampling is greedy in effect and the tempered log-probs span 1/T times the logits' range.
+MIN_TEMPERATURE = 0.01
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 BUNDLED_GSM8K = "bundled:gsm8k"
 
@@ -101,7 +107,14 @@ class RolloutConfig:
     sampler: Literal["auto", "vllm", "hf"] = knob("auto", "rollout engine: auto (vllm when installed, else hf), vllm, hf")
     groups_per_step: int = knob(4, "prompt groups per optimizer step (across all ranks)", ge=1)
     samples_per_group: int = knob(4, "completions sampled per prompt (K)", ge=1)
-    temperature: float = knob(1.0, "sampling temperature; rollout_lp and student_lp use it, teacher_lp does not", gt=0)
+    temperature: float = knob(
+        1.0,
+        "sampling temperature; rollout_lp and student_lp use it, teacher_lp does not. At least 0.01: the loss divides "
+        "the student's logits by it, so its tempered log-probs, the loss and the gradient grow as 1/T times the logit "
+        "gaps, while below 0.01 sampling is greedy in effect (a logit gap of 0.1, a bf16 logit's rounding step near "
+        "16, already makes a token e^10 times likelier)",
+        ge=MIN_TEMPERATURE,
+    )
     max_tokens: int = knob(128, "completion length cap", ge=1)
     gpu_memory_utilization: float = knob(0.3, "vLLM on GPU: fraction of GPU memory for the engine", gt=0, le=1)
     kv_cache_gib: int = knob(1, "vLLM on CPU: KV-cache size in GiB", ge=1)
@@ -194,7 +207,13 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     steps: int = knob(60, "optimizer steps", ge=1)
-    seed: int = knob(0, "seed for data order, sampling and init", ge=0)
+    seed: int = knob(
+        0,
+        "seed for data order, sampling and init; below 2**32, as vLLM passes it to numpy.random.seed (rollouts are "
+        "seeded from a 56-bit hash of it, which torch's generators take)",
+        ge=0,
+        le=MAX_SEED,
+    )
     out_dir: str = knob("runs/default", "run directory: metrics.jsonl, config.yaml, checkpoints", nonempty=True)
     save_final: bool = knob(True, "save_pretrained the final student into out_dir/final")
     save_every: int = knob(25, "write a resumable checkpoint every N steps (0 = off)", ge=0)

@@ -2,11 +2,23 @@
 
 YAML files override the defaults of `opd_local/config.py`; `--section.key value` (or `--key value`
 where the key name is unique across sections) overrides YAML. `--help` lists every knob.
+
+One rule for repeats: a setting given twice is refused, whether as a key twice in one YAML mapping or
+as a flag twice on the command line (`--max_tokens 8 --max_tokens 12`, or two spellings of one
+setting, `--optim.lr 1e-4 --lr 5e-4`). `--config` is the exception: it may be given more than once,
+and the files apply in order, a later file overriding an earlier one key by key
+(`--config base.yaml --config exp.yaml`). With `--resume`, the run's saved config comes first, then
+the `--config` files in order, then the flags.
+
+A YAML file must be UTF-8 text, and its aliases may expand to at most MAX_YAML_VALUES values (an
+alias bomb of a few hundred bytes would otherwise expand to gigabytes). No error message prints a
+value in full: long ones are shortened.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import math
@@ -49,7 +61,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         if isinstance(value, bool) and str(value).lower() in choices:
             return str(value).lower()  # YAML reads `enforce_eager: true` as a boolean
         if value not in choices:
-            raise ConfigError(f"{where}: {'null' if value is None else repr(value)} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{where}: {'null' if value is None else _short(value)} is not one of {', '.join(choices)}")
         return value
     if value is None:
         hint = ' (write "" for empty)' if typ is str else ""
@@ -62,7 +74,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
     if typ is int and not isinstance(value, bool):
         if isinstance(value, int):
             return value
@@ -74,7 +86,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
                 number = float(value)
         if isinstance(number, float) and number.is_integer():  # "1e9" for a parameter count
             return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)
@@ -83,17 +95,23 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         except OverflowError:  # an integer past the float range
             raise ConfigError(f"{where}: expected a finite number, got {_short(value)}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
         return number
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got {value!r}")
+    raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got {_short(value)}")
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, or its start and its length where longer than `limit`: no error line can be huge."""
+    return _clip(repr(value), limit)
 
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
+PATH_LIMIT = 300  # a path in an error line is shortened past this many characters, a value past 60
 
 _KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
 _BOUNDS = (("ge", operator.ge, "at least"), ("gt", operator.gt, "above"), ("le", operator.le, "at most"), ("lt", operator.lt, "below"))
@@ -105,7 +123,7 @@ def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
     for key, holds, words in _BOUNDS:
         bound = f.metadata.get(key)
         if bound is not None and not holds(value, bound):
-            raise ConfigError(f"{where}: {value!r} must be {words} {bound}")
+            raise ConfigError(f"{where}: {_short(value)} must be {words} {bound}")
 
 
 def _set_field(section: Any, f: dataclasses.Field, value: Any, where: str) -> None:
@@ -132,7 +150,10 @@ def check_config(cfg: Config) -> Config:
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.overwrite starts a new run and run.resume continues one: give one of them")
     if cfg.run.resume and Path(cfg.run.resume).resolve() != Path(cfg.run.out_dir).resolve():
-        raise ConfigError(f"run.out_dir={cfg.run.out_dir!r} differs from run.resume={cfg.run.resume!r}: a resumed run stays in its directory")
+        raise ConfigError(
+            f"run.out_dir={_short(cfg.run.out_dir, PATH_LIMIT)} differs from run.resume={_short(cfg.run.resume, PATH_LIMIT)}: "
+            "a resumed run stays in its directory"
+        )
     return cfg
 
 
@@ -143,14 +164,14 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], source: s
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(overrides).__name__}")
     for section_name, values in (overrides or {}).items():
         if section_name not in sections:
-            raise ConfigError(f"{source}: unknown config section {section_name!r}; known: {sorted(sections)}")
+            raise ConfigError(f"{source}: unknown config section {_short(section_name)}; known: {sorted(sections)}")
         section = sections[section_name]
         if not isinstance(values or {}, dict):
-            raise ConfigError(f"{source}: section {section_name!r} must be a mapping of keys, got {values!r}")
+            raise ConfigError(f"{source}: section {_short(section_name)} must be a mapping of keys, got {_short(values)}")
         fields = {f.name: f for f in dataclasses.fields(section)}
         for key, value in (values or {}).items():
             if key not in fields:
-                raise ConfigError(f"{source}: unknown key {section_name}.{key}; known: {sorted(fields)}")
+                raise ConfigError(f"{source}: unknown key {_clip(f'{section_name}.{key}')}; known: {sorted(fields)}")
             where = f"--{section_name}.{key}" if source == "command line" else f"{source}: {section_name}.{key}"
             _set_field(section, fields[key], value, where)
     return cfg
@@ -177,8 +198,8 @@ def resume_changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
     for key, (old, new) in changes.items():
         if key.startswith(FIXED_ON_RESUME) and key not in CHANGEABLE_ON_RESUME:
             raise ConfigError(
-                f"--{key} {new!r} differs from the run's {old!r}: a resume continues the same model, data and seed; "
-                "start a new run (another run.out_dir) to change it"
+                f"--{key} {_short(new, PATH_LIMIT)} differs from the run's {_short(old, PATH_LIMIT)}: a resume continues the "
+                "same model, data and seed; start a new run (another run.out_dir) to change it"
             )
     return changes
 
@@ -200,7 +221,7 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
             continue
         if seen is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice (first on line {seen})", key_node.start_mark
+                None, None, f"key {_short(key)} is given twice (first on line {seen})", key_node.start_mark
             )
         first_line[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
@@ -209,17 +230,87 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+# A config holds a few dozen values; YAML aliases may repeat a node, but not into an alias bomb
+# (`a: &a [x, x]`, `b: &b [*a, *a]`, ... is 2**n values from a few hundred bytes).
+MAX_YAML_VALUES = 10_000
+
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _decode_utf8(raw: bytes, path: str | Path) -> str:
+    """`raw` as UTF-8 text, or a ConfigError naming the file (and UTF-16 or UTF-32, where a byte-order mark says so)."""
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), None)
+    if encoding is not None:
+        raise ConfigError(f"{path}: not UTF-8 text ({encoding}, by its byte-order mark; save it as UTF-8)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}: {err.reason})") from None
+    if "\0" in text:  # valid UTF-8, but no YAML holds NUL: ASCII saved as UTF-16 or UTF-32 without a byte-order mark
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (a NUL byte on line {line}, as in UTF-16 or UTF-32 text)")
+    return text
+
+
+def expanded_size(root: yaml.Node, bound: int) -> int:
+    """How many values the node graph under `root` holds with its aliases expanded (a node counts 1, a
+    collection 1 plus its children), up to `bound + 1`: composing shares an aliased node, constructing
+    the Python objects copies it everywhere it is used. An alias cycle (`&a [*a]`) counts as past `bound`.
+
+    Each node's size is computed once (iteratively: no recursion limit), so this costs the size of the
+    document as written, not as expanded.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = min(bound + 1, 1 + sum(sizes[id(child)] for child in children))
+            continue
+        if key in open_nodes:  # reached again while its own children are counted: a cycle
+            return bound + 1
+        open_nodes.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                return bound + 1
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from err
+    text = _decode_utf8(raw, path)
+    loader = None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _UniqueKeyLoader(text)  # its reader refuses a character YAML does not allow
+        node = loader.get_single_node()  # the node graph: an alias is the anchored node itself, not a copy
+        if node is not None and expanded_size(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{path}: its aliases expand to more than {MAX_YAML_VALUES} values; a config needs far fewer (an alias bomb?)"
+            )
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from err
+        raise ConfigError(f"{path}{line}: not valid YAML ({_clip(str(getattr(err, 'problem', None) or err), 200)})") from err
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -248,7 +339,29 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print its usage block and exit; one line says it
-        raise ConfigError(f"command line: {message} (--help lists every flag)")
+        raise ConfigError(f"command line: {_clip(message, 2 * PATH_LIMIT)} (--help lists every flag)")
+
+
+_GIVEN = "_flags_given"  # in the namespace: {dest: (spelling, value)} of each setting's flag so far
+
+
+class _Once(argparse.Action):
+    """Stores a setting's value, refusing a second one: a flag given twice, in one spelling or two
+    (`--optim.lr` and `--lr`), is as ambiguous as a YAML key given twice. The parser's default is
+    SUPPRESS, so a dest is in the namespace only once its flag was given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, _GIVEN, None)
+        if given is None:
+            given = {}
+            setattr(namespace, _GIVEN, given)
+        if self.dest in given:
+            first, value = given[self.dest]
+            value, values = _clip(str(value), PATH_LIMIT), _clip(str(values), PATH_LIMIT)
+            both = f"{value}, then {values}" if first == option_string else f"{first} {value}, then {option_string} {values}"
+            raise ConfigError(f"command line: --{self.dest} is given twice ({both}); give each setting once")
+        given[self.dest] = (option_string, values)
+        setattr(namespace, self.dest, values)
 
 
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
@@ -259,7 +372,13 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML file of overrides, by section")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="YAML file of overrides, by section; may be given more than once: the files apply in order, a later "
+        "one overriding an earlier one key by key, and the flags override them all (every other flag is refused "
+        "when given twice)",
+    )
     parser.add_argument("--debug", action="store_true", help="on an error, print the traceback instead of one line")
     defaults = Config()
     counts: dict[str, int] = {}
@@ -280,21 +399,24 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
                 dest=f"{section_name}.{f.name}",
                 metavar="{" + ",".join(choices) + "}" if choices else type(getattr(section, f.name)).__name__.upper(),
                 help=f"{f.metadata['help']} (default: {getattr(section, f.name)!r})",
+                action=_Once,
                 **extra,
             )
     return parser
 
 
 def parse_config(argv: list[str] | None = None, description: str = "opd-local") -> Config:
-    """Defaults, then `--config` YAML, then CLI flags; every setting checked (ConfigError names the bad one).
+    """Defaults, then each `--config` YAML in order, then CLI flags; every setting checked (ConfigError
+    names the bad one). A flag given twice is refused; a later `--config` file overrides an earlier one.
 
     With `--resume RUN_DIR` the run's saved config.yaml takes the place of the defaults, so the
-    resumed run is the same run; flags given alongside override it, and train() refuses those that
-    would make it another run.
+    resumed run is the same run; `--config` files and flags given alongside override it, and train()
+    refuses those that would make it another run.
     """
     parser = build_arg_parser(description)
     args = vars(parser.parse_args(argv))
     args.pop("debug", None)
+    args.pop(_GIVEN, None)
     cfg = Config()
     resume = args.get("run.resume")
     if resume:
@@ -304,8 +426,7 @@ def parse_config(argv: list[str] | None = None, description: str = "opd-local") 
         apply_overrides(cfg, load_saved_yaml(saved), source=str(saved))
         cfg.run.out_dir = str(resume)
         cfg.run.overwrite = False  # the action that started that run, not part of continuing it
-    if "config" in args:
-        path = args.pop("config")
+    for path in args.pop("config", []):  # in order: a later file overrides an earlier one, key by key
         apply_overrides(cfg, load_yaml(path), source=path)
     cli: dict[str, dict[str, Any]] = {}
     for dotted, value in args.items():

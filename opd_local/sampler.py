@@ -42,7 +42,9 @@ def per_prompt_seeds(seed: int | list[int], num_prompts: int, n: int) -> list[in
 def rollout_seeds(run_seed: int, step: int, num_groups: int, n: int) -> list[int]:
     """The seeds of a step's prompt groups, by their place in the step's global batch, so that a
     group's samples do not depend on how many ranks split the step. Within a step they are `n`
-    apart; steps start from a hash of (run seed, step), 56 bits, so steps do not overlap either."""
+    apart; steps start from a hash of (run seed, step), 56 bits, so steps do not overlap either.
+    Any run seed gives seeds below 2**56 + num_groups * n, well within the 2**64 that torch's
+    generators (the HF sampler's, vLLM's per request) take."""
     digest = hashlib.blake2b(f"{run_seed}/{step}".encode(), digest_size=7).digest()
     return per_prompt_seeds(int.from_bytes(digest, "little"), num_groups, n)
 

@@ -1,6 +1,6 @@
 """Train a student by on-policy distillation from a privileged teacher.
 
-    python scripts/train.py [--config run.yaml] [--section.key value ...] [--debug]
+    python scripts/train.py [--config run.yaml ...] [--section.key value ...] [--debug]
     torchrun --nproc_per_node=8 scripts/train.py [...]
 
 A setting, file or checkpoint that cannot run is refused on one line, with exit code 2, before

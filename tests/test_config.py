@@ -140,3 +140,196 @@ def test_yaml_merge_keys_and_anchors_are_read_and_may_be_overridden(tmp_path):
         path.write_text(text)  # twice in one mapping, or twice inside the merged one
         with pytest.raises(ConfigError, match="key 'lr' is given twice"):
             load_yaml(path)
+
+
+# ---------------------------------------------------------------- one rule for repeats
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max_tokens", "8", "--max_tokens", "12"], "--rollout.max_tokens is given twice (8, then 12)"),
+        (["--rollout.max_tokens", "8", "--rollout.max_tokens", "8"], "--rollout.max_tokens is given twice (8, then 8)"),
+        (["--optim.lr", "1e-4", "--lr", "5e-4"], "--optim.lr is given twice (--optim.lr 1e-4, then --lr 5e-4)"),
+        (["--overwrite", "--run.overwrite", "false"], "--run.overwrite is given twice (--overwrite true, then --run.overwrite false)"),
+        (["--eval.every", "2", "--steps", "3", "--eval.every", "4"], "--eval.every is given twice (2, then 4)"),
+    ],
+)
+def test_a_flag_given_twice_is_refused_like_a_yaml_key_given_twice(argv, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert str(err.value) == f"command line: {message}; give each setting once"
+
+
+def test_config_files_apply_in_order_and_flags_over_them_all(tmp_path):
+    base, exp = tmp_path / "base.yaml", tmp_path / "exp.yaml"
+    base.write_text("run:\n  steps: 5\n  seed: 3\nrollout:\n  max_tokens: 9\n  temperature: 0.5\n")
+    exp.write_text("run:\n  steps: 7\nrollout:\n  temperature: 0.7\n")
+    cfg = parse_config(["--config", str(base), "--config", str(exp), "--max_tokens", "11"])
+    assert (cfg.run.steps, cfg.run.seed) == (7, 3)  # the later file's key wins; the earlier file's other keys stay
+    assert (cfg.rollout.temperature, cfg.rollout.max_tokens) == (0.7, 11)
+    cfg = parse_config(["--config", str(exp), "--config", str(base)])
+    assert (cfg.run.steps, cfg.rollout.temperature) == (5, 0.5)
+    assert parse_config(["--config", str(base), "--config", str(base)]).run.steps == 5
+
+
+def test_resume_applies_the_saved_config_then_the_config_files_then_the_flags(tmp_path):
+    from opd_local.config_parsing import save_yaml
+
+    saved = Config()
+    saved.run.out_dir = str(tmp_path)
+    saved.optim.lr, saved.optim.beta1, saved.optim.beta2, saved.optim.eps = 1e-3, 0.8, 0.9, 1e-7
+    save_yaml(saved, tmp_path / "config.yaml")
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("optim:\n  lr: 2.0e-3\n  beta1: 0.7\n  beta2: 0.8\n")
+    second.write_text("optim:\n  lr: 3.0e-3\n  beta1: 0.6\n")
+    cfg = parse_config(["--resume", str(tmp_path), "--config", str(first), "--config", str(second), "--lr", "4e-3"])
+    assert (cfg.optim.eps, cfg.optim.beta2, cfg.optim.beta1, cfg.optim.lr) == (1e-7, 0.8, 0.6, 4e-3)
+
+
+def test_help_states_the_rule_for_repeats():
+    from opd_local.config_parsing import build_arg_parser
+
+    text = " ".join(build_arg_parser("opd-local").format_help().split())
+    assert "may be given more than once: the files apply in order, a later one overriding an earlier one key by key" in text
+    assert "every other flag is refused when given twice" in text
+
+
+# ---------------------------------------------------------------- YAML files: aliases, encodings, long values
+
+
+def _bomb(levels: int, width: int = 9) -> str:
+    lines = [f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "x-bomb:\n" + "\n".join(lines) + f"\nsync:\n  probe_text: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _bomb(9),  # 9**9 strings from a few hundred bytes
+        "sync:\n  probe_text: &a [*a]\n",  # a cycle: endless
+        "x: &a {k: [1, 2, 3]}\nsync:\n  probe_text: &b [" + ", ".join(["*a"] * 2500) + "]\n",  # 2500 x 5 values
+        _bomb(3, width=22),  # 22**3 + 22**2 + 22 + 1 values in l2 alone: just past 10_000
+    ],
+)
+def test_yaml_aliases_expanding_past_the_bound_are_refused_naming_the_file(tmp_path, text):
+    from opd_local.config_parsing import MAX_YAML_VALUES, load_yaml
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert str(err.value) == (
+        f"{path}: its aliases expand to more than {MAX_YAML_VALUES} values; a config needs far fewer (an alias bomb?)"
+    )
+
+
+def test_expanded_size_counts_each_use_of_an_alias():
+    import yaml
+
+    from opd_local.config_parsing import expanded_size
+
+    node = yaml.compose("a: &a [1, 2]\nb: [*a, *a, {k: *a}]\n")
+    # root 1 + keys a, b 2 + a's list 3 + b's list 1 + 2 * 3 + (mapping 1 + key 1 + 3)
+    assert expanded_size(node, 100) == 1 + 2 + 3 + 1 + 6 + 5
+    assert expanded_size(node, 10) == 11  # stops at the bound + 1
+    lists = [4, 13, 40, 121]  # l0 = [lol] * 3, l1 = [*l0] * 3, ...: 1 + 3 times the one below
+    # root and its 2 keys, x-bomb's mapping with its 4 keys and lists, sync's mapping with its key and l3
+    assert expanded_size(yaml.compose(_bomb(4, width=3)), 10**6) == 1 + 2 + (1 + 4 + sum(lists)) + (1 + 1 + lists[-1])
+
+
+def test_aliases_within_the_bound_are_read(tmp_path):
+    from opd_local.config_parsing import load_yaml
+
+    path = tmp_path / "ok.yaml"
+    path.write_text(_bomb(3, width=14))  # l2 (14**3 + 14**2 + 14 + 1 values) used twice: 6145 in all
+    assert len(load_yaml(path)["sync"]["probe_text"]) == 14
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ("run:\n  steps: 2\n".encode("utf-16"), "(UTF-16, by its byte-order mark; save it as UTF-8)"),
+        ("run:\n  steps: 2\n".encode("utf-16-be"), "(a NUL byte on line 1, as in UTF-16 or UTF-32 text)"),
+        ("run:\n  steps: 2\n".encode("utf-16-le"), "(a NUL byte on line 1, as in UTF-16 or UTF-32 text)"),
+        ("run:\n  steps: 2\n".encode("utf-32"), "(UTF-32, by its byte-order mark; save it as UTF-8)"),
+        ("run:\n  out_dir: caf\u00e9\n".encode("latin-1"), "(byte 0xe9 on line 2: invalid continuation byte)"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path, data, words):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)])
+    assert str(err.value) == f"{path}: not UTF-8 text {words}"
+
+
+def test_a_utf8_config_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("run:\n  steps: 3\n".encode("utf-8-sig"))
+    assert parse_config(["--config", str(path)]).run.steps == 3
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "sync:\n  probe_text: [" + ", ".join(["lol"] * 3000) + "]\n",  # expected text, got a list
+        "run:\n  device: " + "g" * 100_000 + "\n",  # not one of the choices
+        "run:\n  steps: '" + "9" * 100_000 + ".5'\n",  # not an integer
+        "data:\n  shuffle: " + "x" * 100_000 + "\n",  # not true or false
+        "run:\n  ? " + "k" * 100_000 + "\n  : 1\n",  # an unknown key (a long key is written `? key`, `: value`)
+        "? " + "r" * 100_000 + "\n: {steps: 2}\n",  # an unknown section
+        "rollout: [" + ", ".join(["1"] * 3000) + "]\n",  # a section that is not a mapping
+        "run:\n  ? " + "k" * 100_000 + "\n  : 1\n  ? " + "k" * 100_000 + "\n  : 2\n",  # a key given twice
+    ],
+)
+def test_no_error_line_prints_a_long_value_in_full(tmp_path, yaml_text):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)])
+    assert len(str(err.value)) < len(str(path)) + 400, str(err.value)
+    assert "characters)" in str(err.value)
+
+
+# ---------------------------------------------------------------- bounds the seed's and the temperature's users need
+
+
+def test_the_seed_is_bounded_by_what_its_users_take():
+    import random
+
+    import numpy as np
+
+    from opd_local.config import MAX_SEED
+    from opd_local.sampler import rollout_seeds
+
+    assert parse_config(["--seed", str(MAX_SEED)]).run.seed == MAX_SEED
+    for seed in (MAX_SEED + 1, 2**64, 1180591620717411303424):
+        with pytest.raises(ConfigError, match=rf"^--run.seed: {seed} must be at most {MAX_SEED}$"):
+            parse_config(["--seed", str(seed)])
+    # vLLM's engine seed: random.seed, np.random.seed (the tightest: below 2**32) and torch.manual_seed
+    random.seed(MAX_SEED)
+    np.random.seed(MAX_SEED)
+    torch.manual_seed(MAX_SEED)
+    with pytest.raises(ValueError):
+        np.random.seed(MAX_SEED + 1)
+    # Rollout seeds (each sample j of group i draws from seed_i + j) come from a 56-bit hash: torch's
+    # generators take them whatever the run seed, for a step far bigger than any that fits in memory.
+    groups, n = 10**6, 10**4
+    seeds = rollout_seeds(MAX_SEED, 10**9, groups, n)
+    assert max(seeds) + n - 1 < 2**56 + groups * n < 2**64
+    torch.Generator().manual_seed(max(seeds) + n - 1)
+
+
+def test_the_temperature_has_a_floor():
+    from opd_local.config import MIN_TEMPERATURE
+
+    assert parse_config(["--temperature", str(MIN_TEMPERATURE)]).rollout.temperature == MIN_TEMPERATURE
+    for text in ("1e-9", "0.0099", "0"):
+        with pytest.raises(ConfigError, match=rf"^--rollout.temperature: {float(text)!r} must be at least {MIN_TEMPERATURE}$"):
+            parse_config(["--temperature", text])
+    cfg = Config()
+    cfg.rollout.temperature = 1e-9
+    with pytest.raises(ConfigError, match="rollout.temperature: 1e-09 must be at least 0.01"):
+        check_config(cfg)

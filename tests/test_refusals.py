@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from opd_local.cli import EXIT_INTERRUPTED, EXIT_REFUSED, train_main
+from opd_local.config_parsing import build_arg_parser
 from opd_local.run_lock import LOCK_FILE
 
 GOOD = {"question": "Sam has 2 cats and gets 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"}
@@ -43,13 +44,18 @@ def messages_row(**changes) -> dict:
     return {**GOOD_MESSAGES, **changes}
 
 
-def base_args(model: str, out: Path) -> list[str]:
-    """A short run on the micro model; the flags a case adds come after these."""
-    return [
+def base_args(model: str, out: Path, *extra: str) -> list[str]:
+    """A short run on the micro model, then `extra`; a setting `extra` gives replaces the base flag, as
+    a flag given twice is refused."""
+    base = [
         "--student", model, "--sampler", "hf", "--out_dir", str(out), "--steps", "2", "--groups_per_step", "2",
         "--samples_per_group", "2", "--max_tokens", "6", "--max_train_rows", "8", "--max_heldout_rows", "2",
         "--eval.every", "0", "--save_final", "false",
     ]
+    flags = build_arg_parser("opd-local")._option_string_actions
+    given = {flags[a].dest for a in extra if a in flags}
+    kept = [a for flag, value in zip(base[::2], base[1::2]) if flags[flag].dest not in given for a in (flag, value)]
+    return kept + list(extra)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +65,7 @@ def finished_run(micro_model_dir, tmp_path_factory) -> Path:
     rows = [json.loads(line) for line in Path("opd_local/bundled/gsm8k/train.jsonl").read_text().splitlines()[:8]]
     (root / "train.jsonl").write_text(jsonl(*rows))
     out = root / "run"
-    assert train_main(base_args(micro_model_dir, out) + ["--train", str(root / "train.jsonl"), "--save_every", "1"]) == 0
+    assert train_main(base_args(micro_model_dir, out, "--train", str(root / "train.jsonl"), "--save_every", "1")) == 0
     return out
 
 
@@ -259,6 +265,13 @@ def with_unknown_logit_transform(tmp: Path, model: str) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "logit_scale": 4.0}))
 
 
+def alias_bomb(key: str = "sync:\n  probe_text") -> str:
+    """The "billion laughs": 9 levels of 9 aliases each: 9**9 values from a few hundred bytes."""
+    lines = ['  l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "x-bomb:\n" + "\n".join(lines) + f"\n{key}: *l8\n"
+
+
 @dataclass
 class Case:
     id: str
@@ -266,7 +279,7 @@ class Case:
     expect: str  # in the one error line, with the same fields filled in
     files: dict[str, str | bytes] = field(default_factory=dict)  # written under {tmp} first; "name/" is an empty folder
     build: object = None  # (tmp, micro model dir) -> None: builds a model folder under {tmp}
-    resume: bool = False  # no base flags: the args continue {run}
+    resume: bool = False  # no base flags: the args continue {run} (those that give --resume themselves, their own)
     overwrite: bool = True
     damage: object = None  # done to the copied run before the snapshot; may return its undo
     marks: tuple = ()
@@ -294,7 +307,8 @@ CASES = [
     Case("format-unknown", ["--format", "csv"], "--data.format: 'csv'"),
     Case("attention-unknown", ["--attn_implementation", "flash"], "--model.attn_implementation: 'flash'"),
     Case("enforce-eager-yes", ["--enforce_eager", "yes"], "--rollout.enforce_eager: 'yes'"),
-    Case("temperature-0", ["--temperature", "0"], "--rollout.temperature: 0.0 must be above 0"),
+    Case("temperature-0", ["--temperature", "0"], "--rollout.temperature: 0.0 must be at least 0.01"),
+    Case("temperature-below-floor", ["--temperature", "1e-9"], "--rollout.temperature: 1e-09 must be at least 0.01"),
     Case("temperature-nan", ["--temperature", "nan"], "--rollout.temperature: expected a finite number"),
     Case("lr-0", ["--lr", "0"], "--optim.lr: 0.0 must be above 0"),
     Case("lr-negative", ["--lr", "-0.0001"], "--optim.lr: -0.0001 must be above 0"),
@@ -325,9 +339,18 @@ CASES = [
     Case("lora-dropout-1", ["--lora_dropout", "1.0"], "--model.lora_dropout: 1.0 must be below 1"),
     Case("max-prompt-tokens-0", ["--max_prompt_tokens", "0"], "--data.max_prompt_tokens"),
     Case("seed-negative", ["--seed", "-1"], "--run.seed"),
+    Case("seed-past-64-bits", ["--seed", "1180591620717411303424", "--lora_rank", "4"],
+         "--run.seed: 1180591620717411303424 must be at most 4294967295"),
+    Case("seed-2-to-the-32", ["--seed", "4294967296"], "--run.seed: 4294967296 must be at most 4294967295"),
     Case("shuffle-maybe", ["--shuffle", "maybe"], "--data.shuffle: expected true or false, got 'maybe'"),
     Case("unknown-flag", ["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
     Case("flag-without-value", ["--lr"], "argument --optim.lr/--lr: expected one argument"),
+    # ---- one rule for repeats: a flag given twice, as a YAML key given twice, is refused
+    Case("flag-twice", ["--max_tokens", "8", "--max_tokens", "12"], "command line: --rollout.max_tokens is given twice (8, then 12)"),
+    Case("flag-twice-two-spellings", ["--optim.lr", "1e-4", "--lr", "5e-4"],
+         "command line: --optim.lr is given twice (--optim.lr 1e-4, then --lr 5e-4)"),
+    Case("bool-flag-twice", ["--drop_overlong", "false", "--drop_overlong"],
+         "command line: --data.drop_overlong is given twice (false, then true)"),
     Case("out-dir-empty", ["--out_dir", ""], "--run.out_dir: must not be empty"),
     Case("train-path-empty", ["--train", ""], "--data.train: must not be empty"),
     Case("student-empty", ["--student", ""], "--model.student: must not be empty"),
@@ -359,6 +382,25 @@ CASES = [
     Case("yaml-number-past-float", ["--config", "{tmp}/c.yaml"], "optim.lr: expected a finite number, got 99999",
          files={"c.yaml": "optim:\n  lr: " + "9" * 400 + "\n"}),
     Case("flag-abbreviated", ["--temp", "0.5"], "unrecognized arguments: --temp 0.5"),
+    Case("yaml-alias-bomb", ["--config", "{tmp}/c.yaml"],
+         "{tmp}/c.yaml: its aliases expand to more than 10000 values; a config needs far fewer (an alias bomb?)",
+         files={"c.yaml": alias_bomb()}),
+    Case("yaml-alias-cycle", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml: its aliases expand to more than 10000 values",
+         files={"c.yaml": "sync:\n  probe_text: &a [*a]\n"}),
+    Case("yaml-long-value-shortened", ["--config", "{tmp}/c.yaml"],
+         "{tmp}/c.yaml: sync.probe_text: expected text, got ['lol', 'lol', 'lol', 'lol', 'lol', 'lol... (7000 characters)",
+         files={"c.yaml": "sync:\n  probe_text: [" + ", ".join(["lol"] * 1000) + "]\n"}),
+    Case("yaml-utf16", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml: not UTF-8 text (UTF-16, by its byte-order mark",
+         files={"c.yaml": "run:\n  steps: 2\n".encode("utf-16")}),
+    Case("yaml-latin1", ["--config", "{tmp}/c.yaml"], "{tmp}/c.yaml: not UTF-8 text (byte 0xe9 on line 2",
+         files={"c.yaml": "sync:\n  probe_text: Caf\u00e9 sells 2 cakes.\n".encode("latin-1")}),
+    # a later --config overrides an earlier one key by key; neither is dropped
+    Case("config-twice-both-apply", ["--config", "{tmp}/a.yaml", "--config", "{tmp}/b.yaml"], "exceeds rollout.max_model_len=256",
+         files={"a.yaml": "rollout:\n  max_model_len: 256\n", "b.yaml": "run:\n  steps: 2\n"}),
+    Case("config-twice-later-wins", ["--config", "{tmp}/a.yaml", "--config", "{tmp}/b.yaml"], "exceeds rollout.max_model_len=200",
+         files={"a.yaml": "rollout:\n  max_model_len: 256\n", "b.yaml": "rollout:\n  max_model_len: 200\n"}),
+    Case("config-twice-second-bad", ["--config", "{tmp}/a.yaml", "--config", "{tmp}/b.yaml"], "{tmp}/b.yaml: run.steps: 0 must be at least 1",
+         files={"a.yaml": "run:\n  steps: 2\n", "b.yaml": "run:\n  steps: 0\n"}),
     # ---- the run directory
     Case("run-dir-holds-a-run", [], "already holds a run (config.yaml); pass --overwrite", overwrite=False),
     Case("run-dir-is-a-file", ["--out_dir", "{tmp}/afile"], "run.out_dir='{tmp}/afile' is a file", files={"afile": "x"}),
@@ -386,6 +428,11 @@ CASES = [
     Case("resume-elsewhere", ["--out_dir", "{tmp}/elsewhere"], "differs from run.resume", resume=True),
     Case("resume-and-overwrite", ["--overwrite"], "give one of them", resume=True),
     Case("resume-bad-flag", ["--lr", "0"], "--optim.lr: 0.0 must be above 0", resume=True),
+    Case("resume-twice", ["--resume", "{run}", "--resume", "{tmp}"], "command line: --run.resume is given twice ({run}, then {tmp})",
+         resume=True),
+    Case("resume-flag-twice", ["--lr", "1e-3", "--lr", "2e-3"], "command line: --optim.lr is given twice (1e-3, then 2e-3)", resume=True),
+    Case("resume-config-other-seed", ["--config", "{tmp}/c.yaml"], "--run.seed 5 differs from the run's 0", resume=True,
+         files={"c.yaml": "run:\n  seed: 5\n"}),
     Case("resume-edited-step", [], "step-000002/progress.json: says step 7 but sits in step-000002", resume=True, damage=edit_progress_step),
     Case("resume-progress-not-json", [], "step-000002/progress.json: unreadable", resume=True, damage=write_in_checkpoints("progress.json", "{")),
     Case("resume-weights-truncated", [], "step-000002/model.safetensors: truncated", resume=True, damage=truncate("model.safetensors")),
@@ -510,9 +557,9 @@ def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run
     fill = {"tmp": str(inputs), "run": str(run), "model": micro_model_dir}
     args = [a.format(**fill) for a in case.args]
     if case.resume:
-        argv = ["--resume", str(run), *args]
+        argv = args if "--resume" in args else ["--resume", str(run), *args]
     else:
-        argv = base_args(micro_model_dir, run) + (["--overwrite"] if case.overwrite else []) + args
+        argv = base_args(micro_model_dir, run, *(["--overwrite"] if case.overwrite else []), *args)
     before = snapshot(run)
     capsys.readouterr()
     if case.inject:
@@ -540,7 +587,7 @@ def test_bad_input_is_refused_on_one_line_and_touches_nothing(case, finished_run
 
 
 def test_debug_shows_the_traceback(micro_model_dir, tmp_path, capsys):
-    assert train_main(base_args(micro_model_dir, tmp_path / "run") + ["--device", "gpu", "--debug"]) == EXIT_REFUSED
+    assert train_main(base_args(micro_model_dir, tmp_path / "run", "--device", "gpu", "--debug")) == EXIT_REFUSED
     err = capsys.readouterr().err
     assert "Traceback" in err and "ConfigError: --run.device: 'gpu' is not one of" in err
 
