@@ -11,16 +11,11 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from opd_local.config_parsing import parse_config
+from opd_local.exits import EXIT_INTERRUPTED, EXIT_REFUSED, RunInterrupted
 
 # What a bad setting, file, row, model path or checkpoint raises (ConfigError and DataError are
 # ValueErrors; a missing file an OSError; a missing package an ImportError; a device a RuntimeError).
 REFUSALS = (ValueError, OSError, ImportError, RuntimeError)
-EXIT_REFUSED = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
-
-
-class RunInterrupted(Exception):
-    """Ctrl-C (SIGINT) stopped the run; the message says what the run directory holds now."""
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
