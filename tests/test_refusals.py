@@ -414,6 +414,9 @@ CASES = [
          file_size_limit=lambda model: model_file_size(model) // 2),
     Case("disk-full-optimizer", ["--save_every", "1"], "cannot write the checkpoint of step 1 to {run}/checkpoints/step-000001: the write stopped short",
          file_size_limit=lambda model: model_file_size(model) + 65536),
+    Case("disk-full-embedded-model-cache", ["--student", "embedded:smollm2-135m-instruct", "--cache_dir", "{tmp}/cache"],
+         "cannot write the embedded model's converted weights to {tmp}/cache/SmolLM2-135M-Instruct: a file-size limit",
+         files={"cache/": ""}, file_size_limit=lambda model: 1 << 20),
     Case("interrupted-before-it-stood", [], "interrupted at step 1, before the new run's first checkpoint; {run} holds the run it replaced, as it was",
          code=EXIT_INTERRUPTED, inject=interrupt_at_step(1)),
     # ---- resume
@@ -608,3 +611,13 @@ def test_a_crash_after_the_run_started_puts_the_overwritten_run_back(finished_ru
         train_main(base_args(micro_model_dir, run) + ["--overwrite"])
     assert f"warning: the run failed before it stood; {run} holds the run it replaced, as it was" in capsys.readouterr().err
     assert snapshot(run) == before
+
+
+def test_ctrl_c_in_a_resumed_run_says_where_it_stopped_and_what_resumes_it(finished_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    interrupt_at_step(0)(monkeypatch)
+    assert train_main(["--resume", str(run), "--steps", "3"]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert f"interrupted at step 2; resume with --resume {run} (from step-000002)" in err.splitlines(), err
+    assert "Traceback" not in err and not (run / LOCK_FILE).exists()
