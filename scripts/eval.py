@@ -16,7 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from opd_local import dist
+from opd_local.cpu_threads import configure_cpu_threads
+
+configure_cpu_threads()  # before torch is imported: libgomp reads its settings once, when it loads
+
+from opd_local import dist  # noqa: E402
 from opd_local.checkpoint import CHECKPOINTS
 from opd_local.cli import run_refusing
 from opd_local.config import resolve_micro_batch_tokens

@@ -7,7 +7,11 @@ A setting, file or checkpoint that cannot run is refused on one line, with exit 
 anything in the run directory is written; --debug prints the traceback instead.
 """
 
-from opd_local.cli import train_main
+from opd_local.cpu_threads import configure_cpu_threads
+
+configure_cpu_threads()  # before torch is imported: libgomp reads its settings once, when it loads
+
+from opd_local.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(train_main(description=__doc__))
