@@ -414,9 +414,6 @@ CASES = [
          file_size_limit=lambda model: model_file_size(model) // 2),
     Case("disk-full-optimizer", ["--save_every", "1"], "cannot write the checkpoint of step 1 to {run}/checkpoints/step-000001: the write stopped short",
          file_size_limit=lambda model: model_file_size(model) + 65536),
-    Case("disk-full-embedded-model-cache", ["--student", "embedded:smollm2-135m-instruct", "--cache_dir", "{tmp}/cache"],
-         "cannot write the embedded model's converted weights to {tmp}/cache/SmolLM2-135M-Instruct: a file-size limit",
-         files={"cache/": ""}, file_size_limit=lambda model: 1 << 20),
     Case("interrupted-before-it-stood", [], "interrupted at step 1, before the new run's first checkpoint; {run} holds the run it replaced, as it was",
          code=EXIT_INTERRUPTED, inject=interrupt_at_step(1)),
     # ---- resume
