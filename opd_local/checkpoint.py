@@ -83,7 +83,7 @@ def replace_directory(new: Path, target: Path) -> None:
         target.rename(old)
         new.rename(target)
         _remove(old)
-    _fsync_path(target.parent)
+    fsync_path(target.parent)
 
 
 def _remove(path: Path) -> None:
@@ -93,7 +93,7 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -108,8 +108,8 @@ def _fsync_path(path: Path) -> None:
 def _fsync_tree(folder: Path) -> None:
     """Flush a folder's files and entries to disk, so that a rename after a power loss names whole files."""
     for path in sorted(folder.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def _with_umask_modes(folder: Path) -> None:

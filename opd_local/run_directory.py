@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd_local.checkpoint import CHECKPOINTS, newest_intact_checkpoint
+from opd_local.checkpoint import CHECKPOINTS, fsync_path, newest_intact_checkpoint
 from opd_local.config import Config, ConfigError
 from opd_local.config_parsing import apply_overrides, load_saved_yaml, resume_changes, save_yaml
 from opd_local.exits import RunInterrupted
@@ -158,9 +158,9 @@ class Overwrite:
         filling.mkdir()
         for path in run_artefacts(run_dir):
             path.rename(filling / path.name)
-        _fsync_dir(filling)
+        fsync_path(filling)
         aside = filling.rename(Path(run_dir) / REPLACED)
-        _fsync_dir(run_dir)
+        fsync_path(Path(run_dir))
         return cls(run_dir, aside)
 
     def commit(self) -> None:
@@ -178,18 +178,8 @@ class Overwrite:
         for path in sorted(self.aside.iterdir()):
             path.rename(self.run_dir / path.name)
         self.aside.rmdir()
-        _fsync_dir(self.run_dir)
+        fsync_path(self.run_dir)
         self.done = True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some network file systems cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
 
 
 def start_run_directory(cfg: Config, resume: ResumePoint | None) -> Overwrite | None:

@@ -133,9 +133,7 @@ def train_on_rollouts(
     totals = dist.all_reduce_sum(sums)
     loss, norm = float(totals[0]), float(grad_norm)
     diverged = not (math.isfinite(loss) and math.isfinite(norm)) or (0 < cfg.optim.skip_grad_norm < norm)
-    if diverged:
-        optimizer.zero_grad(set_to_none=True)
-    else:
+    if not diverged:
         optimizer.step()
     return {
         "opd/loss": loss,
