@@ -5,7 +5,7 @@
     python benchmarks/bench_attention.py --runs                  # one run's attention: matmuls vs SDPA
 
 A random-init LLaMA (hidden 256, 2 layers, 4 heads, 2 KV heads, vocab 49152) runs one packed row of the
-given sequence lengths through `opd_local.models.final_hidden_states` with each path forced by
+given sequence lengths through `opd_local.hidden_states.final_hidden_states` with each path forced by
 OPD_PACKED_ATTENTION (see opd_local/attention.py). "flex" is the trainer's path (compiled on CUDA, eager
 on CPU); "flex_compiled" also compiles it on CPU. Prints the first call (compiles included) and the median
 and min of --repeats more.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from opd_local import attention  # noqa: E402
-from opd_local.models import final_hidden_states  # noqa: E402
+from opd_local.hidden_states import final_hidden_states  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import platform
 import torch
 
 from opd_local.config import Config
-from opd_local.loop import build_optimizer
+from opd_local.optimizer import build_optimizer
 from opd_local.models import load_causal_lm
 from opd_local.precision import PARITY_THRESHOLDS, resolve_precision
 from opd_local.packing import pack_sequences
@@ -57,7 +57,7 @@ def measure(work, args, dtype_setting: str, scale: float) -> dict[str, float]:
     mismatch = (rollout_lp - trainer_lp).abs()
 
     # One AdamW step at the default learning rate on the rollouts' own likelihood, push skipped.
-    optimizer, _ = build_optimizer(student, cfg)
+    optimizer, _ = build_optimizer(student, cfg.optim)
     batch = pack_sequences(prompts, completions).to(work.device)
     (-packed_token_logprobs(student, batch, compute_dtype=policy.compute).sum()).backward()
     optimizer.step()

@@ -104,10 +104,11 @@ def trl_worker(job: dict, variant: str) -> dict:
 
     from opd_local.config_parsing import parse_config
     from opd_local.progress import GroupStream
+    from opd_local.preflight import check_config, resolve
     from opd_local.run_inputs import load_run_inputs
 
-    cfg = parse_config([*JOB_FLAGS, *job["opd_args"]], "bench_peer")
-    inputs = load_run_inputs(cfg)
+    cfg = check_config(parse_config([*JOB_FLAGS, *job["opd_args"]], "bench_peer"))
+    inputs = load_run_inputs(cfg, resolve(cfg, torch.device("cpu")))
     tokenizer = inputs.tokenizer
     stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
     groups = [g for _ in range(job["steps"] + 1) for g in stream.next_groups(job["groups"])]  # opd-local's draw order

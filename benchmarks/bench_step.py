@@ -24,10 +24,12 @@ import time
 
 import torch
 
-from opd_local.config import Config, resolve_micro_batch_tokens
-from opd_local.loop import build_optimizer
+from opd_local.config import Config
+from opd_local.preflight import resolve_micro_batch_tokens
+from opd_local.optimizer import build_optimizer
 from opd_local.training import train_on_rollouts
-from opd_local.models import lm_head_weight, load_causal_lm
+from opd_local.models import load_causal_lm
+from opd_local.output_heads import lm_head_weight
 from opd_local.rollouts import build_rollouts
 from opd_local.sampler import HFSampler
 from opd_local.precision import resolve_precision
@@ -134,15 +136,20 @@ def opd_local_stages(work, args, policy, completions_from=None):
         rollout.record_teacher_scores(teacher_lp, teacher_hidden)
     for row, objective in ((main_row, "sampled_rkl"), (full_row, "full_rkl")):
         trained = copy.deepcopy(student)
-        optimizer, _ = build_optimizer(trained, cfg)
+        optimizer, scheduler = build_optimizer(trained, cfg.optim)
         cfg.loss.objective = objective
         head = lm_head_weight(teacher).detach() if objective == "full_rkl" else None
-        row["train"] = median_seconds(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy, head), args.repeats)
+        budget = cfg.optim.micro_batch_tokens
+
+        def train(head=head):
+            return train_on_rollouts(trained, optimizer, scheduler, kept, cfg, policy, budget, head)
+
+        row["train"] = median_seconds(train, args.repeats)
         if args.compare_student_prefix and objective == "sampled_rkl":
-            extras_train = compare_student_prefix(lambda: train_on_rollouts(trained, optimizer, kept, cfg, policy), cfg, args.repeats)
+            extras_train = compare_student_prefix(lambda: train(None), cfg, args.repeats)
         row["push"] = median_seconds(lambda: push_model_weights(engine, trained), args.repeats)
         row["sample"] = main_row["sample"]
-        del trained, optimizer
+        del trained, optimizer, scheduler
     cfg.loss.objective = "sampled_rkl"
     engine.close()
     extras = {"sampled_tokens": sampled["tokens"], "packed_score": packed_score, "policy": policy.describe()}
@@ -169,7 +176,7 @@ def stock_stages(work, args, policy, kept) -> dict[str, float]:
     completion_ids = [r.completion_ids for r in kept]
     with torch.no_grad(), policy.autocast():
         row["score"] = median_seconds(lambda: padded_token_logprobs(teacher, teacher_prompts, completion_ids), args.repeats)
-    optimizer, _ = build_optimizer(student, cfg)
+    optimizer, _ = build_optimizer(student, cfg.optim)
     teacher_lps = [r.teacher_lp for r in kept]
     rollout_lps = [r.rollout_lp for r in kept]
     row["train"] = median_seconds(

@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from opd_local import dist, parallel
-from opd_local.config import OptimConfig
 from opd_local.models import is_peft_model
 from opd_local.safetensors_files import safetensors_problem
 from opd_local.write_failures import tensor_bytes, writing
@@ -371,20 +370,6 @@ def newest_intact_checkpoint(run_dir: Path, at_most: int | None = None) -> tuple
             return checkpoint, read_progress(checkpoint)
         problems.append(problem)
     raise ValueError(f"--resume {run_dir}: no intact checkpoint; newest: {problems[0]}")
-
-
-def apply_optim_config(optimizer, scheduler, optim: OptimConfig) -> None:
-    """Set the AdamW settings of `optim` on a restored optimizer and scheduler.
-
-    Their state dicts carry the saved run's learning rate and betas, which would silently win over
-    the ones the resumed run was given; the warm-up is the scheduler's lambda, built from `optim` already.
-    """
-    for group in optimizer.param_groups:
-        group.update(initial_lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
-    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
-    for group, lr_lambda in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["lr"] = optim.lr * lr_lambda(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) -> dict:

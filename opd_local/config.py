@@ -168,18 +168,8 @@ class OptimConfig:
     )
 
 
-def resolve_max_train_rows(data: DataConfig) -> int:
-    """`data.max_train_rows`, with -1 resolved by the source: the bundled rows' default job trains on 8."""
-    if data.max_train_rows >= 0:
-        return data.max_train_rows
-    return 8 if data.train == BUNDLED_GSM8K else 0
 
 
-def resolve_micro_batch_tokens(optim: OptimConfig, device_type: str) -> int:
-    """`optim.micro_batch_tokens`, with 0 resolved by the device type."""
-    if optim.micro_batch_tokens > 0:
-        return optim.micro_batch_tokens
-    return 16384 if device_type == "cuda" else 1024
 
 
 @dataclass
@@ -257,19 +247,3 @@ class Config:
 
 class ConfigError(ValueError):
     """A setting that cannot run; the message names the flag or file and the setting."""
-
-
-def resolve_teacher_weights(model_cfg: ModelConfig) -> str:
-    """Which weights the teacher runs, with `auto` resolved; contradictory settings are refused."""
-    choice, has_teacher, lora = model_cfg.teacher_weights, bool(model_cfg.teacher), model_cfg.lora_rank > 0
-    if choice == "auto":
-        return "separate" if has_teacher else "base_adapter_off" if lora else "initial"
-    if choice == "separate" and not has_teacher:
-        raise ConfigError("model.teacher_weights=separate needs model.teacher (a Hugging Face id or directory)")
-    if choice in ("initial", "base_adapter_off") and has_teacher:
-        raise ConfigError(f"model.teacher_weights={choice} uses the student's weights, but model.teacher is set")
-    if choice == "base_adapter_off" and not lora:
-        raise ConfigError("model.teacher_weights=base_adapter_off needs a LoRA student (model.lora_rank > 0)")
-    if choice not in ("initial", "separate", "base_adapter_off"):
-        raise ConfigError(f"model.teacher_weights={choice!r}; choose auto, initial, separate or base_adapter_off")
-    return choice

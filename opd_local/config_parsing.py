@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from opd_local.config import Config, ConfigError, resolve_teacher_weights
+from opd_local.config import Config, ConfigError
 
 
 def _sections(cfg: Config):
@@ -61,7 +61,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         if isinstance(value, bool) and str(value).lower() in choices:
             return str(value).lower()  # YAML reads `enforce_eager: true` as a boolean
         if value not in choices:
-            raise ConfigError(f"{where}: {'null' if value is None else _short(value)} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{where}: {'null' if value is None else short_value(value)} is not one of {', '.join(choices)}")
         return value
     if value is None:
         hint = ' (write "" for empty)' if typ is str else ""
@@ -74,7 +74,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{where}: expected true or false, got {_short(value)}")
+        raise ConfigError(f"{where}: expected true or false, got {short_value(value)}")
     if typ is int and not isinstance(value, bool):
         if isinstance(value, int):
             return value
@@ -86,23 +86,23 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
                 number = float(value)
         if isinstance(number, float) and number.is_integer():  # "1e9" for a parameter count
             return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
+        raise ConfigError(f"{where}: expected an integer, got {short_value(value)}")
     if typ is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {_short(value)}") from None
+            raise ConfigError(f"{where}: expected a number, got {short_value(value)}") from None
         except OverflowError:  # an integer past the float range
-            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}") from None
+            raise ConfigError(f"{where}: expected a finite number, got {short_value(value)}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {_short(value)}")
+            raise ConfigError(f"{where}: expected a finite number, got {short_value(value)}")
         return number
     if typ is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got {_short(value)}")
+    raise ConfigError(f"{where}: expected {_KINDS.get(typ, typ.__name__)}, got {short_value(value)}")
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_value(value: Any, limit: int = 60) -> str:
     """`repr(value)`, or its start and its length where longer than `limit`: no error line can be huge."""
     return _clip(repr(value), limit)
 
@@ -123,7 +123,7 @@ def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
     for key, holds, words in _BOUNDS:
         bound = f.metadata.get(key)
         if bound is not None and not holds(value, bound):
-            raise ConfigError(f"{where}: {_short(value)} must be {words} {bound}")
+            raise ConfigError(f"{where}: {short_value(value)} must be {words} {bound}")
 
 
 def _set_field(section: Any, f: dataclasses.Field, value: Any, where: str) -> None:
@@ -132,28 +132,12 @@ def _set_field(section: Any, f: dataclasses.Field, value: Any, where: str) -> No
     setattr(section, f.name, value)
 
 
-def check_config(cfg: Config) -> Config:
-    """Every setting's type, range and choice, then the rules between settings; raises ConfigError.
-
-    parse_config runs it, and so does train(), for configs built in code.
-    """
+def check_fields(cfg: Config) -> Config:
+    """Every setting's type, range and choice, for configs built in code as for parsed ones; raises
+    ConfigError. The rules between settings are `preflight.check_config`'s."""
     for section_name, section in _sections(cfg):
         for f in dataclasses.fields(section):
             _set_field(section, f, getattr(section, f.name), f"{section_name}.{f.name}")
-    resolve_teacher_weights(cfg.model)
-    generation = max(cfg.rollout.max_tokens, cfg.eval.max_trace_tokens, cfg.eval.greedy_max_tokens)
-    if cfg.data.max_prompt_tokens + generation > cfg.rollout.max_model_len:
-        raise ConfigError(
-            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} plus the longest generation (rollout.max_tokens, "
-            f"eval.max_trace_tokens, eval.greedy_max_tokens) = {generation} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
-        )
-    if cfg.run.resume and cfg.run.overwrite:
-        raise ConfigError("run.overwrite starts a new run and run.resume continues one: give one of them")
-    if cfg.run.resume and Path(cfg.run.resume).resolve() != Path(cfg.run.out_dir).resolve():
-        raise ConfigError(
-            f"run.out_dir={_short(cfg.run.out_dir, PATH_LIMIT)} differs from run.resume={_short(cfg.run.resume, PATH_LIMIT)}: "
-            "a resumed run stays in its directory"
-        )
     return cfg
 
 
@@ -164,10 +148,10 @@ def apply_overrides(cfg: Config, overrides: dict[str, dict[str, Any]], source: s
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(overrides).__name__}")
     for section_name, values in (overrides or {}).items():
         if section_name not in sections:
-            raise ConfigError(f"{source}: unknown config section {_short(section_name)}; known: {sorted(sections)}")
+            raise ConfigError(f"{source}: unknown config section {short_value(section_name)}; known: {sorted(sections)}")
         section = sections[section_name]
         if not isinstance(values or {}, dict):
-            raise ConfigError(f"{source}: section {_short(section_name)} must be a mapping of keys, got {_short(values)}")
+            raise ConfigError(f"{source}: section {short_value(section_name)} must be a mapping of keys, got {short_value(values)}")
         fields = {f.name: f for f in dataclasses.fields(section)}
         for key, value in (values or {}).items():
             if key not in fields:
@@ -198,7 +182,7 @@ def resume_changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:
     for key, (old, new) in changes.items():
         if key.startswith(FIXED_ON_RESUME) and key not in CHANGEABLE_ON_RESUME:
             raise ConfigError(
-                f"--{key} {_short(new, PATH_LIMIT)} differs from the run's {_short(old, PATH_LIMIT)}: a resume continues the "
+                f"--{key} {short_value(new, PATH_LIMIT)} differs from the run's {short_value(old, PATH_LIMIT)}: a resume continues the "
                 "same model, data and seed; start a new run (another run.out_dir) to change it"
             )
     return changes
@@ -221,7 +205,7 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
             continue
         if seen is not None:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {_short(key)} is given twice (first on line {seen})", key_node.start_mark
+                None, None, f"key {short_value(key)} is given twice (first on line {seen})", key_node.start_mark
             )
         first_line[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
@@ -406,8 +390,8 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None, description: str = "opd-local") -> Config:
-    """Defaults, then each `--config` YAML in order, then CLI flags; every setting checked (ConfigError
-    names the bad one). A flag given twice is refused; a later `--config` file overrides an earlier one.
+    """Defaults, then each `--config` YAML in order, then CLI flags; every setting checked as it is set
+    (ConfigError names the bad one), the rules between settings left to `preflight.check_config`. A flag given twice is refused; a later `--config` file overrides an earlier one.
 
     With `--resume RUN_DIR` the run's saved config.yaml takes the place of the defaults, so the
     resumed run is the same run; `--config` files and flags given alongside override it, and train()
@@ -432,4 +416,4 @@ def parse_config(argv: list[str] | None = None, description: str = "opd-local") 
     for dotted, value in args.items():
         section, key = dotted.split(".", 1)
         cli.setdefault(section, {})[key] = value
-    return check_config(apply_overrides(cfg, cli, source="command line"))
+    return apply_overrides(cfg, cli, source="command line")

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from opd_local.config import BUNDLED_GSM8K, DataConfig, resolve_max_train_rows
+from opd_local.config import BUNDLED_GSM8K, DataConfig
 from opd_local.rows import DataError, PrivilegedRow, plain_words
 from opd_local.tasks import TASKS
 
-FORMATS = tuple(TASKS)
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -199,8 +198,6 @@ def load_rows(source: str, split: str, fmt: str = "auto", hub_config: str = "mai
     `split` picks bundled train/test, a directory's file by name, or a hub split; a single local file
     is one split and ignores it. `max_rows` keeps the first rows (0 = all).
     """
-    if fmt not in ("auto", *FORMATS):
-        raise DataError(f"data.format is {fmt!r}; expected auto or one of {FORMATS}")
     dataset = None
     if source.startswith("bundled:"):
         records, tag = _bundled_records(source, split)
@@ -267,9 +264,10 @@ def count_duplicates(rows: Sequence[PrivilegedRow]) -> int:
     return len(rows) - len({_prompt_key(row) for row in rows})
 
 
-def load_train_and_heldout(cfg: DataConfig) -> tuple[list[PrivilegedRow], list[PrivilegedRow]]:
-    """Training and held-out rows; a held-out row whose student prompt is also a training prompt is an error."""
-    train = load_rows(cfg.train, cfg.train_split, cfg.format, cfg.hub_config, resolve_max_train_rows(cfg))
+def load_train_and_heldout(cfg: DataConfig, max_train_rows: int) -> tuple[list[PrivilegedRow], list[PrivilegedRow]]:
+    """Training and held-out rows; a held-out row whose student prompt is also a training prompt is an error.
+    `max_train_rows` is `data.max_train_rows` settled (`preflight.resolve_max_train_rows`)."""
+    train = load_rows(cfg.train, cfg.train_split, cfg.format, cfg.hub_config, max_train_rows)
     heldout = load_rows(cfg.heldout, cfg.heldout_split, cfg.format, cfg.hub_config, cfg.max_heldout_rows)
     train_ids = {_prompt_key(row): row.row_id for row in train}
     overlap = [(row.row_id, train_ids[_prompt_key(row)]) for row in heldout if _prompt_key(row) in train_ids]

@@ -11,19 +11,19 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from opd_local import dist, parallel
-from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
-from opd_local.config import Config, resolve_micro_batch_tokens
-from opd_local.config_parsing import check_config
+from opd_local.checkpoint import load_training_state, save_final_model, save_training_state
+from opd_local.config import Config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, flush_logs_to_disk, span
-from opd_local.models import check_output_head, check_output_heads, load_student
+from opd_local.models import load_student
+from opd_local.output_heads import check_output_head, check_output_heads
 from opd_local.packing_check import check_run_models
 from opd_local.precision import resolve_precision
+from opd_local.preflight import check_config, resolve
 from opd_local.progress import GroupStream, RunTotals
 from opd_local.report import write_report
 from opd_local.run_directory import FINAL_MODEL, check_run_directory, claim_run_directory, interrupted, start_run_directory
@@ -33,7 +33,8 @@ from opd_local.run_inputs import load_run_inputs
 from opd_local.sampler import rollout_seeds
 from opd_local.sync import WeightSync, prove_push
 from opd_local.teacher import Teacher
-from opd_local.training import DivergenceGuard, train_on_rollouts
+from opd_local.optimizer import DivergenceGuard, apply_optim_config, build_optimizer
+from opd_local.training import train_on_rollouts
 
 
 def train(cfg: Config) -> Path:
@@ -48,7 +49,8 @@ def train(cfg: Config) -> Path:
     position = None  # where the run is, for the line Ctrl-C prints; None until the run directory is written
     try:
         resume = check_run_directory(cfg)  # None for a new run; a resume's newest intact checkpoint
-        inputs = load_run_inputs(cfg)
+        resolved = resolve(cfg, ctx.device)  # worked out once, carried to every stage
+        inputs = load_run_inputs(cfg, resolved)
         student_path, tokenizer = inputs.student_path, inputs.tokenizer
         stream = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         totals = RunTotals()
@@ -73,7 +75,7 @@ def train(cfg: Config) -> Path:
         # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
         log = tqdm.write if ctx.is_main else (lambda line: None)
         packing_metrics = check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), log)
-        optimizer, scheduler = build_optimizer(student, cfg)
+        optimizer, scheduler = build_optimizer(student, cfg.optim)
         probe_ids = tokenizer(cfg.sync.probe_text)["input_ids"]
         weight_sync = WeightSync(probe_ids, precision.parity_threshold(cfg.sync.parity_threshold), precision.compute)
         if resume:
@@ -101,7 +103,7 @@ def train(cfg: Config) -> Path:
         if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
             evaluator = Evaluator(
                 cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer,
-                resolve_micro_batch_tokens(cfg.optim, ctx.device.type), write=ctx.is_main, compute_dtype=precision.compute,
+                resolved.micro_batch_tokens, write=ctx.is_main, compute_dtype=precision.compute,
             )
             evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)
 
@@ -134,16 +136,15 @@ def train(cfg: Config) -> Path:
                     rollouts = build_rollouts(step_groups, completions)
                     kept = teacher.score(rollouts)
 
-                # 5-7. packed student forward, fused loss over the step's global active tokens, AdamW
-                # (skipped, and counted, when the loss or gradient norm is not finite or absurd)
+                # 5-7. packed student forward, fused loss over the step's global active tokens, then clip, AdamW
+                # (skipped, and counted, when the loss or gradient norm is not finite or absurd), schedule, zero
                 with span(metrics, "train", ctx.device):
                     metrics.update(
-                        train_on_rollouts(student, optimizer, kept, cfg, precision, teacher.head, teacher.logit_transform)
+                        train_on_rollouts(
+                            student, optimizer, scheduler, kept, cfg, precision, resolved.micro_batch_tokens,
+                            teacher.head, teacher.logit_transform,
+                        )
                     )
-                    with warnings.catch_warnings():  # a skipped step still counts in the schedule: torch warns of that
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)  # before the push: the engine wakes into this memory
 
                 # 8-9. push the new weights into the engine in place, then prove they arrived
                 with span(metrics, "push", ctx.device):
@@ -210,25 +211,3 @@ def claim(cfg: Config, ctx):
         raise refusal or RunDirectoryBusy(f"run.out_dir={cfg.run.out_dir!r}: the main rank could not take its lock")
     return lock
 
-
-def build_optimizer(student, cfg: Config):
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    # torch's fused AdamW: one update kernel per step instead of a chain of `foreach` ops (on CPU about
-    # 5-10x faster at 135M parameters). Sharded (DTensor) parameters keep torch's own choice.
-    fused = bool(params) and all(
-        type(p.data) is torch.Tensor and p.device.type in _get_fused_kernels_supported_devices()
-        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        for p in params
-    )
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-        fused=fused or None,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.optim.warmup_steps + 1)))
-    return optimizer, scheduler

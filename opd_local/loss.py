@@ -3,10 +3,12 @@
 The student's final hidden states at the active positions go straight into a fused `kernels`
 entry, which returns the loss and the per-token student logprob and has its gradient ready
 from the forward pass:
-- `sampled_rkl` (the default): the sampled-token loss of docs/design.md, "The loss and its gradient", from the teacher's
+- `sampled_rkl`: the sampled-token loss of docs/design.md, "The loss and its gradient", from the teacher's
   logprob of each sampled token (`kernels.linear_opd_loss`);
-- `full_rkl`, `topk_rkl`, `fkl`, `jsd`: a divergence over the whole vocabulary at each active
+- `full_rkl`, `topk_rkl`, `fkl` (the default), `jsd`: a divergence over the whole vocabulary at each active
   position, from the teacher's final hidden states there (`kernels.linear_divergence_loss`).
+
+The choices and their ranges are `LossConfig`'s; `preflight.check_config` has refused any other.
 """
 
 from __future__ import annotations
@@ -15,27 +17,14 @@ import torch
 
 import kernels
 from opd_local.config import LossConfig
-from opd_local.models import active_hidden_and_head, logit_transform
+from opd_local.hidden_states import active_hidden_and_head
+from opd_local.output_heads import logit_transform
 from opd_local.packing import PackedBatch
-
-OBJECTIVES = ("sampled_rkl",) + kernels.reference.DIVERGENCES
-NORMALIZATIONS = ("token", "sequence")
 
 
 def needs_teacher_hidden(loss_cfg: LossConfig) -> bool:
     """Full-vocabulary objectives need the teacher's hidden states, not only its sampled-token logprobs."""
     return loss_cfg.objective != "sampled_rkl"
-
-
-def check_loss_config(loss_cfg: LossConfig) -> None:
-    if loss_cfg.objective not in OBJECTIVES:
-        raise ValueError(f"loss.objective={loss_cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if loss_cfg.normalize not in NORMALIZATIONS:
-        raise ValueError(f"loss.normalize={loss_cfg.normalize!r}; choose token or sequence")
-    if loss_cfg.objective == "topk_rkl" and loss_cfg.topk < 1:
-        raise ValueError(f"loss.topk must be >= 1, got {loss_cfg.topk}")
-    if loss_cfg.objective == "jsd" and not 0.0 < loss_cfg.jsd_beta < 1.0:
-        raise ValueError(f"loss.jsd_beta must be in (0, 1), got {loss_cfg.jsd_beta}")
 
 
 def token_divisors(
@@ -58,7 +47,7 @@ def teacher_rows_for(student_head: torch.Tensor, teacher_head: torch.Tensor) -> 
     A teacher whose head is padded wider than the student's (Qwen2.5-7B's 152064 rows against
     1.5B's 151936, one tokenizer) has rows past the student's that are no token of the shared
     tokenizer: its distribution is taken over the student's rows, renormalized. A narrower teacher
-    head is refused before step 0 for these objectives (`models.check_output_heads`).
+    head is refused before step 0 for these objectives (`output_heads.check_output_heads`).
     """
     return teacher_head[: student_head.shape[0]] if teacher_head.shape[0] > student_head.shape[0] else teacher_head
 
@@ -74,7 +63,7 @@ def opd_micro_batch_loss(
     teacher_hidden: torch.Tensor | None = None,  # [N_active, H_t], full-vocabulary objectives only
     teacher_head: torch.Tensor | None = None,  # [V, H_t]
     compute_dtype: torch.dtype | None = None,  # the precision policy's loss-input dtype; None: the model's own
-    teacher_logit_transform: tuple[float, float | None] = (1.0, None),  # `models.logit_transform` of the teacher
+    teacher_logit_transform: tuple[float, float | None] = (1.0, None),  # `output_heads.logit_transform` of the teacher
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss share of this micro-batch, student_lp [N_active]); runs under the caller's autocast."""
     active_hidden, weight = active_hidden_and_head(student, batch, compute_dtype)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from opd_local import dist, models
+from opd_local import dist, models, output_heads
 from opd_local.packing import packing_plan, split_by_token_budget
 from opd_local.scoring import CompletionScores, score_completions
 
@@ -366,8 +366,8 @@ def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
 def full_lm_head(model) -> torch.Tensor:
     """The lm_head weight in full on every rank (gathered once when sharded)."""
     if is_sharded(model):
-        return call(model, lambda m: models.lm_head_weight(m).detach().clone())
-    return models.lm_head_weight(unwrap(model)).detach()
+        return call(model, lambda m: output_heads.lm_head_weight(m).detach().clone())
+    return output_heads.lm_head_weight(unwrap(model)).detach()
 
 
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

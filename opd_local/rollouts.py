@@ -67,7 +67,7 @@ def _logprob_problem(values: torch.Tensor, num_tokens: int, prefix: str) -> str 
 def drop_past_teacher_rows(rollouts: list[Rollout], teacher_rows: int) -> None:
     """Drop a completion holding a token id the teacher has no row for.
 
-    A student head padded wider than the teacher's (one tokenizer, `models.check_output_heads` lets it
+    A student head padded wider than the teacher's (one tokenizer, `output_heads.check_output_heads` lets it
     through for sampled_rkl) has rows past every token of the tokenizer; neither engine masks them, so the
     student can sample one, rarely, and the teacher could not score it. Counted, as a filter.
     """

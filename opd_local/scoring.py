@@ -16,7 +16,8 @@ import torch
 
 import kernels
 from opd_local.attention import supports_shared_prefix
-from opd_local.models import active_hidden_and_head, active_hidden_states, lm_head_weight, logit_transform
+from opd_local.output_heads import lm_head_weight, logit_transform
+from opd_local.hidden_states import active_hidden_and_head, active_hidden_states
 from opd_local.packing import PackedBatch, pack_groups, packing_plan, pack_sequences, split_by_token_budget, split_groups_by_token_budget
 from opd_local.precision import autocast_to
 

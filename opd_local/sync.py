@@ -14,7 +14,7 @@ from opd_local.engine_layout import checkpoint_layout
 from opd_local.metrics import device_clock
 from opd_local.models import base_model
 from opd_local.sampler import Sampler
-from opd_local.training import TrainingDiverged
+from opd_local.optimizer import TrainingDiverged
 
 
 class StaleWeightsError(RuntimeError):

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from opd_local import parallel
-from opd_local.config import Config, resolve_micro_batch_tokens
+from opd_local.config import Config
 from opd_local.loss import needs_teacher_hidden
-from opd_local.models import check_output_head, load_frozen_teacher, logit_transform, token_rows
+from opd_local.models import load_frozen_teacher
+from opd_local.output_heads import check_output_head, logit_transform, token_rows
 from opd_local.rollouts import Rollout, drop_past_teacher_rows
 
 
@@ -25,7 +26,7 @@ class Teacher:
 
     `head` is the full lm_head weight, held when the objective reads the teacher's hidden states
     (frozen, so one reference serves every step), and `logit_transform` the (scale, softcap) its logits
-    take after it (`models.logit_transform`); `offload_dir` is where a disk-placed teacher's layers live
+    take after it (`output_heads.logit_transform`); `offload_dir` is where a disk-placed teacher's layers live
     until `close()`.
     """
 
@@ -63,7 +64,7 @@ class Teacher:
         off) the teacher's weights are always loaded.
         """
         offload_dir = None
-        if inputs.teacher_weights == "base_adapter_off" and student is not None:
+        if inputs.resolved.teacher_weights == "base_adapter_off" and student is not None:
             model, adapter_off = student, True
         else:
             placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
@@ -74,7 +75,7 @@ class Teacher:
             adapter_off = False
         return cls(
             model,
-            micro_batch_tokens=resolve_micro_batch_tokens(cfg.optim, ctx.device.type),
+            micro_batch_tokens=inputs.resolved.micro_batch_tokens,
             name=inputs.teacher_path,
             adapter_off=adapter_off,
             context=cfg.model.teacher_context,

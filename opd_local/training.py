@@ -8,15 +8,15 @@ completions, so its gradient is the sum of their K contributions, as with K copi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from opd_local import dist, parallel
 from opd_local.attention import supports_shared_prefix
-from opd_local.config import Config, OptimConfig, resolve_micro_batch_tokens
+from opd_local.config import Config
 from opd_local.loss import opd_micro_batch_loss, token_divisors
+from opd_local.optimizer import optimizer_step
 from opd_local.packing import PackedBatch, pack_groups, packing_plan, split_groups_by_token_budget, to_device
 from opd_local.precision import PrecisionPolicy
 from opd_local.rollouts import Rollout
@@ -79,24 +79,36 @@ def pack_micro_batch(segments: list[list[Rollout]], device: torch.device, teache
     )
 
 
-def train_on_rollouts(
-    student, optimizer, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, teacher_head=None,
+@dataclass
+class AccumulatedLoss:
+    """What the step's micro-batches summed, still on the device: read once, with the gradient norm, by
+    `optimizer.optimizer_step`, since a read per micro-batch would hold the host until its kernels ran."""
+
+    sums: torch.Tensor  # fp64 [2]: this rank's loss and sum |student_lp - rollout_lp|
+    active_tokens: float  # the step's active tokens, over every rank (0: nothing to learn from)
+
+    def reduced(self) -> dict[str, float]:
+        """The loss and the trainer/sampler log-prob mismatch, summed over ranks (a host read)."""
+        totals = dist.all_reduce_sum(self.sums.cpu())
+        return {"opd/loss": float(totals[0]), "rollout/trainer_lp_mismatch": float(totals[1]) / max(self.active_tokens, 1.0)}
+
+
+def accumulate_gradients(
+    student, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, micro_batch_tokens: int, teacher_head=None,
     teacher_logit_transform: tuple[float, float | None] = (1.0, None),
-) -> dict[str, float]:
-    """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
+) -> AccumulatedLoss:
+    """Steps 5-6: the fused loss's gradient, accumulated over token-budget micro-batches into `.grad`."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
     n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
     student = parallel.as_distributed(student)
     device = next(student.parameters()).device
-    optimizer.zero_grad(set_to_none=True)
-    if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
-        return {"optim/skipped": 1.0}
-    # loss, sum |student_lp - rollout_lp|: summed on the device and read once after the step, since a
-    # read per micro-batch would hold the host until that micro-batch's kernels had run.
+    # loss, sum |student_lp - rollout_lp|
     sums = torch.zeros(2, dtype=torch.float64, device=device)
+    if n_active == 0:  # every rollout dropped on every rank: nothing to learn from
+        return AccumulatedLoss(sums, 0.0)
     plan = packing_plan(parallel.unwrap(student))  # what the start-up check proved (`packing_check`)
     shared = cfg.model.student_shared_prefix and plan.shared_prompt and supports_shared_prefix(student.config)
-    micro_batches = plan_micro_batches(kept, plan.budget(resolve_micro_batch_tokens(cfg.optim, device.type)), shared)
+    micro_batches = plan_micro_batches(kept, plan.budget(micro_batch_tokens), shared)
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
     # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
     passes = dist.all_reduce_max(len(micro_batches))
@@ -124,44 +136,13 @@ def train_on_rollouts(
             (loss if batch.rollouts else 0.0 * loss).backward()
         if batch.rollouts:
             sums += torch.stack([loss.detach(), (student_lp.detach() - batch.rollout_lp).abs().sum()]).double()
-    params = [p for p in student.parameters() if p.requires_grad]
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm_(params, max_norm)
-    # Read before the update: a non-finite or absurd loss or gradient norm must not reach the weights.
-    # Every rank reads the same reduced values, so all of them skip or step together.
-    sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)
-    totals = dist.all_reduce_sum(sums)
-    loss, norm = float(totals[0]), float(grad_norm)
-    diverged = not (math.isfinite(loss) and math.isfinite(norm)) or (0 < cfg.optim.skip_grad_norm < norm)
-    if not diverged:
-        optimizer.step()
-    return {
-        "opd/loss": loss,
-        "rollout/trainer_lp_mismatch": float(totals[1]) / n_active,
-        "optim/grad_norm": norm,
-        "optim/skipped": float(diverged),
-        "optim/diverged": float(diverged),
-    }
+    return AccumulatedLoss(sums, n_active)
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-class DivergenceGuard:
-    """Stops the run after `optim.max_skipped_steps` steps in a row were skipped for a non-finite or
-    absurd loss or gradient norm: the weights no longer move, so later steps would only repeat it."""
-
-    def __init__(self, optim: OptimConfig):
-        self.optim = optim
-        self.in_a_row = 0
-
-    def check(self, step: int, metrics: dict[str, float]) -> None:
-        self.in_a_row = self.in_a_row + 1 if metrics.get("optim/diverged") else 0
-        if self.in_a_row >= self.optim.max_skipped_steps:
-            raise TrainingDiverged(
-                f"training diverged: steps {step - self.in_a_row + 1}-{step} were skipped, each for a non-finite or absurd "
-                f"loss or gradient norm (step {step}: loss {metrics.get('opd/loss'):.4g}, gradient norm "
-                f"{metrics.get('optim/grad_norm'):.4g}, optim.skip_grad_norm={self.optim.skip_grad_norm:g}); "
-                f"lower --optim.lr (now {self.optim.lr:g}) or look for bad rows"
-            )
+def train_on_rollouts(
+    student, optimizer, scheduler, kept: list[Rollout], cfg: Config, precision: PrecisionPolicy, micro_batch_tokens: int,
+    teacher_head=None, teacher_logit_transform: tuple[float, float | None] = (1.0, None),
+) -> dict[str, float]:
+    """Steps 5-7: the accumulated gradient, then the optimizer's one step (clip, step or skip, schedule, zero)."""
+    accumulated = accumulate_gradients(student, kept, cfg, precision, micro_batch_tokens, teacher_head, teacher_logit_transform)
+    return optimizer_step(student, optimizer, scheduler, cfg.optim, accumulated)

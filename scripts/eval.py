@@ -23,7 +23,6 @@ configure_cpu_threads()  # before torch is imported: libgomp reads its settings 
 from opd_local import dist  # noqa: E402
 from opd_local.checkpoint import CHECKPOINTS
 from opd_local.cli import run_refusing
-from opd_local.config import resolve_micro_batch_tokens
 from opd_local.config_parsing import parse_config
 from opd_local.engines import make_sampler
 from opd_local.evaluation import TRACE_RECORDS, Evaluator, teacher_greedy
@@ -31,6 +30,7 @@ from opd_local.metrics import METRICS_FILE
 from opd_local.models import load_causal_lm
 from opd_local.packing_check import check_run_models
 from opd_local.precision import resolve_precision
+from opd_local.preflight import check_config, resolve
 from opd_local.progress import GroupStream
 from opd_local.run_directory import CONFIG_FILE, saved_run_teacher
 from opd_local.run_inputs import load_run_inputs
@@ -38,7 +38,7 @@ from opd_local.teacher import Teacher
 
 
 def main() -> None:
-    cfg = parse_config(description=__doc__)
+    cfg = check_config(parse_config(description=__doc__))
     ctx = dist.init_distributed(cfg.run.device)
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     print(precision.describe())
@@ -56,7 +56,8 @@ def main() -> None:
         cfg.model.teacher = saved_run_teacher(cfg.model.student) or ""
         if cfg.model.teacher:
             print(f"teacher: {cfg.model.teacher}, the teacher of the run that saved {cfg.model.student}")
-    inputs = load_run_inputs(cfg)
+    resolved = resolve(cfg, ctx.device)
+    inputs = load_run_inputs(cfg, resolved)
     out_dir.mkdir(parents=True, exist_ok=True)
     student_path, tokenizer = inputs.student_path, inputs.tokenizer
     first_train = GroupStream(inputs.train_groups, seed=cfg.run.seed, shuffle=cfg.data.shuffle).first_groups(cfg.eval.train_rows)
@@ -66,7 +67,7 @@ def main() -> None:
     check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), print)  # the layouts scoring may pack
     sampler = make_sampler(cfg, student_path, ctx.device, tokenizer, precision.engine)
     evaluator = Evaluator(
-        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, resolve_micro_batch_tokens(cfg.optim, ctx.device.type),
+        cfg, out_dir, inputs.heldout_groups, first_train, tokenizer, resolved.micro_batch_tokens,
         compute_dtype=precision.compute,
     )
     evaluator.prepare(teacher_greedy(sampler, teacher, student, tokenizer.eos_token_id, tokenizer.pad_token_id), teacher)

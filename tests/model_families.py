@@ -25,7 +25,7 @@ What each family exercises beyond LLaMA:
     olmo3              3 sliding (window 16) + 1 full attention layers
     smollm3            NoPE every 4th layer
     granite            embedding/residual/attention multipliers and logits_scaling=8: its logits are
-                       hidden @ W.T / 8, which the fused kernels apply (`opd_local.models.logit_transform`)
+                       hidden @ W.T / 8, which the fused kernels apply (`opd_local.output_heads.logit_transform`)
     granitemoehybrid   Granite 4 ("-H"): Mamba2 layers + one attention layer without positions (NoPE), 4 experts top-2
                        plus a shared MLP
     lfm2               LFM2: gated short-convolution layers + attention layers; tied embeddings

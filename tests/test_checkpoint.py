@@ -22,12 +22,12 @@ class _OneProcess:
 @pytest.fixture
 def saver(micro_model_dir):
     """save(run_dir, step, keep): a micro student's training state saved as a checkpoint."""
-    from opd_local.loop import build_optimizer
+    from opd_local.optimizer import build_optimizer
     from opd_local.models import load_student
 
     cfg = Config()
     student = load_student(micro_model_dir, cfg.model, torch.float32, 0)
-    optimizer, scheduler = build_optimizer(student, cfg)
+    optimizer, scheduler = build_optimizer(student, cfg.optim)
     progress = {"stream": {}, "cumulative": {}}
     return lambda run, step, keep: save_training_state(run, step, student, optimizer, scheduler, progress, _OneProcess(), keep)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from opd_local.config import Config, ConfigError
-from opd_local.config_parsing import check_config, parse_config
+from opd_local.config_parsing import parse_config
+from opd_local.preflight import check_config
 
 
 def test_cli_overrides_yaml_which_overrides_defaults(tmp_path):
@@ -113,7 +114,7 @@ def test_every_range_and_choice_is_checked_for_configs_built_in_code():
 )
 def test_cross_field_rules(argv, message):
     with pytest.raises(ConfigError, match=message):
-        parse_config(argv)
+        check_config(parse_config(argv))
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path):

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from opd_local.answers import extract_final_answer, normalize_answer
-from opd_local.config import DataConfig
+from opd_local.config import Config, DataConfig
 from opd_local.data import (
     PromptGroup,
     load_rows,
     load_train_and_heldout,
     tokenize_groups,
 )
+from opd_local.preflight import check_config, resolve, resolve_max_train_rows
 from opd_local.progress import GroupStream
 from opd_local.rows import DataError
 from opd_local.tasks.gsm8k import to_row as gsm8k_to_row
@@ -35,6 +37,16 @@ GOOD_MESSAGES = {
     "answer": "42",
     "privileged": "Hint: 6 * 7 = 42.",
 }
+
+
+def _train_and_heldout(cfg: DataConfig):
+    return load_train_and_heldout(cfg, resolve_max_train_rows(cfg))
+
+
+def load_run_inputs(cfg):
+    from opd_local.run_inputs import load_run_inputs
+
+    return load_run_inputs(cfg, resolve(check_config(cfg), torch.device("cpu")))
 
 
 def write_jsonl(path, records) -> str:
@@ -106,17 +118,17 @@ def test_bundled_rows_are_well_formed_and_disjoint():
 
 
 def test_default_config_loads_disjoint_train_and_heldout():
-    train, heldout = load_train_and_heldout(DataConfig())
+    train, heldout = _train_and_heldout(DataConfig())
     # max_train_rows=-1 (auto): the bundled rows' default job trains on 8 of them
     assert len(train) == 8 and len(heldout) == DataConfig().max_heldout_rows
-    every_row, _ = load_train_and_heldout(DataConfig(max_train_rows=0))
+    every_row, _ = _train_and_heldout(DataConfig(max_train_rows=0))
     assert len(every_row) == 512 and [r.row_id for r in every_row[:8]] == [r.row_id for r in train]
 
 
 def test_auto_train_row_cap_applies_to_the_bundled_rows_only(tmp_path):
     rows = [{**GOOD_GSM8K, "question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(6)]
     source = write_jsonl(tmp_path / "train.jsonl", rows)
-    train, _ = load_train_and_heldout(DataConfig(train=source))
+    train, _ = _train_and_heldout(DataConfig(train=source))
     assert len(train) == 6
 
 
@@ -126,11 +138,11 @@ def test_heldout_overlapping_train_is_refused(tmp_path):
     reflowed = dict(other, question="Sam has 2 cats and  gets 3 more.\nHow many cats?")
     heldout = write_jsonl(tmp_path / "heldout.jsonl", [{**GOOD_GSM8K, "question": "Unrelated?"}, reflowed])
     with pytest.raises(DataError) as err:
-        load_train_and_heldout(DataConfig(train=train, heldout=heldout))
+        _train_and_heldout(DataConfig(train=train, heldout=heldout))
     assert f"{heldout}#1" in str(err.value) and f"{train}#1" in str(err.value) and "messages" in str(err.value)
 
     clean = write_jsonl(tmp_path / "clean.jsonl", [{**GOOD_GSM8K, "question": "Unrelated?"}])
-    rows_train, rows_heldout = load_train_and_heldout(DataConfig(train=train, heldout=clean))
+    rows_train, rows_heldout = _train_and_heldout(DataConfig(train=train, heldout=clean))
     assert len(rows_train) == 2 and len(rows_heldout) == 1
 
 
@@ -352,8 +364,6 @@ def test_leak_check_has_no_false_positives(question):
 
 
 def test_teacher_prompt_that_adds_nothing_is_refused_under_privileged(tmp_path, tiny_model_dir):
-    from opd_local.config import Config
-    from opd_local.run_inputs import load_run_inputs
 
     same = messages_with(teacher_messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "what is 6*7"}])
     path = write_jsonl(tmp_path / "rows.jsonl", [GOOD_MESSAGES, {**same, "privileged": None, "answer": None}])
@@ -424,8 +434,6 @@ def test_the_bundled_rows_add_to_the_rendered_student_prompt(tokenizer):
 
 
 def test_every_drop_and_duplicate_is_counted(tmp_path, tiny_model_dir):
-    from opd_local.config import Config
-    from opd_local.run_inputs import load_run_inputs
 
     long_solution = " ".join(["Then add one more apple to the pile."] * 60)
     overlong = {"question": "Apples?", "answer": f"{long_solution}\n#### 61"}
@@ -472,3 +480,12 @@ def test_file_level_faults_name_the_file_and_line(tmp_path, name, text, message)
     assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
     with pytest.raises(DataError, match="no such file or directory"):
         load_rows(str(tmp_path / "missing" / name), "train")
+
+
+def test_the_row_formats_are_the_configs_choices():
+    """`DataConfig.format`'s Literal is the one list of formats a user can name; each must be a task here."""
+    import typing
+
+    from opd_local.tasks import TASKS
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["format"]) == ("auto", *TASKS)

@@ -137,7 +137,8 @@ def test_out_of_range_targets_raise_on_the_host_and_the_context_survives():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_packed_attention_equals_unpacked_on_cuda(tokenizer, tiny_model_dir, monkeypatch, path, autocast):
     from opd_local.config import ModelConfig
-    from opd_local.models import final_hidden_states, load_causal_lm
+    from opd_local.models import load_causal_lm
+    from opd_local.hidden_states import final_hidden_states
     from opd_local.packing import pack_sequences
 
     monkeypatch.setenv("OPD_PACKED_ATTENTION", path)
@@ -179,7 +180,7 @@ def test_parity_probe_against_a_bf16_engine(tiny_model_dir, tokenizer, monkeypat
     masters) agree within the bf16 threshold, and a push that never arrives after one AdamW step at the
     default learning rate is caught."""
     from opd_local.config import Config, ModelConfig
-    from opd_local.loop import build_optimizer
+    from opd_local.optimizer import build_optimizer
     from opd_local.models import load_causal_lm
     from opd_local.packing import pack_sequences
     from opd_local.precision import resolve_precision
@@ -194,7 +195,7 @@ def test_parity_probe_against_a_bf16_engine(tiny_model_dir, tokenizer, monkeypat
     probe = tokenizer(cfg.sync.probe_text)["input_ids"]
     weight_sync = WeightSync(probe, policy.parity_threshold(0.0), policy.compute)
     assert weight_sync.push_and_check(engine, student)["sync/parity_max_abs"] <= PARITY_THRESHOLDS[torch.bfloat16]
-    optimizer, _ = build_optimizer(student, cfg)
+    optimizer, _ = build_optimizer(student, cfg.optim)
     with policy.autocast():
         lp = packed_token_logprobs(student, pack_sequences([probe[:1]], [probe[1:]]).to(CUDA), compute_dtype=policy.compute)
     (-lp.sum()).backward()
@@ -213,7 +214,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "tests")]
     from opd_local import parallel
     from opd_local.config import Config, ModelConfig
-    from opd_local.loop import train_on_rollouts
+    from opd_local.training import accumulate_gradients
     from opd_local.models import load_causal_lm, load_tokenizer
     from opd_local.precision import resolve_precision
     from test_loop import _rollouts
@@ -230,8 +231,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     grads = {}
     for layout in ("none", "fsdp"):
         student = parallel.wrap_student(copy.deepcopy(base), layout, device, compute_dtype=policy.compute)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
-        stats = train_on_rollouts(student, optimizer, rollouts, cfg, policy)
+        stats = accumulate_gradients(student, rollouts, cfg, policy, 16384).reduced()
         assert stats["opd/loss"] == stats["opd/loss"], stats
         grads[layout] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()
                          for n, p in student.module.named_parameters()}

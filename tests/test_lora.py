@@ -5,7 +5,8 @@ import copy
 import torch
 
 from opd_local.config import Config, ModelConfig
-from opd_local.loop import build_optimizer, train_on_rollouts
+from opd_local.optimizer import build_optimizer
+from opd_local.training import train_on_rollouts
 from opd_local.models import apply_lora, load_causal_lm, merged_named_weights
 from opd_local.precision import resolve_precision
 from opd_local.sampler import HFSampler
@@ -29,9 +30,9 @@ def test_lora_step_trains_adapter_only_and_engine_gets_merged_weights(tiny_model
     cfg = Config()
     cfg.loss.objective = "sampled_rkl"  # the rollouts carry teacher logprobs, not hidden states
     cfg.optim.lr = 1e-2
-    optimizer, _ = build_optimizer(student, cfg)
+    optimizer, scheduler = build_optimizer(student, cfg.optim)
     for _ in range(2):
-        train_on_rollouts(student, optimizer, _rollouts(student, tokenizer, teacher_shift=0.5), cfg, FP32)
+        train_on_rollouts(student, optimizer, scheduler, _rollouts(student, tokenizer, teacher_shift=0.5), cfg, FP32, 1024)
 
     changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)

@@ -13,8 +13,9 @@ import torch
 
 import kernels
 from kernels import reference
-from opd_local.config import LossConfig
-from opd_local.loss import check_loss_config, token_divisors
+from opd_local.config import Config, LossConfig
+from opd_local.loss import token_divisors
+from opd_local.preflight import check_config
 from oracles import divergence64
 
 V = 211  # odd and prime: no chunk divides it
@@ -209,12 +210,10 @@ def test_sampled_rkl_per_token_normalizer_equals_float64(backend):
 
 
 def test_bad_objective_settings_are_refused():
-    with pytest.raises(ValueError, match="loss.objective"):
-        check_loss_config(LossConfig(objective="kl"))
-    with pytest.raises(ValueError, match="loss.normalize"):
-        check_loss_config(LossConfig(normalize="batch"))
-    with pytest.raises(ValueError, match="jsd_beta"):
-        check_loss_config(LossConfig(objective="jsd", jsd_beta=1.0))
+    for bad, message in (({"objective": "kl"}, "loss.objective"), ({"normalize": "batch"}, "loss.normalize"),
+                         ({"objective": "jsd", "jsd_beta": 1.0}, "loss.jsd_beta")):
+        with pytest.raises(ValueError, match=message):
+            check_config(Config(loss=LossConfig(**bad)))
     hidden, weight, teacher_hidden, teacher_weight, targets = linear_inputs(4, 8)
     with pytest.raises(ValueError, match="no Triton kernel"):
         kernels.linear_divergence_loss(

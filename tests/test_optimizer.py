@@ -7,7 +7,7 @@ import copy
 import torch
 
 from opd_local.config import Config
-from opd_local.loop import build_optimizer
+from opd_local.optimizer import build_optimizer
 
 
 def _model() -> torch.nn.Module:
@@ -19,7 +19,7 @@ def test_fused_adamw_steps_like_foreach():
     cfg = Config()
     cfg.optim.lr, cfg.optim.weight_decay = 1e-2, 0.1  # large enough that five steps move every weight visibly
     fused_model, foreach_model = _model(), _model()
-    fused, _ = build_optimizer(fused_model, cfg)
+    fused, _ = build_optimizer(fused_model, cfg.optim)
     assert fused.param_groups[0]["fused"] is True
     reference = torch.optim.AdamW(
         foreach_model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -41,7 +41,7 @@ def test_fused_adamw_steps_like_foreach():
 
 def test_parameters_the_fused_kernel_cannot_take_keep_the_default():
     model = torch.nn.Linear(4, 4).double()  # no fused AdamW kernel for float64
-    optimizer, _ = build_optimizer(model, Config())
+    optimizer, _ = build_optimizer(model, Config().optim)
     assert not optimizer.param_groups[0]["fused"]
 
 
@@ -63,7 +63,7 @@ def test_resume_keeps_this_runs_adamw_implementation(tmp_path):
     checkpoint = save_training_state(tmp_path, 1, saved_model, saved, scheduler, {"step": 1}, ctx, keep=0)
 
     resumed_model = _model()
-    resumed, resumed_scheduler = build_optimizer(resumed_model, cfg)
+    resumed, resumed_scheduler = build_optimizer(resumed_model, cfg.optim)
     load_training_state(checkpoint, resumed_model, resumed, resumed_scheduler, ctx)
     assert resumed.param_groups[0]["fused"] is True and not resumed.param_groups[0]["foreach"]
     assert int(resumed.state[resumed.param_groups[0]["params"][0]]["step"]) == 1

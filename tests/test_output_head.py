@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from opd_local.config import ModelConfig
-from opd_local.models import (
-    apply_lora, check_output_heads, final_hidden_states, lm_head_weight, load_causal_lm, logit_transform,
-    output_head_problem,
-)
+from opd_local.models import apply_lora, load_causal_lm
+from opd_local.output_heads import check_output_heads, lm_head_weight, logit_transform, output_head_problem
+from opd_local.hidden_states import final_hidden_states
 
 
 def _llama(tokenizer, **changes):
@@ -243,7 +242,7 @@ def test_a_teacher_head_narrower_than_the_students_is_refused_only_where_the_who
 @pytest.mark.parametrize("objective", ["sampled_rkl", "fkl"])
 def test_a_teacher_narrower_than_the_tokenizer_is_refused_whatever_the_objective(tokenizer, objective):
     """It could not read the prompts' token ids, nor score most of what the student samples."""
-    from opd_local.models import check_teacher_vocabulary
+    from opd_local.output_heads import check_teacher_vocabulary
 
     student, teacher = _llama(tokenizer), _llama(tokenizer, vocab_size=1000)
     message = f"model.teacher: its lm_head has 1000 rows, fewer than the tokenizer's {len(tokenizer)} tokens"
@@ -259,7 +258,7 @@ def test_a_teacher_narrower_than_the_tokenizer_is_refused_whatever_the_objective
 
 
 def test_a_teacher_narrower_than_the_student_but_covering_the_tokenizer_passes_for_sampled_rkl(tokenizer):
-    from opd_local.models import check_teacher_vocabulary
+    from opd_local.output_heads import check_teacher_vocabulary
 
     student, teacher = _llama(tokenizer), _llama(tokenizer)
     student.resize_token_embeddings(len(tokenizer) + 64)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from opd_local.config import ModelConfig
-from opd_local.models import final_hidden_states, load_causal_lm
+from opd_local.models import load_causal_lm
+from opd_local.hidden_states import final_hidden_states
 from opd_local import attention, scoring
 from opd_local.attention import row_layout
 from opd_local.packing import pack_groups, pack_sequences, split_by_token_budget, split_groups_by_token_budget

@@ -3,8 +3,16 @@
 import json
 import shutil
 
+import torch
+
 from opd_local.config import Config
-from opd_local.run_inputs import load_run_inputs
+from opd_local.preflight import check_config, resolve
+from opd_local.run_inputs import load_run_inputs as load_resolved
+
+
+def load_run_inputs(cfg):
+    """What train() does first: the pre-flight checks, the settled values, then the inputs."""
+    return load_resolved(cfg, resolve(check_config(cfg), torch.device("cpu")))
 
 
 def _inputs(tiny_model_dir, context):
@@ -78,7 +86,7 @@ def test_teacher_weights_resolve_and_contradictions_are_refused():
     import pytest
 
     from opd_local.config import ModelConfig
-    from opd_local.run_inputs import resolve_teacher_weights
+    from opd_local.preflight import resolve_teacher_weights
 
     assert resolve_teacher_weights(ModelConfig()) == "initial"
     assert resolve_teacher_weights(ModelConfig(lora_rank=4)) == "base_adapter_off"
@@ -90,8 +98,8 @@ def test_teacher_weights_resolve_and_contradictions_are_refused():
         resolve_teacher_weights(ModelConfig(teacher_weights="base_adapter_off"))
     with pytest.raises(ValueError, match="but model.teacher is set"):
         resolve_teacher_weights(ModelConfig(teacher_weights="initial", teacher="some/model"))
-    with pytest.raises(ValueError, match="choose auto"):
-        resolve_teacher_weights(ModelConfig(teacher_weights="frozen"))
+    with pytest.raises(ValueError, match="model.teacher_weights: 'frozen' is not one of auto, initial, separate"):
+        check_config(Config(model=ModelConfig(teacher_weights="frozen")))  # the config's Literal is the one list
 
 
 def test_a_teacher_tokenizer_needs_the_same_ids_not_a_chat_template(tiny_model_dir, tiny_teacher_dir, tmp_path):
@@ -111,7 +119,7 @@ def test_a_teacher_tokenizer_needs_the_same_ids_not_a_chat_template(tiny_model_d
 def test_a_context_is_claimed_only_where_the_config_settles_it():
     from transformers import LlamaConfig
 
-    from opd_local.models import context_limit
+    from opd_local.preflight import context_limit
 
     assert context_limit(LlamaConfig(max_position_embeddings=2048)) == 2048
     # Linear RoPE scaling runs past max_position_embeddings, and vLLM multiplies it by the factor: no limit claimed

@@ -15,7 +15,7 @@ from opd_local import dist  # noqa: E402
 from opd_local.config import Config, ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm, load_student  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
-from opd_local.loop import build_optimizer  # noqa: E402
+from opd_local.optimizer import build_optimizer  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS, multiplies_in_bf16, resolve_precision  # noqa: E402
 from opd_local.sampler import HFSampler, rollout_seeds  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
@@ -243,7 +243,7 @@ def test_bf16_push_passes_and_a_push_that_never_arrives_fails(bf16_engine, tiny_
 
     cfg = Config()
     cfg.optim.lr = 5e-5  # one AdamW step small enough to stay under the bf16 threshold: only the movement check sees it
-    optimizer, _ = build_optimizer(student, cfg)
+    optimizer, _ = build_optimizer(student, cfg.optim)
     batch = pack_sequences([probe[:1]], [probe[1:]])
     with policy.autocast():
         lp = packed_token_logprobs(student, batch, compute_dtype=policy.compute)

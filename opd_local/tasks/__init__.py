@@ -1,5 +1,5 @@
 """The row formats a data source can hold, one module each: a new dataset is one new file here,
-listed in TASKS.
+listed in TASKS and in the choices of `DataConfig.format`.
 
 A task module names itself (`NAME`), the columns that identify it (`COLUMNS`), the fields it reads
 (`FIELDS`), and turns one record into a `PrivilegedRow` (`to_row(record, row_id)`).
