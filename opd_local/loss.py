@@ -18,7 +18,7 @@ from opd_local.config import LossConfig
 from opd_local.models import active_hidden_and_head, logit_transform
 from opd_local.packing import PackedBatch
 
-OBJECTIVES = ("sampled_rkl",) + kernels.reference.DIVERGENCES
+OBJECTIVES = ("sampled_rkl",) + kernels.torch_ops.DIVERGENCES
 NORMALIZATIONS = ("token", "sequence")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernels
-import kernels.reference.linear_logprob as chunked
+import kernels.torch_ops.linear_logprob as chunked
 from oracles import (
     DEVICE, LINEAR_TOL, TINY_TILES, V, V_SMALL, backend_options, close, float64_leaves, linear_inputs, lp64, opd64, opd_inputs,
     reinforce_value64,
@@ -62,15 +62,15 @@ def test_linear_token_logprobs_gradcheck():
     hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (5,))
-    fn = lambda hd, w: kernels.linear_token_logprobs(hd, w, targets, 1.3, backend="reference", chunk_tokens=2)  # noqa: E731
+    fn = lambda hd, w: kernels.linear_token_logprobs(hd, w, targets, 1.3, backend="torch", chunk_tokens=2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
 # (student_lp atol, loss atol = rtol, gradient atol per max |expected|, gradient rtol) by backend and dtype.
 LINEAR_OPD_TOL = {
-    ("reference", torch.float32): (5e-5, 1e-5, 1e-5, 1e-4),
+    ("torch", torch.float32): (5e-5, 1e-5, 1e-5, 1e-4),
     ("triton", torch.float32): (1e-4, 1e-5, 2e-5, 2e-5),
-    ("reference", torch.bfloat16): (1e-1, 2e-2, 2e-2, 2e-1),
+    ("torch", torch.bfloat16): (1e-1, 2e-2, 2e-2, 2e-1),
     ("triton", torch.bfloat16): (1e-4, 1e-5, 1.5e-2, 1.5e-2),
 }
 

@@ -21,7 +21,7 @@ Each program re-reads the whole of the other operand (W for row blocks, H for vo
 wave sweep it in step, so most of those reads should hit L2 (not yet measured on a GPU).
 Occupancy: the forward and dH grids have cdiv(N, BLOCK_N) programs, so below one row block per SM most of
 a GPU idles (shared-prefix teacher scoring: N ~ 256 is 4 programs on 132 SMs). Such N go to the chunked
-cuBLAS path (`kernels.reference.linear_logprob`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
+cuBLAS path (`kernels.torch_ops.linear_logprob`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
 The dW accumulator traffic is 8VH bytes per row block (read + write of fp32 [V, H]), N / BLOCK_N times:
 at N = 16384, V = 151936, H = 4096 that is about 1.3 TB through L2/HBM against 4NVH = 4e13 FLOPs for the
 dW matmuls, so dW is bound by it unless BLOCK_N grows; scripts/gpu_check.sh times it against the chunked path.
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-import kernels.reference.linear_logprob as chunked
+import kernels.torch_ops.linear_logprob as chunked
 from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, check_transform, scale_grad,
 )
@@ -328,7 +328,7 @@ def linear_token_logprobs(
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
 
-    Differentiable in hidden and weight. `chunk_tokens` is accepted for the reference's signature and
+    Differentiable in hidden and weight. `chunk_tokens` is accepted for the torch path's signature and
     unused; `tiles` = (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) fixes the tile shape (else autotuned on a GPU).
     Without `tiles`, an N too small to fill the GPU runs the chunked cuBLAS path (module docstring).
     `logit_scale` and `softcap` transform the logits before T, as in `chunked.linear_token_logprobs`.
