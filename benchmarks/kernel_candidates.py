@@ -135,7 +135,7 @@ def _liger_fused_jsd(x):
 
 
 def _fixed_tiles():
-    from kernels.triton.linear_logprob import GPU_TILES  # imports triton: only where the row runs
+    from kernels.triton.linear_tiles import GPU_TILES  # imports triton: only where the row runs
 
     return GPU_TILES
 

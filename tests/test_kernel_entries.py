@@ -191,7 +191,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     except Exception as exc:  # an API this check cannot use: not a kernel error
         print("SKIP", exc)
         sys.exit(0)
-    from kernels.triton import divergence as D, linear_logprob as LL, logprob as L
+    from kernels.triton import divergence as D, linear_logprob as LL, linear_tiles, logprob as L
 
     def build(fn, consts, warps, dtype):
         types = {"V": "i32", "N": "i32", "H": "i32", "kl_coef": "fp32", "log_ratio_cap": "fp32"}
@@ -221,7 +221,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         for single, block, warps in ((False, 4096, 8), (True, 16384, 16)):
             build(L._opd_fwd_kernel, dict(IMPORTANCE_RATIO=True, NEED_GRAD=True, SINGLE_BLOCK=single, BLOCK_V=block,
                                           **cap), warps, dtype)
-        bn, bv, bh, warps = LL.GPU_TILES
+        bn, bv, bh, warps = linear_tiles.GPU_TILES
         tiles = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
                      **cap)
         build(LL._linear_fwd_kernel, dict(OPD=True, IMPORTANCE_RATIO=True, **tiles), warps, dtype)

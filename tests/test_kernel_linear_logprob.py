@@ -133,9 +133,9 @@ def test_linear_opd_loss_frozen_weight_outer_scale_and_no_grad(backend, h, v):
 @pytest.mark.triton
 def test_every_autotuning_candidate_equals_float64():
     # The autotuner may pick any candidate on a GPU: each must compute the same function, tails included.
-    module = triton_linear()
+    tiles_module = importlib.import_module("kernels.triton.linear_tiles")
     n, h = 150, 80  # neither divides by any candidate's BLOCK_N or BLOCK_H
-    for tiles in sorted(set(module.FWD_TILE_CANDIDATES + module.GRAD_TILE_CANDIDATES)):
+    for tiles in sorted(set(tiles_module.FWD_TILE_CANDIDATES + tiles_module.GRAD_TILE_CANDIDATES)):
         hidden, weight, targets = linear_inputs(n, h, V_SMALL, torch.float32)
         lp = kernels.linear_token_logprobs(hidden, weight, targets, 0.8, backend="triton", tiles=tiles)
         grad_out = torch.randn(n, device=DEVICE)
@@ -163,7 +163,8 @@ def test_small_n_runs_the_chunked_path_with_the_same_arguments(monkeypatch):
     """Row-block grids need one block per SM; smaller N (shared-prefix teacher scoring: ~256 rows) runs the
     chunked cuBLAS path, which must get every argument of the call."""
     module = triton_linear()
-    assert not module.fills_gpu(256, 132) and module.fills_gpu(132 * 64, 132)
+    fills_gpu = importlib.import_module("kernels.triton.linear_tiles").fills_gpu
+    assert not fills_gpu(256, 132) and fills_gpu(132 * 64, 132)
     calls = []
     for name in ("linear_token_logprobs", "linear_opd_loss"):
         real = getattr(chunked, name)
