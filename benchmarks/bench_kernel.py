@@ -19,7 +19,7 @@ The inputs are in kernel_inputs.py, the candidates (each declared once, with the
 kernel_candidates.py, the runner, timers and tables in harness.py.
 
 CPU mode (automatic without a CUDA device, or --device cpu) runs the same comparison with the candidates that
-exist on a CPU: ours = the `kernels.*` entries with the default backend (the chunked torch reference on CPU),
+exist on a CPU: ours = the `kernels.*` entries with the default backend (the chunked torch path on CPU),
 torch eager and torch.compile ("not run" if compiling fails or exceeds --compile-timeout); the Triton/CUDA-only
 rows (Liger, Cut Cross-Entropy) read "needs CUDA". Smaller defaults (ops logprob, opd, linear_opd; N 1024, 2048;
 V 49152; H 576: about 4 minutes on 2 cores; all five ops at these N take about 9),
@@ -49,7 +49,7 @@ from kernel_candidates import OPS  # noqa: E402
 from kernel_inputs import op_shapes  # noqa: E402
 
 FULL_N, FULL_V, FULL_H = (4096, 16384, 65536), (49152, 151936), (576, 4096)
-# Sized so the default CPU run takes about 4 minutes on 2 cores: N = 2048 is two chunks of the reference's
+# Sized so the default CPU run takes about 4 minutes on 2 cores: N = 2048 is two chunks of the torch path's
 # DEFAULT_CHUNK_TOKENS = 1024 (at N <= 1024 ours is one chunk and holds as much as eager). linear_logprob and kl
 # are left to --ops: at N = 1024 they add about 1 and 1.5 minutes (the chunked reverse KL is ~5x eager's time).
 CPU_OPS = ("logprob", "opd", "linear_opd")
@@ -105,7 +105,7 @@ def print_header(args, device):
 
     probe = torch.zeros(1, 1)
     for name in ("token_logprobs", "opd_loss", "linear_opd_loss", "full_reverse_kl"):  # what "ours" runs here
-        assert kernels._impl(name, probe, "auto") is getattr(kernels.reference, name), name
+        assert kernels._impl(name, probe, "auto") is getattr(kernels.torch_ops, name), name
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     print(f"# bench_kernel (CPU): {cpu_model()}, {cores} cores ({usable} usable, {torch.get_num_threads()} torch "
@@ -115,9 +115,9 @@ def print_header(args, device):
           f"dtype {args.dtype}, {args.cpu_warmup} untimed run(s) (the first one memory-profiled) then "
           f"{args.cpu_repeats} timed runs (time.perf_counter), torch.compile timeout {args.compile_timeout:.0f} s, "
           f"load average at start {os.getloadavg()[0]:.2f}  ")
-    chunk = kernels.reference.DEFAULT_CHUNK_TOKENS
-    print("ours = `kernels.*` with the default backend, which on CPU is the chunked torch reference "
-          "(`kernels.reference`); Liger and Cut Cross-Entropy are Triton/CUDA-only. Peak extra MiB = peak bytes "
+    chunk = kernels.torch_ops.DEFAULT_CHUNK_TOKENS
+    print("ours = `kernels.*` with the default backend, which on CPU is the chunked torch path "
+          "(`kernels.torch_ops`); Liger and Cut Cross-Entropy are Triton/CUDA-only. Peak extra MiB = peak bytes "
           "held by torch's CPU allocator during one forward + backward above the inputs (torch profiler, "
           "profile_memory). time / eager, time / compile, peak / eager: each row against the torch eager and "
           "torch.compile rows of the same shape (< 1x: less than eager). ours walks N in chunks of "

@@ -2,7 +2,7 @@
 
 A candidate's builder takes the op's inputs and returns a zero-argument forward + backward step (or raises
 ImportError: "not installed"). "ours" is the public `kernels.*` entry with the default backend: the Triton
-op on CUDA, the chunked torch reference on CPU. On CPU the table is the CUDA table filtered: rows of our own
+op on CUDA, the chunked torch path on CPU. On CPU the table is the CUDA table filtered: rows of our own
 GPU-only paths (the separate chunked-torch row, which on CPU is "ours" itself, and fixed Triton tiles) are left
 out, and third-party GPU-only kernels read "needs CUDA".
 """
@@ -135,7 +135,7 @@ def _liger_fused_jsd(x):
 
 
 def _fixed_tiles():
-    from kernels.triton.linear_logprob import GPU_TILES  # imports triton: only where the row runs
+    from kernels.triton.linear_tiles import GPU_TILES  # imports triton: only where the row runs
 
     return GPU_TILES
 
@@ -177,7 +177,7 @@ def _entry(name, args_of, inputs_of, with_kw=False, **options):
     return build
 
 
-CHUNKED = "chunked torch (kernels.reference)"
+CHUNKED = "chunked torch (kernels.torch_ops)"
 
 
 def candidates(op):
@@ -187,7 +187,7 @@ def candidates(op):
             Candidate(dict(cuda="ours (Triton)", cpu="ours: kernels.token_logprobs (chunked torch)"),
                       _entry("token_logprobs", _logits_args, _logits), kind="ours"),
             *baselines(eager_logprob, _logits_args, _logits),
-            Candidate(CHUNKED, _entry("token_logprobs", _logits_args, _logits, backend="reference"), CUDA, "ours-path"),
+            Candidate(CHUNKED, _entry("token_logprobs", _logits_args, _logits, backend="torch"), CUDA, "ours-path"),
             Candidate("Liger CrossEntropy (sum)", _liger_ce, CUDA),
         ]
     if op == "opd":
@@ -196,7 +196,7 @@ def candidates(op):
                            cpu="ours: kernels.opd_loss (chunked torch, grad in forward)"),
                       _entry("opd_loss", _opd_args, _logits, with_kw=True), kind="ours"),
             *baselines(eager_opd, lambda x: (*_opd_args(x), x["n"]), _logits),
-            Candidate(CHUNKED, _entry("opd_loss", _opd_args, _logits, with_kw=True, backend="reference"), CUDA,
+            Candidate(CHUNKED, _entry("opd_loss", _opd_args, _logits, with_kw=True, backend="torch"), CUDA,
                       "ours-path"),
         ]
     if op in ("linear_logprob", "linear_opd"):
@@ -215,7 +215,7 @@ def candidates(op):
                       "ours-path"),
             *baselines(eager_linear_opd if opd else eager_linear_logprob,
                        (lambda x: (*args_of(x), x["n"])) if opd else args_of, _hw),
-            Candidate(CHUNKED, _entry(entry, args_of, _hw, with_kw=opd, backend="reference"), CUDA, "ours-path"),
+            Candidate(CHUNKED, _entry(entry, args_of, _hw, with_kw=opd, backend="torch"), CUDA, "ours-path"),
             Candidate("torch F.linear_cross_entropy (sum)", _torch_lce),
             Candidate("Liger FusedLinearCrossEntropy (sum)", _liger_flce, CUDA),
             Candidate("Cut Cross-Entropy linear_cross_entropy (sum)", _cce, CUDA),
@@ -229,7 +229,7 @@ def candidates(op):
                            cpu=f"ours: kernels.topk_reverse_kl k={TOPK} + tail (chunked torch)"),
                       _entry("topk_reverse_kl", lambda x: (*kl_args(x), TOPK), _logits), kind="ours"),
             *baselines(eager_kl, kl_args, _logits),
-            Candidate(CHUNKED, _entry("full_reverse_kl", kl_args, _logits, backend="reference"), CUDA, "ours-path"),
+            Candidate(CHUNKED, _entry("full_reverse_kl", kl_args, _logits, backend="torch"), CUDA, "ours-path"),
             Candidate("Liger JSD beta=1 (after torch log_softmax)", _liger_jsd, CUDA),
             Candidate("Liger FusedLinearJSD beta=1 (from hidden: + 2 matmuls)", _liger_fused_jsd, CUDA),
         ]

@@ -85,7 +85,7 @@ def skip_triton_tests(items) -> None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(params=["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def backend(request) -> str:
     """Each kernel test runs once per `kernels` backend: the chunked torch path and the Triton kernels."""
     return request.param

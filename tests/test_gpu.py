@@ -95,7 +95,7 @@ def test_compiled_linear_kernels_equal_float64(dtype, n, v):
 def test_chunked_divergences_take_fp32_logits_from_cublas(objective):
     """The full-vocabulary objectives run the chunked torch path on CUDA too; bf16 inputs give fp32 logits there."""
     import kernels
-    from kernels.reference.common import wide_product
+    from kernels.torch_ops.common import wide_product
     from oracles import divergence64
 
     n, vocab, h = 512, 151936, 896

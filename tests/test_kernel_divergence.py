@@ -105,8 +105,8 @@ def test_reverse_kl_gradcheck():
     # fp64: the torch path only.
     student = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(5, 13, dtype=torch.float64)
-    full = lambda x: kernels.full_reverse_kl(x, teacher, 1.3, backend="reference", chunk_tokens=2)  # noqa: E731
+    full = lambda x: kernels.full_reverse_kl(x, teacher, 1.3, backend="torch", chunk_tokens=2)  # noqa: E731
     assert torch.autograd.gradcheck(full, (student,))
     # The support is fixed by the argument's top-k, which gradcheck's small perturbations leave alone.
-    topk = lambda x: kernels.topk_reverse_kl(x, teacher, 4, 0.8, backend="reference", chunk_tokens=3)  # noqa: E731
+    topk = lambda x: kernels.topk_reverse_kl(x, teacher, 4, 0.8, backend="torch", chunk_tokens=3)  # noqa: E731
     assert torch.autograd.gradcheck(topk, (student,))

@@ -37,16 +37,27 @@ def test_dispatch():
     from kernels.triton import divergence, logprob
 
     logits, targets = make_logits(4, 11, "normal")
-    assert kernels._impl("token_logprobs", logits, "reference") is kernels.reference.token_logprobs
+    assert kernels._impl("token_logprobs", logits, "torch") is kernels.torch_ops.token_logprobs
     assert kernels._impl("token_logprobs", logits, "triton") is logprob.token_logprobs
     assert kernels._impl("topk_reverse_kl", logits, "triton") is divergence.topk_reverse_kl
-    expect_auto = logprob.token_logprobs if logits.is_cuda else kernels.reference.token_logprobs
+    expect_auto = logprob.token_logprobs if logits.is_cuda else kernels.torch_ops.token_logprobs
     assert kernels._impl("token_logprobs", logits, "auto") is expect_auto
-    assert kernels._impl("token_logprobs", logits.double(), "auto") is kernels.reference.token_logprobs
+    assert kernels._impl("token_logprobs", logits.double(), "auto") is kernels.torch_ops.token_logprobs
     with pytest.raises(ValueError, match="backend"):
         kernels.token_logprobs(logits, targets, backend="cuda")
     with pytest.raises(ValueError, match="fp64"):
         kernels.token_logprobs(logits.double(), targets, backend="triton")
+
+
+def test_reference_is_the_older_name_of_the_torch_backend():
+    logits, _ = make_logits(6, 13, "normal")
+    teacher = torch.randn(6, 13, device=DEVICE)
+    torch_kl = kernels.full_reverse_kl(logits, teacher, 0.8, backend="torch", chunk_tokens=4)
+    reference_kl = kernels.full_reverse_kl(logits, teacher, 0.8, backend="reference", chunk_tokens=4)
+    assert torch.equal(torch_kl, reference_kl)
+    assert kernels._impl("linear_divergence_loss", logits, "reference") is kernels.torch_ops.linear_divergence_loss
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"):
+        kernels.full_reverse_kl(logits, teacher, backend="cuda")
 
 
 def test_shape_errors_are_clear(backend):
@@ -154,12 +165,12 @@ def test_chunked_path_never_allocates_n_by_v():
     weight = torch.randn(v, h, requires_grad=True)
     targets = torch.randint(0, v, (n,))
     lp = torch.randn(n)
-    ref = kernels.reference
+    ops = kernels.torch_ops
     with RecordLarge():
-        ref.token_logprobs(logits, targets, chunk_tokens=chunk).sum().backward()
-        ref.opd_loss(logits, targets, lp, lp, normalizer=n, chunk_tokens=chunk)[0].backward()
-        ref.linear_token_logprobs(hidden, weight, targets, chunk_tokens=chunk).sum().backward()
-        ref.linear_opd_loss(hidden, weight, targets, lp, lp, normalizer=n, chunk_tokens=chunk)[0].backward()
+        ops.token_logprobs(logits, targets, chunk_tokens=chunk).sum().backward()
+        ops.opd_loss(logits, targets, lp, lp, normalizer=n, chunk_tokens=chunk)[0].backward()
+        ops.linear_token_logprobs(hidden, weight, targets, chunk_tokens=chunk).sum().backward()
+        ops.linear_opd_loss(hidden, weight, targets, lp, lp, normalizer=n, chunk_tokens=chunk)[0].backward()
     assert big == []
 
 
@@ -180,7 +191,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     except Exception as exc:  # an API this check cannot use: not a kernel error
         print("SKIP", exc)
         sys.exit(0)
-    from kernels.triton import divergence as D, linear_logprob as LL, logprob as L
+    from kernels.triton import divergence as D, linear_logprob as LL, linear_tiles, logprob as L
 
     def build(fn, consts, warps, dtype):
         types = {"V": "i32", "N": "i32", "H": "i32", "kl_coef": "fp32", "log_ratio_cap": "fp32"}
@@ -210,7 +221,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         for single, block, warps in ((False, 4096, 8), (True, 16384, 16)):
             build(L._opd_fwd_kernel, dict(IMPORTANCE_RATIO=True, NEED_GRAD=True, SINGLE_BLOCK=single, BLOCK_V=block,
                                           **cap), warps, dtype)
-        bn, bv, bh, warps = LL.GPU_TILES
+        bn, bv, bh, warps = linear_tiles.GPU_TILES
         tiles = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32",
                      **cap)
         build(LL._linear_fwd_kernel, dict(OPD=True, IMPORTANCE_RATIO=True, **tiles), warps, dtype)

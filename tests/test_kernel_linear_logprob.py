@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kernels
-import kernels.reference.linear_logprob as chunked
+import kernels.torch_ops.linear_logprob as chunked
 from oracles import (
     DEVICE, LINEAR_TOL, TINY_TILES, V, V_SMALL, backend_options, close, float64_leaves, linear_inputs, lp64, opd64, opd_inputs,
     reinforce_value64,
@@ -62,15 +62,15 @@ def test_linear_token_logprobs_gradcheck():
     hidden = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 11, (5,))
-    fn = lambda hd, w: kernels.linear_token_logprobs(hd, w, targets, 1.3, backend="reference", chunk_tokens=2)  # noqa: E731
+    fn = lambda hd, w: kernels.linear_token_logprobs(hd, w, targets, 1.3, backend="torch", chunk_tokens=2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
 
 # (student_lp atol, loss atol = rtol, gradient atol per max |expected|, gradient rtol) by backend and dtype.
 LINEAR_OPD_TOL = {
-    ("reference", torch.float32): (5e-5, 1e-5, 1e-5, 1e-4),
+    ("torch", torch.float32): (5e-5, 1e-5, 1e-5, 1e-4),
     ("triton", torch.float32): (1e-4, 1e-5, 2e-5, 2e-5),
-    ("reference", torch.bfloat16): (1e-1, 2e-2, 2e-2, 2e-1),
+    ("torch", torch.bfloat16): (1e-1, 2e-2, 2e-2, 2e-1),
     ("triton", torch.bfloat16): (1e-4, 1e-5, 1.5e-2, 1.5e-2),
 }
 
@@ -133,9 +133,9 @@ def test_linear_opd_loss_frozen_weight_outer_scale_and_no_grad(backend, h, v):
 @pytest.mark.triton
 def test_every_autotuning_candidate_equals_float64():
     # The autotuner may pick any candidate on a GPU: each must compute the same function, tails included.
-    module = triton_linear()
+    tiles_module = importlib.import_module("kernels.triton.linear_tiles")
     n, h = 150, 80  # neither divides by any candidate's BLOCK_N or BLOCK_H
-    for tiles in sorted(set(module.FWD_TILE_CANDIDATES + module.GRAD_TILE_CANDIDATES)):
+    for tiles in sorted(set(tiles_module.FWD_TILE_CANDIDATES + tiles_module.GRAD_TILE_CANDIDATES)):
         hidden, weight, targets = linear_inputs(n, h, V_SMALL, torch.float32)
         lp = kernels.linear_token_logprobs(hidden, weight, targets, 0.8, backend="triton", tiles=tiles)
         grad_out = torch.randn(n, device=DEVICE)
@@ -163,7 +163,8 @@ def test_small_n_runs_the_chunked_path_with_the_same_arguments(monkeypatch):
     """Row-block grids need one block per SM; smaller N (shared-prefix teacher scoring: ~256 rows) runs the
     chunked cuBLAS path, which must get every argument of the call."""
     module = triton_linear()
-    assert not module.fills_gpu(256, 132) and module.fills_gpu(132 * 64, 132)
+    fills_gpu = importlib.import_module("kernels.triton.linear_tiles").fills_gpu
+    assert not fills_gpu(256, 132) and fills_gpu(132 * 64, 132)
     calls = []
     for name in ("linear_token_logprobs", "linear_opd_loss"):
         real = getattr(chunked, name)

@@ -137,7 +137,7 @@ def test_linear_opd_loss(backend, transform):
     grad_close(dweight, expect_dw, 2e-5, "dweight")
 
 
-@pytest.mark.parametrize("objective", kernels.reference.DIVERGENCES)
+@pytest.mark.parametrize("objective", kernels.torch_ops.DIVERGENCES)
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
 def test_linear_divergence_loss(transform, objective):
     # No Triton kernel: the chunked torch path on every device.

@@ -103,7 +103,7 @@ def test_token_logprobs_gradcheck():
     # fp64 runs on the torch path only (the Triton ops refuse it: test_kernel_entries.py::test_dispatch).
     logits = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 13, (6,))
-    fn = lambda x: kernels.token_logprobs(x, targets, 0.7, backend="reference", chunk_tokens=4)  # noqa: E731
+    fn = lambda x: kernels.token_logprobs(x, targets, 0.7, backend="torch", chunk_tokens=4)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,))
 
 
@@ -165,7 +165,7 @@ def test_opd_gradient_at_rollout_policy_is_closed_form(n, chunk_tokens, temperat
     logits.requires_grad_(True)
     rollout_lp = lp64(logits.detach(), targets, temperature)
     teacher_lp = rollout_lp + torch.randn(n, dtype=torch.float64, device=DEVICE)
-    opts = dict(kl_coef=kl_coef, normalizer=normalizer, temperature=temperature, backend="reference",
+    opts = dict(kl_coef=kl_coef, normalizer=normalizer, temperature=temperature, backend="torch",
                 chunk_tokens=chunk_tokens)
     loss, student_lp = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, log_ratio_cap=2.0, **opts)
     assert not student_lp.requires_grad
@@ -197,7 +197,7 @@ def test_opd_without_importance_ratio_fp64():
     teacher_lp = rollout_lp + torch.randn(n, dtype=torch.float64, device=DEVICE)
     loss, _ = kernels.opd_loss(
         logits, targets, teacher_lp, rollout_lp,
-        kl_coef=kl_coef, normalizer=normalizer, importance_ratio=False, backend="reference", chunk_tokens=7,
+        kl_coef=kl_coef, normalizer=normalizer, importance_ratio=False, backend="torch", chunk_tokens=7,
     )
     advantage = kl_coef * (teacher_lp - rollout_lp)
     close(loss, -advantage.sum() / 77.0, atol=1e-12, what="REINFORCE loss value")
@@ -212,7 +212,7 @@ def test_opd_loss_gradcheck():
     teacher_lp = torch.randn(7, dtype=torch.float64) - 2
     fn = lambda x: kernels.opd_loss(  # noqa: E731
         x, targets, teacher_lp, rollout_lp, kl_coef=0.5, log_ratio_cap=0.3, normalizer=11.0, temperature=1.2,
-        backend="reference", chunk_tokens=3,
+        backend="torch", chunk_tokens=3,
     )[0]
     assert torch.autograd.gradcheck(fn, (logits,))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import torch_ops
 from opd_local.config import Config, LossConfig
 from opd_local.loss import token_divisors
 from opd_local.preflight import check_config
@@ -74,14 +74,14 @@ def test_divergence_value_and_gradient_equal_float64(objective, per_token_normal
 
 
 def _fp32_result_products(a, b):
-    """What kernels.reference.common.wide_product does on CUDA, on a CPU: bf16 x bf16 products are exact in
+    """What kernels.torch_ops.common.wide_product does on CUDA, on a CPU: bf16 x bf16 products are exact in
     fp32, summed in fp32, and the result left in fp32."""
     return a.float() @ b.float() if a.dtype == torch.bfloat16 else a @ b
 
 
 @pytest.mark.parametrize("objective", ["full_rkl", "fkl", "jsd"])
 def test_bf16_divergences_with_fp32_logits_equal_float64_where_bf16_logits_do_not(objective, monkeypatch):
-    from kernels.reference import common, linear_divergence
+    from kernels.torch_ops import common, linear_divergence
 
     n, vocab, h = 64, 4096, 64
     hidden = torch.nn.functional.layer_norm(torch.randn(n, h), (h,)).bfloat16().requires_grad_(True)
@@ -129,7 +129,7 @@ def test_full_rkl_is_the_exact_kl_and_topk_with_k_equal_v_is_full_rkl():
 def test_divergences_of_identical_distributions_are_zero_with_zero_gradient():
     n, h = 9, 16
     hidden, weight, _, _, targets = linear_inputs(n, h, torch.float64)
-    for objective in reference.DIVERGENCES:
+    for objective in torch_ops.DIVERGENCES:
         loss, _, divergence = kernels.linear_divergence_loss(
             hidden, weight, hidden.detach(), weight.detach(), targets, objective=objective, normalizer=float(n), k=5
         )
@@ -158,10 +158,10 @@ def test_sampled_rkl_averages_to_full_rkl_value_and_gradient():
         rollout_lp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
         teacher_lp = torch.log_softmax(teacher_logits, -1).repeat_interleave(m, 0).gather(1, targets[:, None]).squeeze(1)
     # One loss per sample (normaliser 1), so per-sample values and gradients give their own spread.
-    _, student_lp = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, normalizer=1.0, backend="reference")
+    _, student_lp = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, normalizer=1.0, backend="torch")
     torch.testing.assert_close(student_lp, rollout_lp, atol=1e-12, rtol=0)
     per_sample_value = (rollout_lp - teacher_lp).reshape(n, m)
-    loss, _ = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, normalizer=float(m), backend="reference")
+    loss, _ = kernels.opd_loss(logits, targets, teacher_lp, rollout_lp, normalizer=float(m), backend="torch")
     (grad,) = torch.autograd.grad(loss, logits)
     per_sample_grad = grad.reshape(n, m, v) * m
 
@@ -174,7 +174,7 @@ def test_sampled_rkl_averages_to_full_rkl_value_and_gradient():
     assert ((grad_mean - fkl_grad).abs() > 5 * grad_se).any()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_sampled_rkl_per_token_normalizer_equals_float64(backend):
     n, h = 23, 32
     hidden, weight, _, _, targets = linear_inputs(n, h)

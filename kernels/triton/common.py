@@ -74,7 +74,7 @@ def transform_args(temperature: float, logit_scale: float, softcap: float | None
 
 @triton.jit
 def opd_row(student_lp, teacher_lp, rollout_lp, kl_coef, log_ratio_cap, normalizer, IMPORTANCE_RATIO: tl.constexpr):
-    """(loss contribution, d loss / d student_lp) of tokens; the same math as `kernels.reference.common.opd_chunk`."""
+    """(loss contribution, d loss / d student_lp) of tokens; the same math as `kernels.torch_ops.common.opd_chunk`."""
     advantage = kl_coef * (teacher_lp - rollout_lp)
     if IMPORTANCE_RATIO:
         log_ratio = student_lp - rollout_lp
@@ -144,7 +144,7 @@ def dlogits_tile(
 
 def check_dtype(x: torch.Tensor, what: str) -> None:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton {what} takes fp32/bf16/fp16, got {x.dtype}; use backend='reference' for fp64")
+        raise ValueError(f"the Triton {what} takes fp32/bf16/fp16, got {x.dtype}; use backend='torch' for fp64")
 
 
 def normalizer_rows(normalizer, n: int, device: torch.device) -> torch.Tensor:

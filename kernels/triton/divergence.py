@@ -212,7 +212,7 @@ def _transforms(
     *, logit_scale: float = 1.0, softcap: float | None = None, teacher_logit_scale: float = 1.0,
     teacher_softcap: float | None = None,
 ) -> tuple[tuple[float, float | None], tuple[float, float | None]]:
-    """Each side's (scale, cap), checked; the keywords of `kernels.reference.divergence.logit_maps`."""
+    """Each side's (scale, cap), checked; the keywords of `kernels.torch_ops.divergence.logit_maps`."""
     return check_transform(logit_scale, softcap), check_transform(teacher_logit_scale, teacher_softcap, "teacher_")
 
 
@@ -226,7 +226,7 @@ def full_reverse_kl(
 ) -> torch.Tensor:
     """KL(p_s || p_t) per token over the full vocab -> fp32 [N]; differentiable in student_logits.
 
-    Same math and logit transforms as `kernels.reference.divergence.full_reverse_kl`; the teacher is frozen
+    Same math and logit transforms as `kernels.torch_ops.divergence.full_reverse_kl`; the teacher is frozen
     (detached). `chunk_tokens` is unused.
     """
     student_logits, teacher_logits = _prepare(student_logits, teacher_logits, temperature, chunk_tokens)
@@ -243,7 +243,7 @@ def topk_reverse_kl(
     block_v: int | None = None,
     **transforms,
 ) -> torch.Tensor:
-    """Reverse KL on the student's top-k support plus one tail bucket -> fp32 [N]; see `kernels.reference`."""
+    """Reverse KL on the student's top-k support plus one tail bucket -> fp32 [N]; see `kernels.torch_ops`."""
     student_logits, teacher_logits = _prepare(student_logits, teacher_logits, temperature, chunk_tokens)
     check_k(k, student_logits.shape[1])
     transforms = _transforms(**transforms)

@@ -21,12 +21,12 @@ Each program re-reads the whole of the other operand (W for row blocks, H for vo
 wave sweep it in step, so most of those reads should hit L2 (not yet measured on a GPU).
 Occupancy: the forward and dH grids have cdiv(N, BLOCK_N) programs, so below one row block per SM most of
 a GPU idles (shared-prefix teacher scoring: N ~ 256 is 4 programs on 132 SMs). Such N go to the chunked
-cuBLAS path (`kernels.reference.linear_logprob`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
+cuBLAS path (`kernels.torch_ops.linear_logprob`, the same math), whose matmuls spread [N, H] x [H, V] over every SM.
 The dW accumulator traffic is 8VH bytes per row block (read + write of fp32 [V, H]), N / BLOCK_N times:
 at N = 16384, V = 151936, H = 4096 that is about 1.3 TB through L2/HBM against 4NVH = 4e13 FLOPs for the
 dW matmuls, so dW is bound by it unless BLOCK_N grows; scripts/gpu_check.sh times it against the chunked path.
-On a GPU, tiles are autotuned per (V, H, dtype) unless given; the gradient kernels' accumulators are
-re-zeroed between the tuning runs.
+On a GPU, tiles are autotuned per (V, H, dtype) unless given (the candidates: `kernels.triton.linear_tiles`);
+the gradient kernels' accumulators are re-zeroed between the tuning runs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-import kernels.reference.linear_logprob as chunked
+import kernels.torch_ops.linear_logprob as chunked
 from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_opd, check_targets, check_transform, scale_grad,
 )
@@ -44,17 +44,10 @@ from kernels.triton.common import (
     INTERPRET, check_dtype, dlogits_tile, guard_target, logits_tile, normalizer_rows, online_lse_update, opd_row,
     rowwise, to_dot, transform_args,
 )
+from kernels.triton.linear_tiles import (
+    FWD_TILE_CANDIDATES, GRAD_TILE_CANDIDATES, autotuned, dot_args, fills_gpu, tile_kwargs,
+)
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps). On sm_90, BLOCK_H = 64 spills registers in the gradient kernels
-# (ptxas: 255 registers and 112-384 bytes of stack) and 32 does not. tl.dot needs every tile side >= 16,
-# and the interpreter, which is slow, gets the smallest tiles. GPU_TILES is the first autotuning candidate.
-GPU_TILES = (64, 128, 32, 8)
-INTERPRETER_TILES = (16, 32, 16, 1)
-DEFAULT_TILES = INTERPRETER_TILES if INTERPRET else GPU_TILES
-FWD_TILE_CANDIDATES = [GPU_TILES, (128, 128, 32, 8), (64, 256, 32, 8), (128, 64, 64, 4), (64, 128, 64, 4)]
-GRAD_TILE_CANDIDATES = [GPU_TILES, (128, 128, 32, 8), (128, 64, 32, 4), (64, 64, 32, 4)]
-# Below this many row blocks per SM the row-block grids leave SMs idle: the chunked cuBLAS path runs instead.
-MIN_ROW_BLOCKS_PER_SM = 1
 # Rows per dH launch: bounds the fp32 dH accumulator at DH_CHUNK_ROWS x H.
 DH_CHUNK_ROWS = 16384
 
@@ -172,19 +165,12 @@ def _linear_dw_kernel(
         tl.debug_barrier()
 
 
-def _autotuned(kernel, candidates, reset_to_zero=None):
-    configs = [
-        triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh), num_warps=warps) for bn, bv, bh, warps in candidates
-    ]
-    return triton.autotune(configs=configs, key=["V", "H"], reset_to_zero=reset_to_zero)(kernel)
-
-
 # The gradient kernels add into their accumulators: every tuning run must start from zeros, and so must
 # the launch that follows the tuning (the autotuner zeroes reset_to_zero arguments after benchmarking).
 _TUNED = {
-    "fwd": _autotuned(_linear_fwd_kernel, FWD_TILE_CANDIDATES),
-    "dh": _autotuned(_linear_dh_kernel, GRAD_TILE_CANDIDATES, reset_to_zero=["dh_ptr"]),
-    "dw": _autotuned(_linear_dw_kernel, GRAD_TILE_CANDIDATES, reset_to_zero=["dw_ptr"]),
+    "fwd": autotuned(_linear_fwd_kernel, FWD_TILE_CANDIDATES),
+    "dh": autotuned(_linear_dh_kernel, GRAD_TILE_CANDIDATES, reset_to_zero=["dh_ptr"]),
+    "dw": autotuned(_linear_dw_kernel, GRAD_TILE_CANDIDATES, reset_to_zero=["dw_ptr"]),
 }
 _PLAIN = {"fwd": _linear_fwd_kernel, "dh": _linear_dh_kernel, "dw": _linear_dw_kernel}
 
@@ -194,35 +180,11 @@ def _kernel(name: str, tiles: dict | None):
     return (_TUNED[name], {}) if tiles is None else (_PLAIN[name], tiles)
 
 
-def fills_gpu(n: int, sm_count: int) -> bool:
-    """Whether N rows give the row-block grids (at the smallest candidate BLOCK_N) work for every SM."""
-    smallest = min(c[0] for c in FWD_TILE_CANDIDATES + GRAD_TILE_CANDIDATES)
-    return triton.cdiv(n, smallest) >= MIN_ROW_BLOCKS_PER_SM * sm_count
-
-
 def _use_chunked_path(hidden: torch.Tensor, tiles) -> bool:
     """Small N on a GPU runs the chunked cuBLAS path; fixed tiles (tests, benchmarks) always run the kernels."""
     if tiles is not None or INTERPRET or not hidden.is_cuda:
         return False
     return not fills_gpu(hidden.shape[0], torch.cuda.get_device_properties(hidden.device).multi_processor_count)
-
-
-def _tiles(tiles) -> dict | None:
-    """Tile kwargs; None (autotune) on a GPU when none are given."""
-    if tiles is None and not INTERPRET:
-        return None
-    block_n, block_v, block_h, warps = tiles or DEFAULT_TILES
-    for side in (block_n, block_v, block_h):
-        if side < 16 or side & (side - 1):
-            raise ValueError(f"tiles must be powers of two >= 16 (tl.dot), got {tiles}")
-    return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps)
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    # fp32 inputs follow torch's own fp32 matmul setting: full precision by default ("highest"), TF32
-    # tensor cores once torch.set_float32_matmul_precision("high") allows them.
-    ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, PRECISION="ieee" if ieee else "tf32")
 
 
 def _forward(hidden, weight, targets, logit_args, tiles, opd=None):
@@ -246,7 +208,7 @@ def _forward(hidden, weight, targets, logit_args, tiles, opd=None):
         kernel, tile_args = _kernel("fwd", tiles)
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             hidden, hidden.stride(0), weight, weight.stride(0), targets, n, v, h, *logit_args[:3], lp, lse, rest,
-            *opd_args, **opd_flags, **tile_args, **_dot_args(hidden.dtype), SOFTCAP=logit_args[3],
+            *opd_args, **opd_flags, **tile_args, **dot_args(hidden.dtype), SOFTCAP=logit_args[3],
         )
     return lp, lse, rest, loss_rows, grad
 
@@ -266,7 +228,7 @@ def _grads(hidden, weight, targets, lse, rest, grad, logit_args, tiles, need_dh,
             kernel, tile_args = _kernel("dh", tiles)
             kernel[lambda meta: (triton.cdiv(e - s, meta["BLOCK_N"]),)](
                 hidden[s:], hidden.stride(0), weight, weight.stride(0), targets[s:], lse[s:], rest[s:], grad[s:],
-                out, e - s, v, h, *logit_args[:3], **tile_args, **_dot_args(hidden.dtype), SOFTCAP=logit_args[3],
+                out, e - s, v, h, *logit_args[:3], **tile_args, **dot_args(hidden.dtype), SOFTCAP=logit_args[3],
             )
             if acc is not None:
                 dhidden[s:e] = out
@@ -276,7 +238,7 @@ def _grads(hidden, weight, targets, lse, rest, grad, logit_args, tiles, need_dh,
             kernel, tile_args = _kernel("dw", tiles)
             kernel[lambda meta: (triton.cdiv(v, meta["BLOCK_V"]),)](
                 hidden, hidden.stride(0), weight, weight.stride(0), targets, lse, rest, grad, dweight, n, v, h,
-                *logit_args[:3], **tile_args, **_dot_args(hidden.dtype), SOFTCAP=logit_args[3],
+                *logit_args[:3], **tile_args, **dot_args(hidden.dtype), SOFTCAP=logit_args[3],
             )
         dweight = dweight.to(weight.dtype)
     return dhidden, dweight
@@ -297,7 +259,7 @@ def _logit_args(temperature: float, transform: tuple[float, float | None]) -> tu
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, tiles, transform):
-        tiles = _tiles(tiles)
+        tiles = tile_kwargs(tiles)
         logit_args = _logit_args(temperature, transform)
         lp, lse, rest, _, _ = _forward(hidden, weight, targets, logit_args, tiles)
         ctx.save_for_backward(hidden, weight, targets, lse, rest)
@@ -328,7 +290,7 @@ def linear_token_logprobs(
 ) -> torch.Tensor:
     """log_softmax(hidden @ weight.T / T)[i, targets[i]] -> fp32 [N], never materialising [N, V].
 
-    Differentiable in hidden and weight. `chunk_tokens` is accepted for the reference's signature and
+    Differentiable in hidden and weight. `chunk_tokens` is accepted for the torch path's signature and
     unused; `tiles` = (BLOCK_N, BLOCK_V, BLOCK_H, num_warps) fixes the tile shape (else autotuned on a GPU).
     Without `tiles`, an N too small to fill the GPU runs the chunked cuBLAS path (module docstring).
     `logit_scale` and `softcap` transform the logits before T, as in `chunked.linear_token_logprobs`.
@@ -349,7 +311,7 @@ class _LinearOPDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, teacher_lp, rollout_lp, opts, need_dh, need_dw):
         kl_coef, log_ratio_cap, normalizer, temperature, importance_ratio, tiles, transform = opts
-        tiles = _tiles(tiles)
+        tiles = tile_kwargs(tiles)
         logit_args = _logit_args(temperature, transform)
         normalizer = normalizer_rows(normalizer, hidden.shape[0], hidden.device)
         opd = (teacher_lp, rollout_lp, normalizer, kl_coef, log_ratio_cap, importance_ratio)

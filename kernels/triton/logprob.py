@@ -6,7 +6,7 @@ x = softcap(scale * logits[i]) / T (`common.transform`; SOFTCAP is a constexpr, 
 unchanged).
 Gradient: d lp / d logits = (onehot - softmax) / T, whose target entry is written as sum_{j != y} p_j / T,
 summed over the other classes, never as 1 - p_y; a scale multiplies it and a cap its slope sech^2. The OPD
-loss chains d loss / d lp (`common.opd_row`, the math of `kernels.reference.logprob`) through it, in forward.
+loss chains d loss / d lp (`common.opd_row`, the math of `kernels.torch_ops.logprob`) through it, in forward.
 Memory traffic:
 - `token_logprobs`: forward reads logits once and writes lp, lse and `rest` = sum_{j != y} p_j (fp32 [N]);
   backward reads logits once and writes dlogits once, in the logits dtype.
@@ -222,9 +222,9 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log_softmax(logits / T)[i, targets[i]] -> fp32 [N]; differentiable in logits [N, V].
 
-    `chunk_tokens` is accepted for the reference's signature and unused: rows are independent programs.
+    `chunk_tokens` is accepted for the torch path's signature and unused: rows are independent programs.
     `block_v` overrides the vocab block (tests use it to cover the one-block and many-block paths).
-    `logit_scale` and `softcap` transform the logits before T, as in `kernels.reference.token_logprobs`.
+    `logit_scale` and `softcap` transform the logits before T, as in `kernels.torch_ops.token_logprobs`.
     """
     check_logits(logits)
     check_common(logits.shape[0], targets, temperature, chunk_tokens or 1)
@@ -289,7 +289,7 @@ def opd_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token OPD loss on logits [N, V] -> (loss fp32 scalar, student_lp fp32 [N], no grad).
 
-    Same math and arguments as `kernels.reference.logprob.opd_loss`; the gradient is written during forward.
+    Same math and arguments as `kernels.torch_ops.logprob.opd_loss`; the gradient is written during forward.
     """
     check_logits(logits)
     n = logits.shape[0]

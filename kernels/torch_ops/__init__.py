@@ -3,10 +3,10 @@ implementation on a GPU. Each module mirrors its Triton twin in `kernels.triton`
 has no twin."""
 
 from kernels.common import DEFAULT_CHUNK_TOKENS, topk_threshold
-from kernels.reference.divergence import full_reverse_kl, topk_reverse_kl
-from kernels.reference.linear_divergence import DIVERGENCES, linear_divergence_loss
-from kernels.reference.linear_logprob import linear_opd_loss, linear_token_logprobs
-from kernels.reference.logprob import opd_loss, token_logprobs
+from kernels.torch_ops.divergence import full_reverse_kl, topk_reverse_kl
+from kernels.torch_ops.linear_divergence import DIVERGENCES, linear_divergence_loss
+from kernels.torch_ops.linear_logprob import linear_opd_loss, linear_token_logprobs
+from kernels.torch_ops.logprob import opd_loss, token_logprobs
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",

@@ -6,7 +6,7 @@ plus one tail bucket, KL_k = sum_{j in S} p_s log(p_s / p_t) + tail_s log(tail_s
 summed over the complement of S.
 Gradient, S held fixed: d KL / d z_s(j) = p_s(j) (ell_j - KL) / T with ell_j = log p_s(j) - log p_t(j) on S and
 log(tail_s / tail_t) off it (the tail is one bucket whose mass moves with z_s); the argmax entry is minus the
-sum of the others (`kernels.reference.common.chunk_reverse_kl`). The teacher is frozen.
+sum of the others (`kernels.torch_ops.common.chunk_reverse_kl`). The teacher is frozen.
 Each side's logits may be transformed before T, x = softcap(scale z) / T (`LogitMap`); the student's gradient
 then carries scale and the cap's slope. The top-k support is taken on the raw student logits: both transforms
 are increasing, so it is the same set.
@@ -18,7 +18,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.common import DEFAULT_CHUNK_TOKENS, check_k, check_kl_args, check_transform, topk_threshold
-from kernels.reference.common import LogitMap, acc_dtype, chunk_reverse_kl
+from kernels.torch_ops.common import LogitMap, acc_dtype, chunk_reverse_kl
 
 
 class _ReverseKL(torch.autograd.Function):

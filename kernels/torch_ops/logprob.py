@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_logits, check_opd, check_targets, check_transform, scale_grad,
 )
-from kernels.reference.common import (
+from kernels.torch_ops.common import (
     LogitMap, acc_dtype, chunk_dlogits, chunk_logprobs, chunk_rows, normalizer_tensor, opd_chunk,
 )
 

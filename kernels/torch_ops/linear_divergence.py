@@ -5,7 +5,7 @@ T = 1), p = softmax(x); [N, V] logits never exist. Each side may have its own lo
 x = softcap(scale z) / T (`LogitMap`); the student's gradient then carries scale and the cap's slope.
 Divergences D per row and their gradients in x_s:
   full_rkl  KL(p_s || p_t) = sum p_s (log p_s - log p_t);     dD/dx_s = p_s (ell - D), ell = log p_s - log p_t
-  topk_rkl  the same on the student's top-k (ties kept) plus one tail bucket (`kernels.reference.divergence`)
+  topk_rkl  the same on the student's top-k (ties kept) plus one tail bucket (`kernels.torch_ops.divergence`)
   fkl       KL(p_t || p_s) = sum p_t (log p_t - log p_s);     dD/dx_s = p_s - p_t
   jsd       beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = beta p_t + (1 - beta) p_s;
             dD/dx_s = (1 - beta) p_s (ell - KL(p_s || M)), ell = log p_s - log M (M's own terms cancel).
@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from kernels.common import (
     DEFAULT_CHUNK_TOKENS, check_common, check_linear, check_normalizer, check_targets, check_transform, scale_grad,
 )
-from kernels.reference.common import (
+from kernels.torch_ops.common import (
     LogitMap, acc_dtype, at_targets, chunk_reverse_kl, chunk_rows, linear_chunks, normalizer_tensor, wide_product,
 )
 
@@ -67,9 +67,10 @@ def _chunk_divergence(
         kl, grad, _ = chunk_reverse_kl(logp_s, xt, None)
         return kl, grad
     if objective == "topk_rkl":
-        # The support from the scaled logits themselves, as the tail-bucket reference defines it. Under a
-        # transform, from the raw ones: a cap saturates in fp32, and its ties would let in every token tied
-        # at the k-th value; both transforms are increasing, so in exact arithmetic the set is the same.
+        # The support from the scaled logits themselves, as the tail-bucket op (`divergence.topk_reverse_kl`)
+        # defines it. Under a transform, from the raw ones: a cap saturates in fp32, and its ties would let in
+        # every token tied at the k-th value; both transforms are increasing, so in exact arithmetic the set is
+        # the same.
         xs = logit_map.apply(logits, logp_s.dtype) if logit_map.plain else logits
         threshold = torch.topk(xs, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         kl, grad, _ = chunk_reverse_kl(logp_s, xt, xs >= threshold)
