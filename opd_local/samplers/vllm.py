@@ -19,7 +19,7 @@ import re
 import torch
 
 from opd_local import dist
-from opd_local.sampler import Completion, Sampler, per_prompt_seeds
+from opd_local.samplers.base import Completion, Sampler, per_prompt_seeds
 from opd_local.weight_fingerprint import differing, fingerprint, fingerprints
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_local.sampler import HFSampler, Sampler
+from opd_local.samplers.base import HFSampler, Sampler
 
 
 def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: torch.dtype = torch.float32) -> Sampler:
@@ -18,7 +18,7 @@ def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: t
         raise ValueError(f"rollout.sampler={choice!r}; choose auto, vllm or hf")
     if choice in ("auto", "vllm"):
         try:
-            from opd_local.vllm_sampler import VLLMSampler, vllm_available
+            from opd_local.samplers.vllm import VLLMSampler, vllm_available
         except ImportError:
             vllm_available = None
         if vllm_available is not None and vllm_available():
