@@ -19,7 +19,7 @@ import time
 import torch
 
 from opd_local.models import load_causal_lm
-from opd_local.samplers.base import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.sync import push_model_weights
 from opd_local.samplers.vllm import VLLMSampler
 from workload import add_workload_args, load_workload

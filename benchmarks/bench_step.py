@@ -29,7 +29,7 @@ from opd_local.loop import build_optimizer
 from opd_local.training import train_on_rollouts
 from opd_local.models import lm_head_weight, load_causal_lm
 from opd_local.rollouts import build_rollouts
-from opd_local.samplers.base import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.precision import resolve_precision
 from opd_local.scoring import score_completions
 from opd_local.sync import push_model_weights

@@ -18,7 +18,6 @@ from opd_local import dist, parallel
 from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.config_parsing import check_config
-from opd_local.samplers import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, flush_logs_to_disk, span
 from opd_local.models import check_output_head, check_output_heads, load_student
@@ -30,7 +29,7 @@ from opd_local.run_directory import FINAL_MODEL, check_run_directory, claim_run_
 from opd_local.run_lock import RunDirectoryBusy
 from opd_local.rollouts import build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
-from opd_local.samplers.base import rollout_seeds
+from opd_local.samplers import make_sampler, rollout_seeds
 from opd_local.sync import WeightSync, prove_push
 from opd_local.teacher import Teacher
 from opd_local.training import DivergenceGuard, train_on_rollouts

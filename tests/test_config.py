@@ -302,7 +302,7 @@ def test_the_seed_is_bounded_by_what_its_users_take():
     import numpy as np
 
     from opd_local.config import MAX_SEED
-    from opd_local.samplers.base import rollout_seeds
+    from opd_local.samplers import rollout_seeds
 
     assert parse_config(["--seed", str(MAX_SEED)]).run.seed == MAX_SEED
     for seed in (MAX_SEED + 1, 2**64, 1180591620717411303424):

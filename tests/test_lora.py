@@ -8,7 +8,7 @@ from opd_local.config import Config, ModelConfig
 from opd_local.loop import build_optimizer, train_on_rollouts
 from opd_local.models import apply_lora, load_causal_lm, merged_named_weights
 from opd_local.precision import resolve_precision
-from opd_local.samplers.base import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.scoring import score_completions
 from opd_local.sync import parity_probe, push_model_weights
 from opd_local.teacher import Teacher

@@ -9,7 +9,7 @@ from opd_local import sync
 from opd_local.config import Config, ModelConfig
 from opd_local.models import load_causal_lm
 from opd_local.precision import PARITY_THRESHOLDS
-from opd_local.samplers.base import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.sync import WeightPushError, prove_push
 
 

@@ -17,7 +17,8 @@ from opd_local.models import load_causal_lm, load_student  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
 from opd_local.loop import build_optimizer  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS, multiplies_in_bf16, resolve_precision  # noqa: E402
-from opd_local.samplers.base import HFSampler, rollout_seeds  # noqa: E402
+from opd_local.samplers import rollout_seeds  # noqa: E402
+from opd_local.samplers.hf import HFSampler  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
 from opd_local.sync import StaleWeightsError, WeightSync, parity_probe, push_model_weights  # noqa: E402
 
@@ -99,7 +100,7 @@ def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir
 
 
 def test_a_vllm_whose_reload_weights_differs_is_refused(engine):
-    from opd_local.samplers.vllm import runner_reload_weights, check_reload_signature
+    from opd_local.samplers.vllm_startup import runner_reload_weights, check_reload_signature
 
     (runner_reload,) = engine.llm.collective_rpc(runner_reload_weights)
     check_reload_signature(runner_reload)  # the installed vLLM, as the engine checked when it was built
@@ -375,7 +376,7 @@ def test_torchrun_gives_each_rank_its_own_engine(tiny_model_dir, tmp_path):
 def test_vllm_logs_at_warning_unless_verbose(monkeypatch):
     import logging
 
-    from opd_local.samplers.vllm import _configure_environment
+    from opd_local.samplers.vllm_startup import configure_environment
 
     cfg = Config()
     original = logging.getLogger("vllm").level
@@ -383,7 +384,7 @@ def test_vllm_logs_at_warning_unless_verbose(monkeypatch):
         for verbose, level in ((False, logging.WARNING), (True, logging.INFO)):
             monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
             cfg.run.verbose = verbose
-            _configure_environment(cfg, torch.device("cpu"))
+            configure_environment(cfg, torch.device("cpu"))
             assert logging.getLogger("vllm").level == level
     finally:
         logging.getLogger("vllm").setLevel(original)
