@@ -24,7 +24,7 @@ from opd_local.precision import PARITY_THRESHOLDS, resolve_precision
 from opd_local.packing import pack_sequences
 from opd_local.scoring import packed_token_logprobs, score_completions
 from opd_local.sync import push_model_weights
-from opd_local.vllm_sampler import VLLMSampler
+from opd_local.samplers.vllm import VLLMSampler
 from workload import add_workload_args, load_workload
 
 

@@ -61,7 +61,7 @@ def seconds(fn, repeats: int) -> float:
 
 
 def measure(name: str, path: str, dtype: torch.dtype, attn: str, repeats: int) -> None:
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     tokenizer = load_tokenizer(str(ASSETS), ModelConfig())
     cfg = Config()

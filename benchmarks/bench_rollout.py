@@ -19,9 +19,9 @@ import time
 import torch
 
 from opd_local.models import load_causal_lm
-from opd_local.sampler import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.sync import push_model_weights
-from opd_local.vllm_sampler import VLLMSampler
+from opd_local.samplers.vllm import VLLMSampler
 from workload import add_workload_args, load_workload
 
 

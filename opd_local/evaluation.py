@@ -19,7 +19,8 @@ from opd_local import parallel
 from opd_local.answers import FINAL_LINE, answers_match
 from opd_local.data import PromptGroup
 from opd_local.metrics import span as stage_span  # `span` here is the final-answer span
-from opd_local.sampler import HFSampler, Sampler
+from opd_local.samplers import Sampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.sync import push_model_weights
 from opd_local.teacher import Teacher
 

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 from opd_local import dist, parallel
 from opd_local.checkpoint import load_training_state, save_final_model, save_training_state
 from opd_local.config import Config
-from opd_local.engines import make_sampler
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, flush_logs_to_disk, span
 from opd_local.models import load_student
@@ -30,7 +29,7 @@ from opd_local.run_directory import FINAL_MODEL, check_run_directory, claim_run_
 from opd_local.run_lock import RunDirectoryBusy
 from opd_local.rollouts import build_rollouts, rollout_metrics
 from opd_local.run_inputs import load_run_inputs
-from opd_local.sampler import rollout_seeds
+from opd_local.samplers import make_sampler, rollout_seeds
 from opd_local.sync import WeightSync, prove_push
 from opd_local.teacher import Teacher
 from opd_local.optimizer import DivergenceGuard, apply_optim_config, build_optimizer

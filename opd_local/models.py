@@ -167,7 +167,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 def merged_named_weights(model, only=None):
     """`(name, tensor)` pairs of what `save_pretrained` writes (parameters and persistent buffers), under the
-    model's own module names; `engine_layout.checkpoint_layout` turns them into the checkpoint's.
+    model's own module names; `samplers.engine_layout.checkpoint_layout` turns them into the checkpoint's.
 
     For a PEFT model the LoRA deltas are added to the base weights (PEFT's own `get_delta_weight`)
     without touching the trained model, unless the adapter is disabled at the time. Tied weights

@@ -15,7 +15,7 @@ import torch
 
 from opd_local import dist
 from opd_local.data import PromptGroup
-from opd_local.sampler import Completion
+from opd_local.samplers import Completion
 
 # Reasons that mean an engine or the teacher returned bad numbers; anything else is a filter.
 FAILURE_REASONS = frozenset({"rollout_lp_count", "rollout_lp_nonfinite", "teacher_lp_count", "teacher_lp_nonfinite"})

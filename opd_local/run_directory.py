@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd_local.checkpoint import CHECKPOINTS, fsync_path, newest_intact_checkpoint
+from opd_local.atomic_files import fsync_path
+from opd_local.checkpoint import CHECKPOINTS, newest_intact_checkpoint
 from opd_local.config import Config, ConfigError
 from opd_local.config_parsing import apply_overrides, load_saved_yaml, resume_changes, save_yaml
 from opd_local.exits import RunInterrupted

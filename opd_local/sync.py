@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from opd_local import dist, parallel
-from opd_local.engine_layout import checkpoint_layout
 from opd_local.metrics import device_clock
 from opd_local.models import base_model
-from opd_local.sampler import Sampler
 from opd_local.optimizer import TrainingDiverged
+from opd_local.samplers import Sampler
+from opd_local.samplers.engine_layout import checkpoint_layout
 
 
 class StaleWeightsError(RuntimeError):

@@ -24,7 +24,7 @@ from opd_local import dist  # noqa: E402
 from opd_local.checkpoint import CHECKPOINTS
 from opd_local.cli import run_refusing
 from opd_local.config_parsing import parse_config
-from opd_local.engines import make_sampler
+from opd_local.samplers import make_sampler
 from opd_local.evaluation import TRACE_RECORDS, Evaluator, teacher_greedy
 from opd_local.metrics import METRICS_FILE
 from opd_local.models import load_causal_lm

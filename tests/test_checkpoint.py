@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_local import checkpoint
-from opd_local.checkpoint import checkpoint_problem, newest_intact_checkpoint, replace_directory, save_training_state
+from opd_local import atomic_files, checkpoint
+from opd_local.atomic_files import replace_directory
+from opd_local.checkpoint import checkpoint_problem, newest_intact_checkpoint, save_training_state
 from opd_local.config import Config
 from opd_local.config_parsing import ConfigError, parse_config, save_yaml
 from opd_local.metrics import drop_records_from
@@ -82,7 +83,7 @@ def test_replacing_a_folder_never_moves_the_old_one_away(tmp_path, monkeypatch):
 
 
 def test_replacing_a_folder_without_the_swap_still_ends_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # a kernel or file system without RENAME_EXCHANGE
+    monkeypatch.setattr(atomic_files, "_exchange", lambda a, b: False)  # a kernel or file system without RENAME_EXCHANGE
     target = _folder(tmp_path / "final", "old")
     replace_directory(_folder(tmp_path / ".final-tmp", "new"), target)
     assert (target / "weights.txt").read_text() == "new"

@@ -44,8 +44,8 @@ def test_help_lists_every_knob():
 
 
 def test_unavailable_sampler_says_how_to_install(monkeypatch):
-    import opd_local.vllm_sampler as vllm_sampler
-    from opd_local.engines import make_sampler
+    import opd_local.samplers.vllm as vllm_sampler
+    from opd_local.samplers import make_sampler
 
     monkeypatch.setattr(vllm_sampler, "vllm_available", lambda: False)
     cfg = Config()
@@ -303,7 +303,7 @@ def test_the_seed_is_bounded_by_what_its_users_take():
     import numpy as np
 
     from opd_local.config import MAX_SEED
-    from opd_local.sampler import rollout_seeds
+    from opd_local.samplers import rollout_seeds
 
     assert parse_config(["--seed", str(MAX_SEED)]).run.seed == MAX_SEED
     for seed in (MAX_SEED + 1, 2**64, 1180591620717411303424):

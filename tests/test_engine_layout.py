@@ -9,7 +9,7 @@ from model_families import ATTN_IMPLEMENTATION, FAMILIES
 from safetensors.torch import load_file
 
 from opd_local.config import ModelConfig
-from opd_local.engine_layout import checkpoint_layout
+from opd_local.samplers.engine_layout import checkpoint_layout
 from opd_local.models import apply_lora, load_causal_lm, merged_named_weights
 
 # Checkpoint tensors the trainer does not hold: the hub layout's vision tower (the trainer loads the text model).

@@ -15,7 +15,7 @@ from opd_local.evaluation import (
 )
 from opd_local.models import load_causal_lm
 from opd_local.rows import PrivilegedRow
-from opd_local.sampler import Completion
+from opd_local.samplers import Completion
 from opd_local.teacher import Teacher
 
 

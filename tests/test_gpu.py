@@ -184,7 +184,7 @@ def test_parity_probe_against_a_bf16_engine(tiny_model_dir, tokenizer, monkeypat
     from opd_local.models import load_causal_lm
     from opd_local.packing import pack_sequences
     from opd_local.precision import resolve_precision
-    from opd_local.sampler import HFSampler
+    from opd_local.samplers.hf import HFSampler
     from opd_local.scoring import packed_token_logprobs
     from opd_local.sync import StaleWeightsError, WeightSync
 

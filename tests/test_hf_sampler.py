@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opd_local.config import ModelConfig
-from opd_local.sampler import HFSampler, RowSeededSampling
+from opd_local.samplers.hf import HFSampler, RowSeededSampling
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from opd_local.optimizer import build_optimizer
 from opd_local.training import train_on_rollouts
 from opd_local.models import apply_lora, load_causal_lm, merged_named_weights
 from opd_local.precision import resolve_precision
-from opd_local.sampler import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.scoring import score_completions
 from opd_local.sync import parity_probe, push_model_weights
 from opd_local.teacher import Teacher

@@ -9,7 +9,7 @@ from opd_local import sync
 from opd_local.config import Config, ModelConfig
 from opd_local.models import load_causal_lm
 from opd_local.precision import PARITY_THRESHOLDS
-from opd_local.sampler import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.sync import WeightPushError, prove_push
 
 
@@ -38,7 +38,7 @@ FAULTS = {
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def moe_engine(request, family_dir):
     pytest.importorskip("vllm")
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     cfg = Config()
     cfg.rollout.max_model_len = 256

@@ -8,7 +8,7 @@ from opd_local.data import PromptGroup
 from opd_local.progress import RunTotals
 from opd_local.rollouts import build_rollouts, count_groups, drop_past_teacher_rows, rollout_metrics
 from opd_local.rows import PrivilegedRow
-from opd_local.sampler import Completion
+from opd_local.samplers import Completion
 
 
 def _group(i):

@@ -7,7 +7,7 @@ from conftest import save_tiny_llama
 
 from opd_local.config import ModelConfig
 from opd_local.models import load_causal_lm
-from opd_local.sampler import HFSampler
+from opd_local.samplers.hf import HFSampler
 from opd_local.sync import _tied_storages, push_model_weights
 
 

@@ -10,7 +10,7 @@ from opd_local.data import PromptGroup
 from opd_local.models import load_causal_lm
 from opd_local.rollouts import build_rollouts
 from opd_local.rows import PrivilegedRow
-from opd_local.sampler import Completion
+from opd_local.samplers import Completion
 from opd_local.scoring import score_completions
 from opd_local.teacher import Teacher
 

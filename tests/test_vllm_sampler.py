@@ -17,7 +17,8 @@ from opd_local.models import load_causal_lm, load_student  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
 from opd_local.optimizer import build_optimizer  # noqa: E402
 from opd_local.precision import PARITY_THRESHOLDS, multiplies_in_bf16, resolve_precision  # noqa: E402
-from opd_local.sampler import HFSampler, rollout_seeds  # noqa: E402
+from opd_local.samplers import rollout_seeds  # noqa: E402
+from opd_local.samplers.hf import HFSampler  # noqa: E402
 from opd_local.scoring import packed_token_logprobs, score_completions  # noqa: E402
 from opd_local.sync import StaleWeightsError, WeightSync, parity_probe, push_model_weights  # noqa: E402
 
@@ -30,7 +31,7 @@ LOGPROB_ATOL = 2e-3
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     cfg = Config()
     cfg.rollout.max_model_len = 512
@@ -99,7 +100,7 @@ def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir
 
 
 def test_a_vllm_whose_reload_weights_differs_is_refused(engine):
-    from opd_local.vllm_sampler import runner_reload_weights, check_reload_signature
+    from opd_local.samplers.vllm_startup import runner_reload_weights, check_reload_signature
 
     (runner_reload,) = engine.llm.collective_rpc(runner_reload_weights)
     check_reload_signature(runner_reload)  # the installed vLLM, as the engine checked when it was built
@@ -148,7 +149,7 @@ def test_an_engine_on_the_transformers_backend_leaves_transformers_classes_alone
     from transformers.models.olmo2.modeling_olmo2 import Olmo2Model
     from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
 
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     path, model_cfg = family_dir("olmo2"), ModelConfig()
     probe = tokenizer("Final: 42. The answer is forty-two.")["input_ids"]
@@ -188,7 +189,7 @@ def test_an_engine_on_the_transformers_backend_leaves_transformers_classes_alone
 def test_qwen3_5_hub_checkpoint_serves_seeded_rollouts(family_dir, tokenizer):
     """vLLM's Qwen 3.5 module imports torchvision; its recurrent state is not prefix-cached, so no seeded prefill
     is split over scheduler steps (which crashes vLLM's CPU sampler), even in a batch larger than one step."""
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     cfg = Config()
     cfg.rollout.max_model_len = 512
@@ -210,7 +211,7 @@ def test_qwen3_5_hub_checkpoint_serves_seeded_rollouts(family_dir, tokenizer):
 def test_fp32_gated_deltanet_is_refused_before_the_engine_is_built(family_dir, monkeypatch):
     import vllm
 
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     def build(**kwargs):
         raise AssertionError("the engine was built")
@@ -222,7 +223,7 @@ def test_fp32_gated_deltanet_is_refused_before_the_engine_is_built(family_dir, m
 
 @pytest.fixture(scope="module")
 def bf16_engine(tiny_model_dir):
-    from opd_local.vllm_sampler import VLLMSampler
+    from opd_local.samplers.vllm import VLLMSampler
 
     cfg = Config()
     cfg.rollout.max_model_len = 512
@@ -318,7 +319,7 @@ import sys, torch
 from opd_local.config import Config, ModelConfig
 from opd_local.models import load_causal_lm, load_tokenizer
 from opd_local.sync import parity_probe
-from opd_local.vllm_sampler import VLLMSampler
+from opd_local.samplers.vllm import VLLMSampler
 path, atol = sys.argv[1], float(sys.argv[2])
 cfg = Config(); cfg.rollout.max_model_len = 512
 engine = VLLMSampler(path, cfg, torch.device("cpu"))
@@ -332,7 +333,7 @@ TORCHRUN_ENGINE_CHECK = """
 import sys, torch
 from opd_local import dist
 from opd_local.config import Config
-from opd_local.vllm_sampler import VLLMSampler
+from opd_local.samplers.vllm import VLLMSampler
 ctx = dist.init_distributed("cpu")
 cfg = Config(); cfg.rollout.max_model_len = 512
 engine = VLLMSampler(sys.argv[1], cfg, ctx.device)
@@ -375,7 +376,7 @@ def test_torchrun_gives_each_rank_its_own_engine(tiny_model_dir, tmp_path):
 def test_vllm_logs_at_warning_unless_verbose(monkeypatch):
     import logging
 
-    from opd_local.vllm_sampler import _configure_environment
+    from opd_local.samplers.vllm_startup import configure_environment
 
     cfg = Config()
     original = logging.getLogger("vllm").level
@@ -383,7 +384,7 @@ def test_vllm_logs_at_warning_unless_verbose(monkeypatch):
         for verbose, level in ((False, logging.WARNING), (True, logging.INFO)):
             monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
             cfg.run.verbose = verbose
-            _configure_environment(cfg, torch.device("cpu"))
+            configure_environment(cfg, torch.device("cpu"))
             assert logging.getLogger("vllm").level == level
     finally:
         logging.getLogger("vllm").setLevel(original)

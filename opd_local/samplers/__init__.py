@@ -1,13 +1,17 @@
-"""The rollout engine a run samples from, chosen by `rollout.sampler`.
+"""The rollout engines: the interface (`base`), transformers `generate` (`hf`), vLLM in-process (`vllm`), and the
+engine a run samples from, chosen by `rollout.sampler`.
 
-Kept apart from both engines so that neither engine module imports the other.
+vLLM's module is imported only when a run asks for it, so importing this package never imports vLLM.
 """
 
 from __future__ import annotations
 
 import torch
 
-from opd_local.sampler import HFSampler, Sampler
+from opd_local.samplers.base import Completion, Sampler, per_prompt_seeds, rollout_seeds
+from opd_local.samplers.hf import HFSampler
+
+__all__ = ["Completion", "HFSampler", "Sampler", "make_sampler", "per_prompt_seeds", "rollout_seeds"]
 
 
 def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: torch.dtype = torch.float32) -> Sampler:
@@ -18,7 +22,7 @@ def make_sampler(cfg, model_path: str, device: torch.device, tokenizer, dtype: t
         raise ValueError(f"rollout.sampler={choice!r}; choose auto, vllm or hf")
     if choice in ("auto", "vllm"):
         try:
-            from opd_local.vllm_sampler import VLLMSampler, vllm_available
+            from opd_local.samplers.vllm import VLLMSampler, vllm_available
         except ImportError:
             vllm_available = None
         if vllm_available is not None and vllm_available():
