@@ -305,7 +305,7 @@ def test_a_run_trains_against_a_teacher_with_a_wider_head(tokenizer, micro_model
 
 
 def test_a_sampled_rkl_run_trains_against_a_teacher_with_only_the_tokenizers_rows(tokenizer, micro_model_dir, tmp_path):
-    """The student's head padded 64 rows past the tokenizer, the teacher's not (the README: sampled_rkl accepts it)."""
+    """The student's head padded 64 rows past the tokenizer, the teacher's not (docs/refusals.md: sampled_rkl accepts it)."""
     from transformers import AutoModelForCausalLM
 
     from opd_local.loop import train
