@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from opd_local.config import BUNDLED_GSM8K, Config, ConfigError, DataConfig, ModelConfig, OptimConfig
-from opd_local.config_parsing import PATH_LIMIT, check_fields, short_value
+from opd_local.config_files import short_value
+from opd_local.config_parsing import PATH_LIMIT, check_fields
 from opd_local.output_heads import check_teacher_vocabulary
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from opd_local.atomic_files import fsync_path
 from opd_local.checkpoint import CHECKPOINTS, newest_intact_checkpoint
 from opd_local.config import Config, ConfigError
-from opd_local.config_parsing import apply_overrides, load_saved_yaml, resume_changes, save_yaml
+from opd_local.config_files import load_saved_yaml, save_yaml
+from opd_local.config_parsing import apply_overrides, resume_changes
 from opd_local.exits import RunInterrupted
 from opd_local.metrics import METRICS_FILE, check_run_logs, drop_records_from, first_missing_step
 from opd_local.run_lock import RunDirectoryLock

@@ -33,7 +33,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from opd_local.config import Config
-from opd_local.config_parsing import apply_overrides, save_yaml
+from opd_local.config_files import save_yaml
+from opd_local.config_parsing import apply_overrides
 from opd_local.metrics import read_metrics
 from opd_local.report import run_total, series, to_float
 

@@ -12,7 +12,8 @@ from opd_local import atomic_files, checkpoint
 from opd_local.atomic_files import replace_directory
 from opd_local.checkpoint import checkpoint_problem, newest_intact_checkpoint, save_training_state
 from opd_local.config import Config
-from opd_local.config_parsing import ConfigError, parse_config, save_yaml
+from opd_local.config_files import save_yaml
+from opd_local.config_parsing import ConfigError, parse_config
 from opd_local.metrics import drop_records_from
 
 

@@ -133,7 +133,7 @@ def test_yaml_merge_keys_and_anchors_are_read_and_may_be_overridden(tmp_path):
     )
     import yaml
 
-    from opd_local.config_parsing import load_yaml
+    from opd_local.config_files import load_yaml
 
     data = load_yaml(path)
     assert data["optim"] == {"lr": 0.003, "eps": 1e-6} == yaml.safe_load(path.read_text())["optim"]
@@ -175,7 +175,7 @@ def test_config_files_apply_in_order_and_flags_over_them_all(tmp_path):
 
 
 def test_resume_applies_the_saved_config_then_the_config_files_then_the_flags(tmp_path):
-    from opd_local.config_parsing import save_yaml
+    from opd_local.config_files import save_yaml
 
     saved = Config()
     saved.run.out_dir = str(tmp_path)
@@ -215,7 +215,7 @@ def _bomb(levels: int, width: int = 9) -> str:
     ],
 )
 def test_yaml_aliases_expanding_past_the_bound_are_refused_naming_the_file(tmp_path, text):
-    from opd_local.config_parsing import MAX_YAML_VALUES, load_yaml
+    from opd_local.config_files import MAX_YAML_VALUES, load_yaml
 
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
@@ -229,7 +229,7 @@ def test_yaml_aliases_expanding_past_the_bound_are_refused_naming_the_file(tmp_p
 def test_expanded_size_counts_each_use_of_an_alias():
     import yaml
 
-    from opd_local.config_parsing import expanded_size
+    from opd_local.config_files import expanded_size
 
     node = yaml.compose("a: &a [1, 2]\nb: [*a, *a, {k: *a}]\n")
     # root 1 + keys a, b 2 + a's list 3 + b's list 1 + 2 * 3 + (mapping 1 + key 1 + 3)
@@ -241,7 +241,7 @@ def test_expanded_size_counts_each_use_of_an_alias():
 
 
 def test_aliases_within_the_bound_are_read(tmp_path):
-    from opd_local.config_parsing import load_yaml
+    from opd_local.config_files import load_yaml
 
     path = tmp_path / "ok.yaml"
     path.write_text(_bomb(3, width=14))  # l2 (14**3 + 14**2 + 14 + 1 values) used twice: 6145 in all
