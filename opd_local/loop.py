@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from opd_local import dist, parallel
+from opd_local import dist, distributed
 from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.config_parsing import check_config
@@ -64,12 +64,12 @@ def train(cfg: Config) -> Path:
             tqdm.write(precision.describe())
         student = load_student(student_path, cfg.model, precision.master, cfg.run.seed)
         check_output_head(student, "model.student")
-        layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
-        student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
+        layout = distributed.resolve_layout(cfg.run.parallel, distributed.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
+        student = distributed.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
         # While the student still holds the weights the engine loaded: a push must reproduce them bit for bit.
         push_proof = prove_push(sampler, student)
         teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
-        check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective, len(tokenizer))
+        check_output_heads(distributed.unwrap(student), distributed.unwrap(teacher.model), cfg.loss.objective, len(tokenizer))
         # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
         log = tqdm.write if ctx.is_main else (lambda line: None)
         packing_metrics = check_run_models(student, teacher, cfg, precision.compute, len(tokenizer), log)
@@ -98,7 +98,7 @@ def train(cfg: Config) -> Path:
         )
         evaluator = None
         # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
-        if cfg.eval.every > 0 and (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
+        if cfg.eval.every > 0 and (ctx.is_main or distributed.is_sharded(student) or distributed.is_sharded(teacher.model)):
             evaluator = Evaluator(
                 cfg, run_dir, inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer,
                 resolve_micro_batch_tokens(cfg.optim, ctx.device.type), write=ctx.is_main, compute_dtype=precision.compute,

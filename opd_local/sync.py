@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_local import dist, parallel
+from opd_local import dist, distributed
 from opd_local.engine_layout import checkpoint_layout
 from opd_local.metrics import device_clock
 from opd_local.models import base_model
@@ -35,9 +35,9 @@ def push_model_weights(sampler: Sampler, model, digests: list[torch.Tensor] | No
     start = device_clock(device)
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
-    weights = parallel.gather_engine_weights(model)
+    weights = distributed.gather_engine_weights(model)
     if sampler.weight_layout == "checkpoint":
-        weights = checkpoint_layout(base_model(parallel.unwrap(model)), weights)
+        weights = checkpoint_layout(base_model(distributed.unwrap(model)), weights)
     if digests is not None:
         weights = _digested(weights, sampler.stored, digests, _tied_storages(model))
     sampler.push_weights(weights)
@@ -110,7 +110,7 @@ class WeightSync:
 
     def check(self, sampler: Sampler, student, expect_moved: bool = False) -> dict[str, float]:
         engine_lp = torch.tensor(sampler.score(self.probe_ids), dtype=torch.float32)
-        (trainer_lp,) = parallel.score_completions_distributed(
+        (trainer_lp,) = distributed.score_completions_distributed(
             student, [self.probe_ids[:1]], [self.probe_ids[1:]], micro_batch_tokens=len(self.probe_ids),
             compute_dtype=self.compute_dtype,
         ).logprobs
@@ -163,8 +163,8 @@ def _digested(named_tensors, stored, digests: list[torch.Tensor], tied: frozense
 def _tied_storages(student) -> frozenset[int]:
     """Data pointers of the parameters that appear under more than one name (none for a sharded model,
     whose engine weights are gathered copies)."""
-    module = parallel.unwrap(student)
-    if parallel.is_sharded(student) or getattr(module, "hf_device_map", None):
+    module = distributed.unwrap(student)
+    if distributed.is_sharded(student) or getattr(module, "hf_device_map", None):
         return frozenset()
     pointers = [p.data_ptr() for _, p in module.named_parameters(remove_duplicate=False)]
     return frozenset(ptr for ptr in pointers if ptr and pointers.count(ptr) > 1)  # 0: no storage (meta, empty)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from opd_local import parallel
+from opd_local import distributed
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.loss import needs_teacher_hidden
 from opd_local.models import check_output_head, load_frozen_teacher, logit_transform, token_rows
@@ -48,7 +48,7 @@ class Teacher:
         self.adapter_off = adapter_off
         self.context = context
         self.head = head
-        self.logit_transform = logit_transform(parallel.unwrap(model))
+        self.logit_transform = logit_transform(distributed.unwrap(model))
         self.micro_batch_tokens = micro_batch_tokens
         self.chunk_tokens = chunk_tokens
         self.shared_prefix = shared_prefix
@@ -66,11 +66,11 @@ class Teacher:
         if inputs.teacher_weights == "base_adapter_off" and student is not None:
             model, adapter_off = student, True
         else:
-            placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
+            placement = distributed.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
             offload_dir = Path(cfg.model.teacher_offload_dir or Path(cfg.run.out_dir) / "teacher-offload") / f"rank{ctx.rank}"
             frozen = load_frozen_teacher(inputs.teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
             check_output_head(frozen, "model.teacher" if cfg.model.teacher else "model.student")
-            model = parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward)
+            model = distributed.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward)
             adapter_off = False
         return cls(
             model,
@@ -78,7 +78,7 @@ class Teacher:
             name=inputs.teacher_path,
             adapter_off=adapter_off,
             context=cfg.model.teacher_context,
-            head=parallel.full_lm_head(model) if needs_teacher_hidden(cfg.loss) else None,
+            head=distributed.full_lm_head(model) if needs_teacher_hidden(cfg.loss) else None,
             chunk_tokens=cfg.loss.chunk_tokens,
             shared_prefix=cfg.model.teacher_shared_prefix,
             compute_dtype=precision.compute,
@@ -91,10 +91,10 @@ class Teacher:
 
     def score(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Score the rollouts still kept, record the scores on them, and return those the scores leave kept."""
-        drop_past_teacher_rows(rollouts, token_rows(parallel.unwrap(self.model)))  # a student head padded wider
+        drop_past_teacher_rows(rollouts, token_rows(distributed.unwrap(self.model)))  # a student head padded wider
         scorable = [r for r in rollouts if r.kept]
         with self.scope():
-            scores = parallel.score_completions_distributed(
+            scores = distributed.score_completions_distributed(
                 self.model,
                 # plain: the control, the teacher on the student's own prompt; the gain over it is what
                 # the privileged context adds.
@@ -115,7 +115,7 @@ class Teacher:
     def trace_logprobs(self, prompts: list[list[int]], traces: list[list[int]]) -> list[torch.Tensor]:
         """Logprobs of the teacher's own traces behind their prompts (evaluation), each packed with its own prompt."""
         with self.scope():
-            return parallel.score_completions_distributed(
+            return distributed.score_completions_distributed(
                 self.model, prompts, traces, micro_batch_tokens=self.micro_batch_tokens, compute_dtype=self.compute_dtype
             ).logprobs
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_local import dist, parallel
+from opd_local import dist, distributed
 from opd_local.attention import supports_shared_prefix
 from opd_local.config import Config, OptimConfig, resolve_micro_batch_tokens
 from opd_local.loss import opd_micro_batch_loss, token_divisors
@@ -86,7 +86,7 @@ def train_on_rollouts(
     """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
     n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
-    student = parallel.as_distributed(student)
+    student = distributed.as_distributed(student)
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
     if n_active == 0:  # every rollout dropped on every rank: nothing to learn from, keep the weights
@@ -94,7 +94,7 @@ def train_on_rollouts(
     # loss, sum |student_lp - rollout_lp|: summed on the device and read once after the step, since a
     # read per micro-batch would hold the host until that micro-batch's kernels had run.
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    plan = packing_plan(parallel.unwrap(student))  # what the start-up check proved (`packing_check`)
+    plan = packing_plan(distributed.unwrap(student))  # what the start-up check proved (`packing_check`)
     shared = cfg.model.student_shared_prefix and plan.shared_prompt and supports_shared_prefix(student.config)
     micro_batches = plan_micro_batches(kept, plan.budget(resolve_micro_batch_tokens(cfg.optim, device.type)), shared)
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
@@ -104,9 +104,9 @@ def train_on_rollouts(
         batch = pack_micro_batch(micro_batches[i] if i < len(micro_batches) else [], device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
         divisors = to_device(divisors, device) if isinstance(divisors, torch.Tensor) else divisors
-        with parallel.gradient_sync(student, enabled=i == passes - 1):
+        with distributed.gradient_sync(student, enabled=i == passes - 1):
             with precision.autocast():
-                # Through the wrapper's forward (parallel.ModelCall), which runs the loss function on the
+                # Through the wrapper's forward (distributed.ModelCall), which runs the loss function on the
                 # model: that forward is what DDP hooks its gradient sync on and FSDP2 gathers weights for.
                 loss, student_lp = student(
                     opd_micro_batch_loss,
@@ -126,7 +126,7 @@ def train_on_rollouts(
             sums += torch.stack([loss.detach(), (student_lp.detach() - batch.rollout_lp).abs().sum()]).double()
     params = [p for p in student.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = parallel.clip_grad_norm_(params, max_norm)
+    grad_norm = distributed.clip_grad_norm_(params, max_norm)
     # Read before the update: a non-finite or absurd loss or gradient norm must not reach the weights.
     # Every rank reads the same reduced values, so all of them skip or step together.
     sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)

@@ -211,7 +211,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     import copy, os, sys
     import torch, torch.distributed as dist
     sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "tests")]
-    from opd_local import parallel
+    from opd_local import distributed
     from opd_local.config import Config, ModelConfig
     from opd_local.loop import train_on_rollouts
     from opd_local.models import load_causal_lm, load_tokenizer
@@ -229,7 +229,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     policy = resolve_precision("bfloat16", device)
     grads = {}
     for layout in ("none", "fsdp"):
-        student = parallel.wrap_student(copy.deepcopy(base), layout, device, compute_dtype=policy.compute)
+        student = distributed.wrap_student(copy.deepcopy(base), layout, device, compute_dtype=policy.compute)
         optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
         stats = train_on_rollouts(student, optimizer, rollouts, cfg, policy)
         assert stats["opd/loss"] == stats["opd/loss"], stats
