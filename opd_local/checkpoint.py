@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from opd_local import dist, distributed
+from opd_local import distributed
 from opd_local.config import OptimConfig
 from opd_local.models import is_peft_model
 from opd_local.safetensors_files import safetensors_problem
@@ -232,7 +232,7 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
     if ctx.is_main:
         for old in checkpoints_to_prune(root, step, keep):
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    distributed.barrier()
     return target
 
 
@@ -241,7 +241,7 @@ def _write_training_state(tmp: Path, target: Path, step: int, module, student, o
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    distributed.barrier()
     torch.save(_rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
     if distributed.is_sharded(student):
         import torch.distributed.checkpoint as dcp
@@ -250,7 +250,7 @@ def _write_training_state(tmp: Path, target: Path, step: int, module, student, o
         tensors, param_groups = _sharded_state(module, optimizer)
         # safetensors shards that carry their offsets in the JSON header: resuming unpickles nothing.
         writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
-        dcp.save(tensors, storage_writer=writer, process_group=dist.trainer_group())
+        dcp.save(tensors, storage_writer=writer, process_group=distributed.trainer_group())
         optimizer_state = {"param_groups": param_groups}
     else:
         optimizer_state = {"optimizer": optimizer.state_dict()}
@@ -264,7 +264,7 @@ def _write_training_state(tmp: Path, target: Path, step: int, module, student, o
         if distributed.is_sharded(student):
             manifest["shards"] = sorted(p.name for p in (tmp / SHARDED).glob("*.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({**manifest, **progress}))
-    dist.barrier()
+    distributed.barrier()
     if ctx.is_main:
         replace_directory(tmp, target)
         pointer = root / f".{LATEST}.tmp"
@@ -406,7 +406,7 @@ def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) ->
 
             tensors, _ = _sharded_state(module, optimizer)
             # One process resuming shards must not talk over a default group some library started.
-            group = dist.trainer_group()
+            group = distributed.trainer_group()
             dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)), process_group=group, no_dist=group is None)
             weights, optimizer_state = tensors["model"], {"state": tensors["optimizer"], "param_groups": state["param_groups"]}
             options = StateDictOptions()

@@ -1,4 +1,9 @@
-"""Data parallelism under torchrun: the student as DDP replicas or FSDP2 shards, the teacher sharded or offloaded.
+"""Data parallelism under torchrun: the trainer's process group, the few collectives the step needs, and the
+student as DDP replicas or FSDP2 shards, the teacher sharded or offloaded.
+
+The trainer communicates only over the group it started itself, and only when torchrun gave it
+more than one process. A library may start a default group of its own in a single process (vLLM's
+in-process worker does: NCCL on a GPU, world size 1), and every collective here ignores it.
 
 The fused loss and every scoring pass read the lm_head weight directly (the `[N, V]` logits are
 never built), so they bypass the model's own forward. Every use of the weights therefore goes
@@ -11,6 +16,7 @@ global active-token count (docs/design.md, "The loss and its gradient"), so the 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,9 +25,99 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from opd_local import dist, models
+from opd_local import models
 from opd_local.packing import packing_plan, split_by_token_budget
 from opd_local.scoring import CompletionScores, score_completions
+
+# The trainer's process group; None in a single process, where every collective is the identity.
+_group: torch_dist.ProcessGroup | None = None
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_preference: str = "auto") -> DistContext:
+    global _group
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device_preference == "cuda" or (device_preference == "auto" and torch.cuda.is_available())
+    if device_preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    _group = None
+    if world_size > 1:
+        if not torch_dist.is_initialized():
+            # Step counters and metrics are CPU tensors, which NCCL cannot reduce: they go through gloo.
+            torch_dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+        elif torch_dist.get_world_size() != world_size:
+            raise RuntimeError(
+                f"a default process group of {torch_dist.get_world_size()} ranks already exists, but torchrun started {world_size}"
+            )
+        _group = torch_dist.group.WORLD
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def trainer_group() -> torch_dist.ProcessGroup | None:
+    """The group the trainer's collectives run on; None in a single process."""
+    return _group
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (of a copy); the identity in a single process."""
+    return _all_reduce(values, torch_dist.ReduceOp.SUM)
+
+
+def all_reduce_max_values(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (of a copy); the identity in a single process."""
+    return _all_reduce(values, torch_dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    if _group is None:
+        return values
+    values = values.clone()
+    torch_dist.all_reduce(values, op=op, group=_group)
+    return values
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest `value` over ranks; itself in a single process."""
+    if _group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=_group)
+    return int(t[0])
+
+
+def shard_for_rank(items: list, ctx: DistContext) -> list:
+    return items[ctx.rank :: ctx.world_size]
+
+
+def barrier() -> None:
+    if _group is not None:
+        torch_dist.barrier(group=_group)
+
+
+def shutdown() -> None:
+    global _group
+    if _group is not None:
+        torch_dist.destroy_process_group()
+        _group = None
+
 
 LAYOUTS = ("auto", "none", "ddp", "fsdp")
 TEACHER_PLACEMENTS = ("auto", "replica", "shard", "cpu", "disk")
@@ -270,7 +366,7 @@ def score_completions_distributed(
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     # The plan's budget here too: each rank's forwards must be the ones counted for `rounds`.
     batches = split_by_token_budget(lengths, packing_plan(model.module).budget(micro_batch_tokens)) if prompts else []
-    rounds = dist.all_reduce_max(len(batches))
+    rounds = all_reduce_max(len(batches))
     parts = []
     for r in range(rounds):
         if r >= len(batches):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from opd_local import dist, distributed
+from opd_local import distributed
 from opd_local.checkpoint import apply_optim_config, load_training_state, save_final_model, save_training_state
 from opd_local.config import Config, resolve_micro_batch_tokens
 from opd_local.config_parsing import check_config
@@ -39,7 +39,7 @@ from opd_local.training import DivergenceGuard, train_on_rollouts
 def train(cfg: Config) -> Path:
     # ---- checks: everything that can refuse the run does so before a model loads or the run directory is written ----
     check_config(cfg)
-    ctx = dist.init_distributed(cfg.run.device)
+    ctx = distributed.init_distributed(cfg.run.device)
     # First: an unknown dtype is refused before anything is written.
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     run_dir = Path(cfg.run.out_dir)
@@ -88,7 +88,7 @@ def train(cfg: Config) -> Path:
             overwrite = start_run_directory(cfg, resume)
             tqdm.write(inputs.summary())
         position = f"before step {start_step}"
-        dist.barrier()
+        distributed.barrier()
         logger = MetricsLogger(
             run_dir,
             enabled=ctx.is_main,
@@ -117,8 +117,8 @@ def train(cfg: Config) -> Path:
             with span(metrics, "step", ctx.device):
                 # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
                 all_groups = stream.next_groups(cfg.rollout.groups_per_step)
-                step_groups = dist.shard_for_rank(all_groups, ctx)
-                group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
+                step_groups = distributed.shard_for_rank(all_groups, ctx)
+                group_seeds = distributed.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
                 with span(metrics, "sample", ctx.device):
                     completions = sampler.generate(
                         [g.student_prompt_ids for g in step_groups],
@@ -194,7 +194,7 @@ def train(cfg: Config) -> Path:
             lock.release()
     if ctx.is_main:
         tqdm.write(write_report(run_dir))
-    dist.barrier()
+    distributed.barrier()
     return run_dir
 
 
@@ -206,7 +206,7 @@ def claim(cfg: Config, ctx):
             lock = claim_run_directory(cfg)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             refusal = err
-    if dist.all_reduce_max(int(refusal is not None)):
+    if distributed.all_reduce_max(int(refusal is not None)):
         raise refusal or RunDirectoryBusy(f"run.out_dir={cfg.run.out_dir!r}: the main rank could not take its lock")
     return lock
 

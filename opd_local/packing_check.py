@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_local import dist, distributed
+from opd_local import distributed
 from opd_local.packing import PackingPlan, pack_groups, set_packing_plan
 from opd_local.scoring import indices_by_prompt, packed_token_logprobs
 from opd_local.models import decoder_layers
@@ -135,7 +135,7 @@ def check_packing(
         finite = bool(torch.isfinite(got).all() and torch.isfinite(changed_scores).all())
         leaks[layout] = float((got[first:] - changed_scores[first:]).abs().max()) if finite else float("inf")
         errors[layout] = float((got - alone).abs().max()) if finite else float("inf")
-    reduced = dist.all_reduce_max_values(torch.tensor([*leaks.values(), *errors.values()], dtype=torch.float64)).tolist()
+    reduced = distributed.all_reduce_max_values(torch.tensor([*leaks.values(), *errors.values()], dtype=torch.float64)).tolist()
     leaks, errors = dict(zip(leaks, reduced[: len(leaks)])), dict(zip(errors, reduced[len(leaks) :]))
     dtype = compute_dtype or next(model.parameters()).dtype
     dtype = dtype if dtype in LEAK_TOLERANCE else torch.float32

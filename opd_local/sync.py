@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_local import dist, distributed
+from opd_local import distributed
 from opd_local.engine_layout import checkpoint_layout
 from opd_local.metrics import device_clock
 from opd_local.models import base_model
@@ -57,7 +57,7 @@ def prove_push(sampler: Sampler, model) -> dict[str, float]:
     device = next(model.parameters()).device
     start = device_clock(device)
     wrong = sampler.prove_push(lambda: push_model_weights(sampler, model))
-    if dist.all_reduce_max(len(wrong)):
+    if distributed.all_reduce_max(len(wrong)):
         shown = ", ".join(wrong[:6]) + (f" and {len(wrong) - 6} more" if len(wrong) > 6 else "")
         raise WeightPushError(
             "the weight push does not reproduce the rollout engine's weights: pushed the weights it loaded, it holds "

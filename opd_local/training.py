@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_local import dist, distributed
+from opd_local import distributed
 from opd_local.attention import supports_shared_prefix
 from opd_local.config import Config, OptimConfig, resolve_micro_batch_tokens
 from opd_local.loss import opd_micro_batch_loss, token_divisors
@@ -85,7 +85,7 @@ def train_on_rollouts(
 ) -> dict[str, float]:
     """Gradient accumulation over token-budget micro-batches, then clipping and one AdamW step."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
-    n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
+    n_active, n_sequences = (float(x) for x in distributed.all_reduce_sum(local))
     student = distributed.as_distributed(student)
     device = next(student.parameters()).device
     optimizer.zero_grad(set_to_none=True)
@@ -99,7 +99,7 @@ def train_on_rollouts(
     micro_batches = plan_micro_batches(kept, plan.budget(resolve_micro_batch_tokens(cfg.optim, device.type)), shared)
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
     # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
-    passes = dist.all_reduce_max(len(micro_batches))
+    passes = distributed.all_reduce_max(len(micro_batches))
     for i in range(passes):
         batch = pack_micro_batch(micro_batches[i] if i < len(micro_batches) else [], device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
@@ -130,7 +130,7 @@ def train_on_rollouts(
     # Read before the update: a non-finite or absurd loss or gradient norm must not reach the weights.
     # Every rank reads the same reduced values, so all of them skip or step together.
     sums, grad_norm = torch.cat([sums, grad_norm.double().reshape(1)]).cpu().split(2)
-    totals = dist.all_reduce_sum(sums)
+    totals = distributed.all_reduce_sum(sums)
     loss, norm = float(totals[0]), float(grad_norm)
     diverged = not (math.isfinite(loss) and math.isfinite(norm)) or (0 < cfg.optim.skip_grad_norm < norm)
     if not diverged:
