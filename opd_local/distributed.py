@@ -1,5 +1,5 @@
 """Data parallelism under torchrun: the trainer's process group, the few collectives the step needs, and the
-student as DDP replicas or FSDP2 shards, the teacher sharded or offloaded.
+student as DDP replicas or FSDP2 shards.
 
 The trainer communicates only over the group it started itself, and only when torchrun gave it
 more than one process. A library may start a default group of its own in a single process (vLLM's
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +24,8 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from opd_local import models
-from opd_local.packing import packing_plan, split_by_token_budget
-from opd_local.scoring import CompletionScores, score_completions
+
+LAYOUTS = ("auto", "none", "ddp", "fsdp")
 
 # The trainer's process group; None in a single process, where every collective is the identity.
 _group: torch_dist.ProcessGroup | None = None
@@ -119,10 +117,6 @@ def shutdown() -> None:
         _group = None
 
 
-LAYOUTS = ("auto", "none", "ddp", "fsdp")
-TEACHER_PLACEMENTS = ("auto", "replica", "shard", "cpu", "disk")
-
-
 class ModelCall(nn.Module):
     """`forward(fn, *args, **kwargs)` is `fn(model, *args, **kwargs)`: the root that DDP or FSDP2 wraps.
 
@@ -203,20 +197,16 @@ def resolve_layout(choice: str, num_params: int, ddp_max_params: int, world_size
     return choice
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, the units FSDP2 shards and gathers one at a time."""
-    layers = models.decoder_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder `layers` to shard; use run.parallel=ddp")
-    return layers
-
-
-def _fully_shard(
+def shard_model(
     model: nn.Module, device: torch.device, reshard_after_forward: bool, compute_dtype: torch.dtype | None = None
-) -> nn.Module:
+) -> DistributedModel:
+    """`model` as FSDP2 shards over the trainer's ranks, one group per decoder layer and one for the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    layers = models.decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to shard; use run.parallel=ddp")
     mesh = init_device_mesh(device.type, (torch_dist.get_world_size(),))
     # Gathers and compute in the precision policy's compute dtype over shards in their stored dtype,
     # gradients reduced in fp32.
@@ -226,7 +216,7 @@ def _fully_shard(
         if compute_dtype is not None and compute_dtype != stored
         else MixedPrecisionPolicy()
     )
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     # The root holds what no layer owns: embeddings, final norm, lm_head (one group, so tied weights stay tied).
     root = fully_shard(ModelCall(model), mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
@@ -239,7 +229,7 @@ def _fully_shard(
     # weight reads (push, checkpoint) come before any training forward.
     with torch.no_grad():
         root(lambda _: None)
-    return root
+    return DistributedModel(model, root, "fsdp")
 
 
 def _sum_allreduce_hook(_state, bucket):
@@ -275,57 +265,8 @@ def wrap_student(
         root.register_comm_hook(None, _sum_allreduce_hook)  # DDP's default divides by the world size
         return DistributedModel(model, root, "ddp")
     if layout == "fsdp":
-        return DistributedModel(model, _fully_shard(model, device, reshard_after_forward, compute_dtype), "fsdp")
+        return shard_model(model, device, reshard_after_forward, compute_dtype)
     raise ValueError(f"unknown layout {layout!r}")
-
-
-def resolve_teacher_placement(choice: str, student_layout: str, device: torch.device) -> str:
-    if choice not in TEACHER_PLACEMENTS:
-        raise ValueError(f"model.teacher_placement={choice!r}; choose one of {', '.join(TEACHER_PLACEMENTS)}")
-    if choice == "auto":
-        return "shard" if student_layout == "fsdp" else "replica"
-    if choice == "shard" and student_layout != "fsdp":
-        raise ValueError("model.teacher_placement=shard needs a sharded student (run.parallel=fsdp under torchrun)")
-    if choice == "cpu" and device.type != "cuda":
-        raise ValueError("model.teacher_placement=cpu offloads to host memory from a GPU; on CPU use replica (or disk)")
-    return choice
-
-
-def place_teacher(model: nn.Module, placement: str, device: torch.device, offload_dir: str, reshard_after_forward: bool = True):
-    """The frozen teacher (loaded on the CPU) put where `placement` says.
-
-    replica: whole on this rank's device. shard: FSDP2 over the ranks, gathered layer by layer.
-    cpu / disk: accelerate keeps the decoder layers in host memory (or memory-mapped files under
-    `offload_dir`) and moves each onto the device for its own forward; embeddings, final norm and
-    lm_head stay on the device, because the scoring pass reads the lm_head weight directly.
-    """
-    if placement == "replica":
-        return model.to(device)
-    if placement == "shard":
-        return DistributedModel(model, _fully_shard(model, device, reshard_after_forward), "fsdp")
-    if placement in ("cpu", "disk"):
-        from accelerate import dispatch_model
-
-        shutil.rmtree(offload_dir, ignore_errors=True)  # accelerate would reuse files left by another teacher
-        if placement == "cpu" and device.type == "cuda":
-            # accelerate copies each layer to the GPU on every forward; from page-locked memory the
-            # copy is a direct DMA, from pageable memory it goes through a staging buffer at a
-            # fraction of the bandwidth. Pinned one tensor at a time: no second copy of the teacher.
-            for layer in decoder_layers(model):
-                for param in layer.parameters():
-                    param.data = param.data.pin_memory()
-        layer_ids = {id(layer) for layer in decoder_layers(model)}
-        layer_names = [name for name, module in model.named_modules() if id(module) in layer_ids]
-        main = device.index if device.type == "cuda" else "cpu"
-        device_map: dict[str, str | int] = {name: placement for name in layer_names}
-        for name, module in model.named_modules():
-            inside = any(name.startswith(mapped + ".") for mapped in device_map) or name in device_map
-            holds_layers = name == "" or any(layer.startswith(name + ".") for layer in layer_names)
-            if not inside and not holds_layers:
-                device_map[name] = main
-        # Buffers outside any listed module (rotary tables) follow the main device.
-        return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir or None)
-    raise ValueError(f"unknown teacher placement {placement!r}")
 
 
 @contextlib.contextmanager
@@ -348,115 +289,6 @@ def call(model, fn, *args, **kwargs):
         with torch.no_grad():
             return model(fn, *args, **kwargs)
     return fn(unwrap(model), *args, **kwargs)
-
-
-def score_completions_distributed(
-    model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, shared_prefix: bool = False, **kwargs
-) -> CompletionScores:
-    """`scoring.score_completions` on a plain, replicated or sharded model.
-
-    `shared_prefix` applies to an unsharded model only. Sharded, each rank scores its own sequences
-    in packed micro-batches, and ranks with fewer run one-token passes so that every rank makes the
-    same number of forwards (each gathers every layer).
-    """
-    if not is_sharded(model):
-        return score_completions(
-            unwrap(model), prompts, completions, micro_batch_tokens=micro_batch_tokens, shared_prefix=shared_prefix, **kwargs
-        )
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    # The plan's budget here too: each rank's forwards must be the ones counted for `rounds`.
-    batches = split_by_token_budget(lengths, packing_plan(model.module).budget(micro_batch_tokens)) if prompts else []
-    rounds = all_reduce_max(len(batches))
-    parts = []
-    for r in range(rounds):
-        if r >= len(batches):
-            call(model, score_completions, [[0]], [[0]], micro_batch_tokens=2, **kwargs)
-            continue
-        indices = batches[r]
-        budget = sum(lengths[i] for i in indices)  # one packed forward, as score_completions would make
-        out = call(
-            model, score_completions, [prompts[i] for i in indices], [completions[i] for i in indices],
-            micro_batch_tokens=budget, **kwargs,
-        )
-        parts.append((indices, out))
-    return _reassemble(parts, len(prompts), kwargs.get("return_hidden", False))
-
-
-def _reassemble(parts: list[tuple[list[int], CompletionScores]], n: int, with_hidden: bool) -> CompletionScores:
-    scores: list = [None] * n
-    hiddens: list = [None] * n
-    for indices, out in parts:
-        for j, i in enumerate(indices):
-            scores[i] = out.logprobs[j]
-            if with_hidden:
-                hiddens[i] = out.hiddens[j]
-    return CompletionScores(scores, hiddens if with_hidden else None)
-
-
-def _fsdp_groups(model: DistributedModel) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
-    """The FSDP2 root and the sharded layers, with their parameter-name prefixes in `merged_named_weights` naming."""
-    from torch.distributed.fsdp import FSDPModule
-
-    base = models.base_model(model.module)
-    layers = [(name + ".", m) for name, m in base.named_modules() if isinstance(m, FSDPModule)]
-    return model.root, layers
-
-
-def gather_engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """`models.merged_named_weights` (full tensors, LoRA merged, tied weights under every name) for any placement.
-
-    Sharded weights are gathered one layer at a time (collectives: every rank iterates to the end),
-    and each tensor is a copy because the gathered memory is freed when the layer reshards.
-    Offloaded layers are brought onto the device one at a time by their own accelerate hooks.
-    """
-    if is_sharded(model):
-        root, layers = _fsdp_groups(model)
-        root.unshard()
-        try:
-            groups = [(prefix, layer.unshard, layer.reshard) for prefix, layer in layers]
-            for name, tensor in _engine_weights_by_layer(model.module, groups):
-                yield name, tensor.clone()
-        finally:
-            root.reshard()
-        return
-    module = unwrap(model)
-    if getattr(module, "hf_device_map", None):  # placed by accelerate's dispatch_model
-        layer_ids = {id(layer) for layer in decoder_layers(module)}
-        layers = [(name + ".", m) for name, m in module.named_modules() if id(m) in layer_ids]
-        # The loaded tensors stay valid after the hooks put the modules back on `meta`.
-        groups = [(prefix, lambda m=m: _run_hooks(m, "pre"), lambda m=m: _run_hooks(m, "post")) for prefix, m in layers]
-        yield from _engine_weights_by_layer(module, groups)
-        return
-    yield from models.merged_named_weights(module)
-
-
-def _run_hooks(layer: nn.Module, when: str) -> None:
-    """Load (pre) or offload (post) a layer's weights with the accelerate hooks its forward would run."""
-    for m in layer.modules():
-        hook = getattr(m, "_hf_hook", None)
-        if hook is None:
-            continue
-        if when == "pre":
-            hook.pre_forward(m)
-        else:
-            hook.post_forward(m, None)
-
-
-def _engine_weights_by_layer(module: nn.Module, groups) -> Iterator[tuple[str, torch.Tensor]]:
-    """What lies outside every group first, then each group between its `load()` and `unload()`."""
-    prefixes = tuple(prefix for prefix, _, _ in groups)
-    yield from models.merged_named_weights(module, only=lambda n: not n.startswith(prefixes))
-    for prefix, load, unload in groups:
-        load()
-        try:
-            yield from models.merged_named_weights(module, only=lambda n, p=prefix: n.startswith(p))
-        finally:
-            unload()
-
-
-def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
-    """The names and full shapes `gather_engine_weights` would give, without gathering anything."""
-    return models.merged_weight_shapes(unwrap(model))
 
 
 def full_lm_head(model) -> torch.Tensor:

@@ -20,7 +20,8 @@ from opd_local.answers import FINAL_LINE, answers_match
 from opd_local.data import PromptGroup
 from opd_local.metrics import span as stage_span  # `span` here is the final-answer span
 from opd_local.sampler import HFSampler, Sampler
-from opd_local.sync import push_model_weights
+from opd_local.scoring import score_completions_distributed
+from opd_local.sync import engine_weight_shapes, push_model_weights
 from opd_local.teacher import Teacher
 
 TRACE_CACHE = "trace_cache.json"
@@ -113,7 +114,7 @@ def teacher_greedy(sampler: Sampler, teacher: Teacher, student, eos_token_id: in
     weights (fast decoding), and the student's go back in right after; otherwise transformers
     `generate` runs on the teacher itself.
     """
-    if distributed.engine_weight_shapes(teacher.model) != distributed.engine_weight_shapes(student):
+    if engine_weight_shapes(teacher.model) != engine_weight_shapes(student):
 
         def generate_with_transformers(prompts, max_tokens):
             with teacher.scope():
@@ -193,7 +194,7 @@ def evaluate_traces(
     student, traces: list[TeacherTrace], micro_batch_tokens: int, compute_dtype: torch.dtype | None = None
 ) -> tuple[dict[str, float], list[dict]]:
     """Token-weighted trace gaps per split, and one record per row."""
-    student_lps = distributed.score_completions_distributed(
+    student_lps = score_completions_distributed(
         student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces],
         micro_batch_tokens=micro_batch_tokens, compute_dtype=compute_dtype,
     ).logprobs

@@ -19,7 +19,7 @@ import torch
 
 from opd_local import distributed
 from opd_local.packing import PackingPlan, pack_groups, set_packing_plan
-from opd_local.scoring import indices_by_prompt, packed_token_logprobs
+from opd_local.scoring import indices_by_prompt, packed_token_logprobs, score_completions_distributed
 from opd_local.models import decoder_layers
 from opd_local.token_mixers import token_mixer_types
 
@@ -108,7 +108,7 @@ def check_packing(
 
     Without `scorer`, through the student's training forward (`differentiated` turns autograd on: on a
     CPU in bf16 its attention then takes another path than scoring's); with it, through that scoring
-    call (`distributed.score_completions_distributed` on the teacher). `run(fn, *args)` makes the student's
+    call (`scoring.score_completions_distributed` on the teacher). `run(fn, *args)` makes the student's
     forwards, `fn(model, *args)` by default (`distributed.call` for a wrapped one). Every rank runs the same forwards,
     so a sharded model's collectives match, and the errors are reduced to their maximum, so every rank
     takes the same plan.
@@ -159,7 +159,7 @@ def check_run_models(student, teacher, cfg, compute_dtype: torch.dtype | None, v
     checks = [("student", module, cfg.model.student_shared_prefix, None, functools.partial(distributed.call, student))]
     teacher_module = distributed.unwrap(teacher.model)
     if teacher_module.get_decoder() is not module.get_decoder():
-        scorer = functools.partial(distributed.score_completions_distributed, teacher.model)
+        scorer = functools.partial(score_completions_distributed, teacher.model)
         checks.append(("teacher", teacher_module, cfg.model.teacher_shared_prefix and not distributed.is_sharded(teacher.model), scorer, None))
     metrics = {}
     for role, model, shared, scorer, run in checks:
