@@ -24,8 +24,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from opd_local import models
-
-LAYOUTS = ("auto", "none", "ddp", "fsdp")
+from opd_local.config import RunConfig, choices
 
 # The trainer's process group; None in a single process, where every collective is the identity.
 _group: torch_dist.ProcessGroup | None = None
@@ -186,8 +185,9 @@ def count_parameters(model: nn.Module) -> int:
 
 def resolve_layout(choice: str, num_params: int, ddp_max_params: int, world_size: int) -> str:
     """`run.parallel` with auto resolved: DDP replicas up to `ddp_max_params`, FSDP2 shards above."""
-    if choice not in LAYOUTS:
-        raise ValueError(f"run.parallel={choice!r}; choose one of {', '.join(LAYOUTS)}")
+    layouts = choices(RunConfig, "parallel")
+    if choice not in layouts:
+        raise ValueError(f"run.parallel={choice!r}; choose one of {', '.join(layouts)}")
     if world_size == 1:
         return "none"  # one process holds and trains the whole model; there is nothing to split
     if choice == "none":

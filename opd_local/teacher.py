@@ -14,14 +14,12 @@ from pathlib import Path
 
 import torch
 
-from opd_local.config import Config, resolve_micro_batch_tokens
+from opd_local.config import Config, ModelConfig, choices, resolve_micro_batch_tokens
 from opd_local.distributed import full_lm_head, shard_model, unwrap
 from opd_local.loss import needs_teacher_hidden
 from opd_local.models import check_output_head, decoder_layers, load_frozen_teacher, logit_transform, token_rows
 from opd_local.rollouts import Rollout, drop_past_teacher_rows
 from opd_local.scoring import score_completions_distributed
-
-TEACHER_PLACEMENTS = ("auto", "replica", "shard", "cpu", "disk")
 
 
 class Teacher:
@@ -133,8 +131,9 @@ class Teacher:
 
 def resolve_teacher_placement(choice: str, student_layout: str, device: torch.device) -> str:
     """`model.teacher_placement` with auto resolved: sharded beside a sharded student, else a replica."""
-    if choice not in TEACHER_PLACEMENTS:
-        raise ValueError(f"model.teacher_placement={choice!r}; choose one of {', '.join(TEACHER_PLACEMENTS)}")
+    placements = choices(ModelConfig, "teacher_placement")
+    if choice not in placements:
+        raise ValueError(f"model.teacher_placement={choice!r}; choose one of {', '.join(placements)}")
     if choice == "auto":
         return "shard" if student_layout == "fsdp" else "replica"
     if choice == "shard" and student_layout != "fsdp":
