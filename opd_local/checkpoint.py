@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from opd_local import dist, parallel
+from opd_local import distributed
 from opd_local.atomic_files import replace_directory, with_umask_modes
 from opd_local.models import is_peft_model
 from opd_local.safetensors_files import safetensors_problem
@@ -48,11 +48,11 @@ def save_final_model(student, tokenizer, target: Path, ctx, replica) -> None:
     A sharded student is gathered into rank 0's host memory and loaded into `replica()`, a fresh
     CPU copy built the way the run built the student, which is then merged and saved.
     """
-    module = parallel.unwrap(student)
-    if parallel.is_sharded(student):
+    module = distributed.unwrap(student)
+    if distributed.is_sharded(student):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        parallel.reshard(student)
+        distributed.reshard(student)
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if ctx.is_main:
             module = replica()
@@ -139,7 +139,7 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
     A sharded student's weights and optimizer state go to `sharded/` instead, each rank writing
     its own shards (torch.distributed.checkpoint), so nothing is gathered onto one rank.
     """
-    module = parallel.unwrap(student)
+    module = distributed.unwrap(student)
     root = Path(run_dir) / CHECKPOINTS
     target = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
@@ -149,7 +149,7 @@ def save_training_state(run_dir: Path, step: int, student, optimizer, scheduler,
     if ctx.is_main:
         for old in checkpoints_to_prune(root, step, keep):
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    distributed.barrier()
     return target
 
 
@@ -158,30 +158,30 @@ def _write_training_state(tmp: Path, target: Path, step: int, module, student, o
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    distributed.barrier()
     torch.save(_rng_state(), tmp / f"rng_rank{ctx.rank}.pt")
-    if parallel.is_sharded(student):
+    if distributed.is_sharded(student):
         import torch.distributed.checkpoint as dcp
 
-        parallel.reshard(student)
+        distributed.reshard(student)
         tensors, param_groups = _sharded_state(module, optimizer)
         # safetensors shards that carry their offsets in the JSON header: resuming unpickles nothing.
         writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
-        dcp.save(tensors, storage_writer=writer, process_group=dist.trainer_group())
+        dcp.save(tensors, storage_writer=writer, process_group=distributed.trainer_group())
         optimizer_state = {"param_groups": param_groups}
     else:
         optimizer_state = {"optimizer": optimizer.state_dict()}
     if ctx.is_main:
-        if not parallel.is_sharded(student):
+        if not distributed.is_sharded(student):
             save_model(module, str(tmp / "model.safetensors"))
         torch.save({**optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         # dcp.save has returned on every rank, so the shards are all written: their names make the
         # checkpoint's manifest, and a shard missing later is then a damaged checkpoint, not a partial load.
         manifest = {"step": step, "world_size": ctx.world_size}
-        if parallel.is_sharded(student):
+        if distributed.is_sharded(student):
             manifest["shards"] = sorted(p.name for p in (tmp / SHARDED).glob("*.safetensors"))
         (tmp / "progress.json").write_text(json.dumps({**manifest, **progress}))
-    dist.barrier()
+    distributed.barrier()
     if ctx.is_main:
         replace_directory(tmp, target)
         pointer = root / f".{LATEST}.tmp"
@@ -292,24 +292,24 @@ def newest_intact_checkpoint(run_dir: Path, at_most: int | None = None) -> tuple
 
 def load_training_state(checkpoint: Path, student, optimizer, scheduler, ctx) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved progress."""
-    module = parallel.unwrap(student)
+    module = distributed.unwrap(student)
     sharded_dir = Path(checkpoint) / SHARDED
     # Which AdamW implementation steps is this run's choice (build_optimizer's), not the saved run's:
     # a state dict carries its `fused` and `foreach` flags, which would otherwise win.
     implementation = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu")
-    if sharded_dir.exists() or parallel.is_sharded(student):
+    if sharded_dir.exists() or distributed.is_sharded(student):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-        parallel.reshard(student)
+        distributed.reshard(student)
         if sharded_dir.exists():
             # Works for any layout: each rank reads the pieces its own parameters need.
             import torch.distributed.checkpoint as dcp
 
             tensors, _ = _sharded_state(module, optimizer)
             # One process resuming shards must not talk over a default group some library started.
-            group = dist.trainer_group()
+            group = distributed.trainer_group()
             dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(sharded_dir)), process_group=group, no_dist=group is None)
             weights, optimizer_state = tensors["model"], {"state": tensors["optimizer"], "param_groups": state["param_groups"]}
             options = StateDictOptions()

@@ -7,6 +7,7 @@ Each field is a `knob`: its default, its one-line help and the values it accepts
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,11 @@ def knob(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, nonempt
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def choices(section_cls: type, field_name: str) -> tuple:
+    """The values a `Literal` field of a config section accepts: its annotation is the one list of them."""
+    return typing.get_args(typing.get_type_hints(section_cls)[field_name])
 
 
 # The seed's users: random.Random (any int), torch.manual_seed (below 2**64), vLLM's engine seed,

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from opd_local import parallel
+from opd_local import distributed
 from opd_local.answers import FINAL_LINE, answers_match
 from opd_local.data import PromptGroup
 from opd_local.metrics import span as stage_span  # `span` here is the final-answer span
 from opd_local.samplers import Sampler
 from opd_local.samplers.hf import HFSampler
-from opd_local.sync import push_model_weights
+from opd_local.scoring import score_completions_distributed
+from opd_local.sync import engine_weight_shapes, push_model_weights
 from opd_local.teacher import Teacher
 
 TRACE_CACHE = "trace_cache.json"
@@ -114,11 +115,11 @@ def teacher_greedy(sampler: Sampler, teacher: Teacher, student, eos_token_id: in
     weights (fast decoding), and the student's go back in right after; otherwise transformers
     `generate` runs on the teacher itself.
     """
-    if parallel.engine_weight_shapes(teacher.model) != parallel.engine_weight_shapes(student):
+    if engine_weight_shapes(teacher.model) != engine_weight_shapes(student):
 
         def generate_with_transformers(prompts, max_tokens):
             with teacher.scope():
-                return parallel.call(
+                return distributed.call(
                     teacher.model, lambda model: HFSampler(model, eos_token_id, pad_token_id).greedy(prompts, max_tokens)
                 )
 
@@ -194,7 +195,7 @@ def evaluate_traces(
     student, traces: list[TeacherTrace], micro_batch_tokens: int, compute_dtype: torch.dtype | None = None
 ) -> tuple[dict[str, float], list[dict]]:
     """Token-weighted trace gaps per split, and one record per row."""
-    student_lps = parallel.score_completions_distributed(
+    student_lps = score_completions_distributed(
         student, [t.student_prompt_ids for t in traces], [t.trace_ids for t in traces],
         micro_batch_tokens=micro_batch_tokens, compute_dtype=compute_dtype,
     ).logprobs

@@ -16,7 +16,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from opd_local import dist, parallel
+from opd_local import distributed
 from opd_local.checkpoint import load_training_state, save_final_model, save_training_state
 from opd_local.config import Config
 from opd_local.evaluation import Evaluator, teacher_greedy
@@ -42,7 +42,7 @@ from opd_local.training import train_on_rollouts
 def train(cfg: Config) -> Path:
     # ---- checks: everything that can refuse the run does so before a model loads or the run directory is written ----
     check_config(cfg)
-    ctx = dist.init_distributed(cfg.run.device)
+    ctx = distributed.init_distributed(cfg.run.device)
     # First: an unknown dtype is refused before anything is written.
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     run_dir = Path(cfg.run.out_dir)
@@ -77,7 +77,7 @@ def train(cfg: Config) -> Path:
             overwrite = start_run_directory(cfg, resume)
             tqdm.write(inputs.summary())
         position = f"before step {start_step}"
-        dist.barrier()
+        distributed.barrier()
         logger = open_metrics_logger(cfg, ctx, resumed_at=start_step if resume else None)
         evaluator = build_evaluator(cfg, ctx, precision, resolved, inputs, stream, sampler, trainer)
         divergence = DivergenceGuard(cfg.optim)
@@ -93,8 +93,8 @@ def train(cfg: Config) -> Path:
             with span(metrics, "step", ctx.device):
                 # 1-2. draw this rank's prompt groups and sample K completions each from the student prompt
                 all_groups = stream.next_groups(cfg.rollout.groups_per_step)
-                step_groups = dist.shard_for_rank(all_groups, ctx)
-                group_seeds = dist.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
+                step_groups = distributed.shard_for_rank(all_groups, ctx)
+                group_seeds = distributed.shard_for_rank(rollout_seeds(cfg.run.seed, step, len(all_groups), cfg.rollout.samples_per_group), ctx)
                 with span(metrics, "sample", ctx.device):
                     completions = sampler.generate(
                         [g.student_prompt_ids for g in step_groups],
@@ -165,7 +165,7 @@ def train(cfg: Config) -> Path:
             lock.release()
     if ctx.is_main:
         tqdm.write(write_report(run_dir))
-    dist.barrier()
+    distributed.barrier()
     return run_dir
 
 
@@ -176,7 +176,7 @@ def train(cfg: Config) -> Path:
 class Trainer:
     """What the set-up builds beside the engine, proven before step 0."""
 
-    student: object  # wrapped for the run's layout (`parallel.wrap_student`)
+    student: object  # wrapped for the run's layout (`distributed.wrap_student`)
     teacher: Teacher
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -188,13 +188,13 @@ def build_trainer(cfg: Config, ctx, precision, inputs, sampler) -> Trainer:
     """The student (wrapped for its layout), the teacher, the optimizer and the weight sync, each checked."""
     student = load_student(inputs.student_path, cfg.model, precision.master, cfg.run.seed)
     check_output_head(student, "model.student")
-    layout = parallel.resolve_layout(cfg.run.parallel, parallel.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
-    student = parallel.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
+    layout = distributed.resolve_layout(cfg.run.parallel, distributed.count_parameters(student), cfg.run.ddp_max_params, ctx.world_size)
+    student = distributed.wrap_student(student, layout, ctx.device, cfg.run.reshard_after_forward, precision.compute).train()
     # While the student still holds the weights the engine loaded: a push must reproduce them bit for bit.
     push_proof = prove_push(sampler, student)
     teacher = Teacher.build(cfg, inputs, precision, ctx, student=student, layout=layout)
     vocabulary = len(inputs.tokenizer)
-    check_output_heads(parallel.unwrap(student), parallel.unwrap(teacher.model), cfg.loss.objective, vocabulary)
+    check_output_heads(distributed.unwrap(student), distributed.unwrap(teacher.model), cfg.loss.objective, vocabulary)
     # Before step 0: the row layouts this run packs are proven exact on these very models, or dropped.
     log = tqdm.write if ctx.is_main else (lambda line: None)
     packing_metrics = check_run_models(student, teacher, cfg, precision.compute, vocabulary, log)
@@ -226,7 +226,7 @@ def build_evaluator(cfg: Config, ctx, precision, resolved, inputs, stream, sampl
     """The teacher-trace evaluator, its traces ready; None when eval is off or another rank evaluates."""
     student, teacher, tokenizer = trainer.student, trainer.teacher, inputs.tokenizer
     # Sharded weights are gathered by all ranks together, so then every rank evaluates (rank 0 writes).
-    if cfg.eval.every == 0 or not (ctx.is_main or parallel.is_sharded(student) or parallel.is_sharded(teacher.model)):
+    if cfg.eval.every == 0 or not (ctx.is_main or distributed.is_sharded(student) or distributed.is_sharded(teacher.model)):
         return None
     evaluator = Evaluator(
         cfg, Path(cfg.run.out_dir), inputs.heldout_groups, stream.first_groups(cfg.eval.train_rows), tokenizer,
@@ -256,7 +256,7 @@ def claim(cfg: Config, ctx):
             lock = claim_run_directory(cfg)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             refusal = err
-    if dist.all_reduce_max(int(refusal is not None)):
+    if distributed.all_reduce_max(int(refusal is not None)):
         raise refusal or RunDirectoryBusy(f"run.out_dir={cfg.run.out_dir!r}: the main rank could not take its lock")
     return lock
 

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from opd_local import dist, parallel
+from opd_local import distributed
 from opd_local.config import OptimConfig
 
 
@@ -61,11 +61,11 @@ def optimizer_step(student, optimizer, scheduler, optim: OptimConfig, accumulate
         metrics = {"optim/skipped": 1.0}
     else:
         params = [p for p in student.parameters() if p.requires_grad]
-        grad_norm = parallel.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
+        grad_norm = distributed.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
         # One host read for the sums and the norm, before the update: a non-finite or absurd loss or
         # gradient norm must not reach the weights.
         sums, grad_norm = torch.cat([accumulated.sums, grad_norm.double().reshape(1)]).cpu().split(2)
-        totals = dist.all_reduce_sum(sums)
+        totals = distributed.all_reduce_sum(sums)
         loss, norm = float(totals[0]), float(grad_norm)
         diverged = not (math.isfinite(loss) and math.isfinite(norm)) or (0 < optim.skip_grad_norm < norm)
         if not diverged:

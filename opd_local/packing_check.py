@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_local import dist, parallel
+from opd_local import distributed
 from opd_local.packing import PackingPlan, pack_groups, set_packing_plan
-from opd_local.scoring import indices_by_prompt, packed_token_logprobs
+from opd_local.scoring import indices_by_prompt, packed_token_logprobs, score_completions_distributed
 from opd_local.models import decoder_layers
 from opd_local.token_mixers import token_mixer_types
 
@@ -108,8 +108,8 @@ def check_packing(
 
     Without `scorer`, through the student's training forward (`differentiated` turns autograd on: on a
     CPU in bf16 its attention then takes another path than scoring's); with it, through that scoring
-    call (`parallel.score_completions_distributed` on the teacher). `run(fn, *args)` makes the student's
-    forwards, `fn(model, *args)` by default (`parallel.call` for a wrapped one). Every rank runs the same forwards,
+    call (`scoring.score_completions_distributed` on the teacher). `run(fn, *args)` makes the student's
+    forwards, `fn(model, *args)` by default (`distributed.call` for a wrapped one). Every rank runs the same forwards,
     so a sharded model's collectives match, and the errors are reduced to their maximum, so every rank
     takes the same plan.
     """
@@ -135,7 +135,7 @@ def check_packing(
         finite = bool(torch.isfinite(got).all() and torch.isfinite(changed_scores).all())
         leaks[layout] = float((got[first:] - changed_scores[first:]).abs().max()) if finite else float("inf")
         errors[layout] = float((got - alone).abs().max()) if finite else float("inf")
-    reduced = dist.all_reduce_max_values(torch.tensor([*leaks.values(), *errors.values()], dtype=torch.float64)).tolist()
+    reduced = distributed.all_reduce_max_values(torch.tensor([*leaks.values(), *errors.values()], dtype=torch.float64)).tolist()
     leaks, errors = dict(zip(leaks, reduced[: len(leaks)])), dict(zip(errors, reduced[len(leaks) :]))
     dtype = compute_dtype or next(model.parameters()).dtype
     dtype = dtype if dtype in LEAK_TOLERANCE else torch.float32
@@ -155,17 +155,17 @@ def check_run_models(student, teacher, cfg, compute_dtype: torch.dtype | None, v
     A teacher that is the student's base with its adapter off runs the same layers: checked once, as the
     student. Returns step-0 metrics: each check's seconds and the layouts it kept.
     """
-    module = parallel.unwrap(student)
-    checks = [("student", module, cfg.model.student_shared_prefix, None, functools.partial(parallel.call, student))]
-    teacher_module = parallel.unwrap(teacher.model)
+    module = distributed.unwrap(student)
+    checks = [("student", module, cfg.model.student_shared_prefix, None, functools.partial(distributed.call, student))]
+    teacher_module = distributed.unwrap(teacher.model)
     if teacher_module.get_decoder() is not module.get_decoder():
-        scorer = functools.partial(parallel.score_completions_distributed, teacher.model)
-        checks.append(("teacher", teacher_module, cfg.model.teacher_shared_prefix and not parallel.is_sharded(teacher.model), scorer, None))
+        scorer = functools.partial(score_completions_distributed, teacher.model)
+        checks.append(("teacher", teacher_module, cfg.model.teacher_shared_prefix and not distributed.is_sharded(teacher.model), scorer, None))
     metrics = {}
     for role, model, shared, scorer, run in checks:
         # The sharded student's forwards stay out of autograd: a graph FSDP2 never sees backward through would
         # leave its state mid-step.
-        differentiated = scorer is None and not parallel.is_sharded(student)
+        differentiated = scorer is None and not distributed.is_sharded(student)
         result = check_packing(
             model, compute_dtype=compute_dtype, shared_prompt=shared, vocab_size=vocab_size, differentiated=differentiated,
             scorer=scorer, run=run,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opd_local import dist
+from opd_local import distributed
 from opd_local.data import PromptGroup
 from opd_local.samplers import Completion
 
@@ -128,7 +128,7 @@ def rollout_metrics(rollouts: list[Rollout], kept: list[Rollout], num_groups: in
         num_groups,
         *(counts.drop_reasons[reason] for reason in DROP_REASONS),
     ]
-    totals = [float(v) for v in dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64))]
+    totals = [float(v) for v in distributed.all_reduce_sum(torch.tensor(local, dtype=torch.float64))]
     active, rkl_sum, sampled, filtered, failed, drawn, n_kept, stopped, groups_drawn = totals[: -len(DROP_REASONS)]
     by_reason = dict(zip(DROP_REASONS, totals[-len(DROP_REASONS):]))
     return {

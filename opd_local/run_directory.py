@@ -9,7 +9,6 @@ the new run stands (`Overwrite`): see docs/design.md, "The run directory".
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import warnings

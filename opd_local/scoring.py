@@ -2,7 +2,8 @@
 completion, or one per shared prompt with its completions behind it (on its KV cache where the
 attention cannot take that layout).
 
-Used for teacher scoring (step 4), the trainer side of the parity probe and evaluation.
+Used for teacher scoring (step 4), the trainer side of the parity probe and evaluation, through
+`score_completions_distributed` wherever the model may be replicated or sharded over ranks.
 The logprobs come from the final hidden states and the lm_head weight through
 `kernels.linear_token_logprobs`, so `[N, V]` logits are never held in memory.
 """
@@ -16,8 +17,9 @@ import torch
 
 import kernels
 from opd_local.attention import supports_shared_prefix
-from opd_local.output_heads import lm_head_weight, logit_transform
+from opd_local.distributed import all_reduce_max, call, is_sharded, unwrap
 from opd_local.hidden_states import active_hidden_and_head, active_hidden_states
+from opd_local.output_heads import lm_head_weight, logit_transform
 from opd_local.packing import PackedBatch, pack_groups, packing_plan, pack_sequences, split_by_token_budget, split_groups_by_token_budget
 from opd_local.precision import autocast_to
 
@@ -185,3 +187,46 @@ def _shared_prefix_batches(model, prompts, completions, micro_batch_tokens: int,
             active_hidden = torch.cat([hidden[k, : len(completions[i])] for k, i in enumerate(indices)])
             targets = torch.tensor([t for i in indices for t in completions[i]])  # host: `kernels` checks, then copies
             yield indices, active_hidden, targets
+
+
+def score_completions_distributed(
+    model, prompts: list[list[int]], completions: list[list[int]], *, micro_batch_tokens: int, shared_prefix: bool = False, **kwargs
+) -> CompletionScores:
+    """`score_completions` on a plain, replicated or sharded model.
+
+    `shared_prefix` applies to an unsharded model only. Sharded, each rank scores its own sequences
+    in packed micro-batches, and ranks with fewer run one-token passes so that every rank makes the
+    same number of forwards (each gathers every layer).
+    """
+    if not is_sharded(model):
+        return score_completions(
+            unwrap(model), prompts, completions, micro_batch_tokens=micro_batch_tokens, shared_prefix=shared_prefix, **kwargs
+        )
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    # The plan's budget here too: each rank's forwards must be the ones counted for `rounds`.
+    batches = split_by_token_budget(lengths, packing_plan(model.module).budget(micro_batch_tokens)) if prompts else []
+    rounds = all_reduce_max(len(batches))
+    parts = []
+    for r in range(rounds):
+        if r >= len(batches):
+            call(model, score_completions, [[0]], [[0]], micro_batch_tokens=2, **kwargs)
+            continue
+        indices = batches[r]
+        budget = sum(lengths[i] for i in indices)  # one packed forward, as score_completions would make
+        out = call(
+            model, score_completions, [prompts[i] for i in indices], [completions[i] for i in indices],
+            micro_batch_tokens=budget, **kwargs,
+        )
+        parts.append((indices, out))
+    return _reassemble(parts, len(prompts), kwargs.get("return_hidden", False))
+
+
+def _reassemble(parts: list[tuple[list[int], CompletionScores]], n: int, with_hidden: bool) -> CompletionScores:
+    scores: list = [None] * n
+    hiddens: list = [None] * n
+    for indices, out in parts:
+        for j, i in enumerate(indices):
+            scores[i] = out.logprobs[j]
+            if with_hidden:
+                hiddens[i] = out.hiddens[j]
+    return CompletionScores(scores, hiddens if with_hidden else None)

@@ -1,5 +1,6 @@
-"""Weight push into the rollout engine (step 8), the proof before step 0 that a push writes every engine
-weight exactly, and the parity probe after every push (step 9).
+"""Weight push into the rollout engine (step 8), its weights gathered from any placement (FSDP2 shards,
+offloaded layers), the proof before step 0 that a push writes every engine weight exactly, and the
+parity probe after every push (step 9).
 
 Stale or misplaced engine weights are the classic silent bug of on-policy training: the run keeps
 going, but samples come from another policy. See docs/design.md, "Weight sync" and "Push proof".
@@ -7,14 +8,18 @@ going, but samples come from another policy. See docs/design.md, "Weight sync" a
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator
 
-from opd_local import dist, parallel
+import torch
+from torch import nn
+
+from opd_local.distributed import DistributedModel, all_reduce_max, is_sharded, unwrap
 from opd_local.metrics import device_clock
-from opd_local.models import base_model
+from opd_local.models import base_model, decoder_layers, merged_named_weights, merged_weight_shapes
 from opd_local.optimizer import TrainingDiverged
 from opd_local.samplers import Sampler
 from opd_local.samplers.engine_layout import checkpoint_layout
+from opd_local.scoring import score_completions_distributed
 
 
 class StaleWeightsError(RuntimeError):
@@ -35,9 +40,9 @@ def push_model_weights(sampler: Sampler, model, digests: list[torch.Tensor] | No
     start = device_clock(device)
     # Tied weights are pushed under every name: an engine that reloads layer by layer (vLLM)
     # otherwise restores its old lm_head and silently unties it from the new embeddings.
-    weights = parallel.gather_engine_weights(model)
+    weights = gather_engine_weights(model)
     if sampler.weight_layout == "checkpoint":
-        weights = checkpoint_layout(base_model(parallel.unwrap(model)), weights)
+        weights = checkpoint_layout(base_model(unwrap(model)), weights)
     if digests is not None:
         weights = _digested(weights, sampler.stored, digests, _tied_storages(model))
     sampler.push_weights(weights)
@@ -57,7 +62,7 @@ def prove_push(sampler: Sampler, model) -> dict[str, float]:
     device = next(model.parameters()).device
     start = device_clock(device)
     wrong = sampler.prove_push(lambda: push_model_weights(sampler, model))
-    if dist.all_reduce_max(len(wrong)):
+    if all_reduce_max(len(wrong)):
         shown = ", ".join(wrong[:6]) + (f" and {len(wrong) - 6} more" if len(wrong) > 6 else "")
         raise WeightPushError(
             "the weight push does not reproduce the rollout engine's weights: pushed the weights it loaded, it holds "
@@ -110,7 +115,7 @@ class WeightSync:
 
     def check(self, sampler: Sampler, student, expect_moved: bool = False) -> dict[str, float]:
         engine_lp = torch.tensor(sampler.score(self.probe_ids), dtype=torch.float32)
-        (trainer_lp,) = parallel.score_completions_distributed(
+        (trainer_lp,) = score_completions_distributed(
             student, [self.probe_ids[:1]], [self.probe_ids[1:]], micro_batch_tokens=len(self.probe_ids),
             compute_dtype=self.compute_dtype,
         ).logprobs
@@ -163,8 +168,74 @@ def _digested(named_tensors, stored, digests: list[torch.Tensor], tied: frozense
 def _tied_storages(student) -> frozenset[int]:
     """Data pointers of the parameters that appear under more than one name (none for a sharded model,
     whose engine weights are gathered copies)."""
-    module = parallel.unwrap(student)
-    if parallel.is_sharded(student) or getattr(module, "hf_device_map", None):
+    module = unwrap(student)
+    if is_sharded(student) or getattr(module, "hf_device_map", None):
         return frozenset()
     pointers = [p.data_ptr() for _, p in module.named_parameters(remove_duplicate=False)]
     return frozenset(ptr for ptr in pointers if ptr and pointers.count(ptr) > 1)  # 0: no storage (meta, empty)
+
+
+def gather_engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """`models.merged_named_weights` (full tensors, LoRA merged, tied weights under every name) for any placement.
+
+    Sharded weights are gathered one layer at a time (collectives: every rank iterates to the end),
+    and each tensor is a copy because the gathered memory is freed when the layer reshards.
+    Offloaded layers are brought onto the device one at a time by their own accelerate hooks.
+    """
+    if is_sharded(model):
+        root, layers = _fsdp_groups(model)
+        root.unshard()
+        try:
+            groups = [(prefix, layer.unshard, layer.reshard) for prefix, layer in layers]
+            for name, tensor in _engine_weights_by_layer(model.module, groups):
+                yield name, tensor.clone()
+        finally:
+            root.reshard()
+        return
+    module = unwrap(model)
+    if getattr(module, "hf_device_map", None):  # placed by accelerate's dispatch_model
+        layer_ids = {id(layer) for layer in decoder_layers(module)}
+        layers = [(name + ".", m) for name, m in module.named_modules() if id(m) in layer_ids]
+        # The loaded tensors stay valid after the hooks put the modules back on `meta`.
+        groups = [(prefix, lambda m=m: _run_hooks(m, "pre"), lambda m=m: _run_hooks(m, "post")) for prefix, m in layers]
+        yield from _engine_weights_by_layer(module, groups)
+        return
+    yield from merged_named_weights(module)
+
+
+def engine_weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The names and full shapes `gather_engine_weights` would give, without gathering anything."""
+    return merged_weight_shapes(unwrap(model))
+
+
+def _fsdp_groups(model: DistributedModel) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """The FSDP2 root and the sharded layers, with their parameter-name prefixes in `merged_named_weights` naming."""
+    from torch.distributed.fsdp import FSDPModule
+
+    base = base_model(model.module)
+    layers = [(name + ".", m) for name, m in base.named_modules() if isinstance(m, FSDPModule)]
+    return model.root, layers
+
+
+def _run_hooks(layer: nn.Module, when: str) -> None:
+    """Load (pre) or offload (post) a layer's weights with the accelerate hooks its forward would run."""
+    for m in layer.modules():
+        hook = getattr(m, "_hf_hook", None)
+        if hook is None:
+            continue
+        if when == "pre":
+            hook.pre_forward(m)
+        else:
+            hook.post_forward(m, None)
+
+
+def _engine_weights_by_layer(module: nn.Module, groups) -> Iterator[tuple[str, torch.Tensor]]:
+    """What lies outside every group first, then each group between its `load()` and `unload()`."""
+    prefixes = tuple(prefix for prefix, _, _ in groups)
+    yield from merged_named_weights(module, only=lambda n: not n.startswith(prefixes))
+    for prefix, load, unload in groups:
+        load()
+        try:
+            yield from merged_named_weights(module, only=lambda n, p=prefix: n.startswith(p))
+        finally:
+            unload()

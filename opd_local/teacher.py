@@ -1,4 +1,5 @@
-"""The frozen teacher of a run: its weights, where they live, and its scores (docs/design.md, "The step", 4).
+"""The frozen teacher of a run: its weights, where they live (replicated, sharded or offloaded), and its scores
+(docs/design.md, "The step", 4).
 
 `Teacher.build` makes it in one call, for training and for stand-alone evaluation alike. With LoRA
 on the teacher's own base model, the teacher is the student with the adapter switched off, so no
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from opd_local import parallel
-from opd_local.config import Config
+from opd_local.config import Config, ModelConfig, choices
+from opd_local.distributed import full_lm_head, shard_model, unwrap
 from opd_local.loss import needs_teacher_hidden
-from opd_local.models import load_frozen_teacher
+from opd_local.models import decoder_layers, load_frozen_teacher
 from opd_local.output_heads import check_output_head, logit_transform, token_rows
 from opd_local.rollouts import Rollout, drop_past_teacher_rows
+from opd_local.scoring import score_completions_distributed
 
 
 class Teacher:
@@ -49,7 +51,7 @@ class Teacher:
         self.adapter_off = adapter_off
         self.context = context
         self.head = head
-        self.logit_transform = logit_transform(parallel.unwrap(model))
+        self.logit_transform = logit_transform(unwrap(model))
         self.micro_batch_tokens = micro_batch_tokens
         self.chunk_tokens = chunk_tokens
         self.shared_prefix = shared_prefix
@@ -67,11 +69,11 @@ class Teacher:
         if inputs.resolved.teacher_weights == "base_adapter_off" and student is not None:
             model, adapter_off = student, True
         else:
-            placement = parallel.resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
+            placement = resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
             offload_dir = Path(cfg.model.teacher_offload_dir or Path(cfg.run.out_dir) / "teacher-offload") / f"rank{ctx.rank}"
             frozen = load_frozen_teacher(inputs.teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
             check_output_head(frozen, "model.teacher" if cfg.model.teacher else "model.student")
-            model = parallel.place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward)
+            model = place_teacher(frozen, placement, ctx.device, str(offload_dir), cfg.run.reshard_after_forward)
             adapter_off = False
         return cls(
             model,
@@ -79,7 +81,7 @@ class Teacher:
             name=inputs.teacher_path,
             adapter_off=adapter_off,
             context=cfg.model.teacher_context,
-            head=parallel.full_lm_head(model) if needs_teacher_hidden(cfg.loss) else None,
+            head=full_lm_head(model) if needs_teacher_hidden(cfg.loss) else None,
             chunk_tokens=cfg.loss.chunk_tokens,
             shared_prefix=cfg.model.teacher_shared_prefix,
             compute_dtype=precision.compute,
@@ -92,10 +94,10 @@ class Teacher:
 
     def score(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Score the rollouts still kept, record the scores on them, and return those the scores leave kept."""
-        drop_past_teacher_rows(rollouts, token_rows(parallel.unwrap(self.model)))  # a student head padded wider
+        drop_past_teacher_rows(rollouts, token_rows(unwrap(self.model)))  # a student head padded wider
         scorable = [r for r in rollouts if r.kept]
         with self.scope():
-            scores = parallel.score_completions_distributed(
+            scores = score_completions_distributed(
                 self.model,
                 # plain: the control, the teacher on the student's own prompt; the gain over it is what
                 # the privileged context adds.
@@ -116,7 +118,7 @@ class Teacher:
     def trace_logprobs(self, prompts: list[list[int]], traces: list[list[int]]) -> list[torch.Tensor]:
         """Logprobs of the teacher's own traces behind their prompts (evaluation), each packed with its own prompt."""
         with self.scope():
-            return parallel.score_completions_distributed(
+            return score_completions_distributed(
                 self.model, prompts, traces, micro_batch_tokens=self.micro_batch_tokens, compute_dtype=self.compute_dtype
             ).logprobs
 
@@ -126,3 +128,63 @@ class Teacher:
             shutil.rmtree(self.offload_dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # the shared parent, once the last rank's folder is gone
                 self.offload_dir.parent.rmdir()
+
+
+def resolve_teacher_placement(choice: str, student_layout: str, device: torch.device) -> str:
+    """`model.teacher_placement` with auto resolved: sharded beside a sharded student, else a replica."""
+    placements = choices(ModelConfig, "teacher_placement")
+    if choice not in placements:
+        raise ValueError(f"model.teacher_placement={choice!r}; choose one of {', '.join(placements)}")
+    if choice == "auto":
+        return "shard" if student_layout == "fsdp" else "replica"
+    if choice == "shard" and student_layout != "fsdp":
+        raise ValueError("model.teacher_placement=shard needs a sharded student (run.parallel=fsdp under torchrun)")
+    if choice == "cpu" and device.type != "cuda":
+        raise ValueError("model.teacher_placement=cpu offloads to host memory from a GPU; on CPU use replica (or disk)")
+    return choice
+
+
+def place_teacher(
+    model: torch.nn.Module, placement: str, device: torch.device, offload_dir: str, reshard_after_forward: bool = True
+):
+    """The frozen teacher (loaded on the CPU) put where `placement` says.
+
+    replica: whole on this rank's device. shard: FSDP2 over the ranks, gathered layer by layer.
+    cpu / disk: accelerate keeps the decoder layers in host memory (or memory-mapped files under
+    `offload_dir`) and moves each onto the device for its own forward; embeddings, final norm and
+    lm_head stay on the device, because the scoring pass reads the lm_head weight directly.
+    """
+    if placement == "replica":
+        return model.to(device)
+    if placement == "shard":
+        return shard_model(model, device, reshard_after_forward)
+    if placement in ("cpu", "disk"):
+        return _offload(model, placement, device, offload_dir)
+    raise ValueError(f"unknown teacher placement {placement!r}")
+
+
+def _offload(model: torch.nn.Module, placement: str, device: torch.device, offload_dir: str) -> torch.nn.Module:
+    from accelerate import dispatch_model
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` to offload; use model.teacher_placement=replica")
+    shutil.rmtree(offload_dir, ignore_errors=True)  # accelerate would reuse files left by another teacher
+    if placement == "cpu" and device.type == "cuda":
+        # accelerate copies each layer to the GPU on every forward; from page-locked memory the
+        # copy is a direct DMA, from pageable memory it goes through a staging buffer at a
+        # fraction of the bandwidth. Pinned one tensor at a time: no second copy of the teacher.
+        for layer in layers:
+            for param in layer.parameters():
+                param.data = param.data.pin_memory()
+    layer_ids = {id(layer) for layer in layers}
+    layer_names = [name for name, module in model.named_modules() if id(module) in layer_ids]
+    main = device.index if device.type == "cuda" else "cpu"
+    device_map: dict[str, str | int] = {name: placement for name in layer_names}
+    for name, module in model.named_modules():
+        inside = any(name.startswith(mapped + ".") for mapped in device_map) or name in device_map
+        holds_layers = name == "" or any(layer.startswith(name + ".") for layer in layer_names)
+        if not inside and not holds_layers:
+            device_map[name] = main
+    # Buffers outside any listed module (rotary tables) follow the main device.
+    return dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir or None)

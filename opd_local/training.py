@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_local import dist, parallel
+from opd_local import distributed
 from opd_local.attention import supports_shared_prefix
 from opd_local.config import Config
 from opd_local.loss import opd_micro_batch_loss, token_divisors
@@ -89,7 +89,7 @@ class AccumulatedLoss:
 
     def reduced(self) -> dict[str, float]:
         """The loss and the trainer/sampler log-prob mismatch, summed over ranks (a host read)."""
-        totals = dist.all_reduce_sum(self.sums.cpu())
+        totals = distributed.all_reduce_sum(self.sums.cpu())
         return {"opd/loss": float(totals[0]), "rollout/trainer_lp_mismatch": float(totals[1]) / max(self.active_tokens, 1.0)}
 
 
@@ -99,26 +99,26 @@ def accumulate_gradients(
 ) -> AccumulatedLoss:
     """Steps 5-6: the fused loss's gradient, accumulated over token-budget micro-batches into `.grad`."""
     local = torch.tensor([sum(len(r.completion_ids) for r in kept), len(kept)], dtype=torch.float64)
-    n_active, n_sequences = (float(x) for x in dist.all_reduce_sum(local))
-    student = parallel.as_distributed(student)
+    n_active, n_sequences = (float(x) for x in distributed.all_reduce_sum(local))
+    student = distributed.as_distributed(student)
     device = next(student.parameters()).device
     # loss, sum |student_lp - rollout_lp|
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     if n_active == 0:  # every rollout dropped on every rank: nothing to learn from
         return AccumulatedLoss(sums, 0.0)
-    plan = packing_plan(parallel.unwrap(student))  # what the start-up check proved (`packing_check`)
+    plan = packing_plan(distributed.unwrap(student))  # what the start-up check proved (`packing_check`)
     shared = cfg.model.student_shared_prefix and plan.shared_prompt and supports_shared_prefix(student.config)
     micro_batches = plan_micro_batches(kept, plan.budget(micro_batch_tokens), shared)
     # Every rank makes as many passes as the busiest one: FSDP2 gathers and reduces in every pass,
     # DDP sums gradients in the last. A rank out of work runs idle passes that add nothing.
-    passes = dist.all_reduce_max(len(micro_batches))
+    passes = distributed.all_reduce_max(len(micro_batches))
     for i in range(passes):
         batch = pack_micro_batch(micro_batches[i] if i < len(micro_batches) else [], device, teacher_head)
         divisors = token_divisors(batch.completion_lengths, cfg.loss, n_active, n_sequences)
         divisors = to_device(divisors, device) if isinstance(divisors, torch.Tensor) else divisors
-        with parallel.gradient_sync(student, enabled=i == passes - 1):
+        with distributed.gradient_sync(student, enabled=i == passes - 1):
             with precision.autocast():
-                # Through the wrapper's forward (parallel.ModelCall), which runs the loss function on the
+                # Through the wrapper's forward (distributed.ModelCall), which runs the loss function on the
                 # model: that forward is what DDP hooks its gradient sync on and FSDP2 gathers weights for.
                 loss, student_lp = student(
                     opd_micro_batch_loss,

@@ -20,7 +20,7 @@ from opd_local.cpu_threads import configure_cpu_threads
 
 configure_cpu_threads()  # before torch is imported: libgomp reads its settings once, when it loads
 
-from opd_local import dist  # noqa: E402
+from opd_local import distributed  # noqa: E402
 from opd_local.checkpoint import CHECKPOINTS
 from opd_local.cli import run_refusing
 from opd_local.config_parsing import parse_config
@@ -39,7 +39,7 @@ from opd_local.teacher import Teacher
 
 def main() -> None:
     cfg = check_config(parse_config(description=__doc__))
-    ctx = dist.init_distributed(cfg.run.device)
+    ctx = distributed.init_distributed(cfg.run.device)
     precision = resolve_precision(cfg.model.dtype, ctx.device, cfg.model.master_dtype)
     print(precision.describe())
     out_dir = Path(cfg.run.out_dir)

@@ -212,7 +212,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     import copy, os, sys
     import torch, torch.distributed as dist
     sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "tests")]
-    from opd_local import parallel
+    from opd_local import distributed
     from opd_local.config import Config, ModelConfig
     from opd_local.training import accumulate_gradients
     from opd_local.models import load_causal_lm, load_tokenizer
@@ -230,7 +230,7 @@ _FSDP_ONE_GPU = textwrap.dedent(
     policy = resolve_precision("bfloat16", device)
     grads = {}
     for layout in ("none", "fsdp"):
-        student = parallel.wrap_student(copy.deepcopy(base), layout, device, compute_dtype=policy.compute)
+        student = distributed.wrap_student(copy.deepcopy(base), layout, device, compute_dtype=policy.compute)
         stats = accumulate_gradients(student, rollouts, cfg, policy, 16384).reduced()
         assert stats["opd/loss"] == stats["opd/loss"], stats
         grads[layout] = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()

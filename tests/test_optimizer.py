@@ -48,12 +48,12 @@ def test_parameters_the_fused_kernel_cannot_take_keep_the_default():
 def test_resume_keeps_this_runs_adamw_implementation(tmp_path):
     """A checkpoint saved by a `foreach` AdamW resumes into the fused one build_optimizer chose, with
     its moments and step count, and steps like the saved implementation would have."""
-    from opd_local import dist
+    from opd_local import distributed
     from opd_local.checkpoint import load_training_state, save_training_state
 
     cfg = Config()
     cfg.optim.lr = 1e-2
-    ctx = dist.init_distributed("cpu")
+    ctx = distributed.init_distributed("cpu")
     saved_model = _model()
     saved = torch.optim.AdamW(saved_model.parameters(), lr=cfg.optim.lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(saved, lambda s: 1.0)

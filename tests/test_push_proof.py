@@ -74,9 +74,9 @@ def test_the_proof_holds_for_the_transformers_engine(tiny_model_dir, tokenizer, 
     engine = HFSampler.load(tiny_model_dir, ModelConfig(), torch.device("cpu"), tokenizer.eos_token_id, tokenizer.pad_token_id)
     student = load_causal_lm(tiny_model_dir, ModelConfig(), torch.float32, torch.device("cpu"))
     assert prove_push(engine, student)["time/push_proof"] > 0
-    gather = sync.parallel.gather_engine_weights
+    gather = sync.gather_engine_weights
     monkeypatch.setattr(
-        sync.parallel, "gather_engine_weights",
+        sync, "gather_engine_weights",
         lambda model: ((n, t.flip(0) if n == "model.layers.1.mlp.down_proj.weight" else t) for n, t in gather(model)),
     )
     with pytest.raises(WeightPushError, match=r"other values in 1 tensors \(model.layers.1.mlp.down_proj.weight\)"):

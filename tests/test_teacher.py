@@ -1,4 +1,5 @@
-"""The teacher scores the kept rollouts behind the prompt its context names, and cleans up its offload folder."""
+"""The teacher scores the kept rollouts behind the prompt its context names, is placed where its placement says
+(an accelerate-offloaded one scoring and pushing exactly like the plain one), and cleans up its offload folder."""
 
 import math
 
@@ -7,12 +8,15 @@ import torch
 
 from opd_local.config import ModelConfig
 from opd_local.data import PromptGroup
-from opd_local.models import load_causal_lm
+from opd_local.models import load_causal_lm, load_frozen_teacher, merged_named_weights
 from opd_local.rollouts import build_rollouts
 from opd_local.rows import PrivilegedRow
 from opd_local.samplers import Completion
-from opd_local.scoring import score_completions
-from opd_local.teacher import Teacher
+from opd_local.scoring import score_completions, score_completions_distributed
+from opd_local.sync import gather_engine_weights
+from opd_local.teacher import Teacher, place_teacher, resolve_teacher_placement
+
+CPU = torch.device("cpu")
 
 
 def _groups(tokenizer):
@@ -72,3 +76,52 @@ def test_close_removes_the_offload_folder(tmp_path):
     (offload / "layer.dat").write_bytes(b"\0" * 16)
     Teacher(None, micro_batch_tokens=1, offload_dir=offload).close()
     assert not (tmp_path / "teacher-offload").exists()
+
+
+def test_teacher_placement_resolution():
+    assert resolve_teacher_placement("auto", "fsdp", CPU) == "shard"
+    assert resolve_teacher_placement("auto", "ddp", CPU) == "replica"
+    with pytest.raises(ValueError, match="needs a sharded student"):
+        resolve_teacher_placement("shard", "ddp", CPU)
+    with pytest.raises(ValueError, match="from a GPU"):
+        resolve_teacher_placement("cpu", "none", CPU)
+    with pytest.raises(ValueError, match="choose one of auto, replica, shard, cpu, disk"):
+        resolve_teacher_placement("nvme", "none", CPU)
+
+
+def test_offloaded_teacher_scores_and_pushes_like_the_plain_one(tiny_teacher_dir, tokenizer, tmp_path):
+    """Layers on disk (the CPU stand-in for host memory: the same accelerate hooks, one layer loaded at a time)."""
+    plain = load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU)
+    offloaded = place_teacher(
+        load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU), "disk", CPU, str(tmp_path / "offload")
+    )
+    assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())  # nothing resident
+    assert offloaded.lm_head.weight.device == CPU  # read directly by the scoring pass, so kept in place
+    prompts = [tokenizer("Tom has 3 apples.")["input_ids"], tokenizer("2+2?")["input_ids"]]
+    completions = [tokenizer(" He buys 5 more: 8.")["input_ids"], tokenizer(" 4")["input_ids"]]
+    want = score_completions_distributed(plain, prompts, completions, micro_batch_tokens=16).logprobs  # two micro-batches
+    got = score_completions_distributed(offloaded, prompts, completions, micro_batch_tokens=16).logprobs
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    plain_weights = dict(merged_named_weights(plain))
+    pushed = dict(gather_engine_weights(offloaded))
+    assert pushed.keys() == plain_weights.keys()
+    for name, weight in plain_weights.items():
+        assert torch.equal(pushed[name], weight), name
+    assert all(p.device.type == "meta" for p in offloaded.model.layers.parameters())  # offloaded again
+
+
+@pytest.mark.gpu
+def test_cpu_placed_teacher_copies_from_pinned_memory(tiny_teacher_dir, tokenizer):
+    """Host-memory layers are page-locked, so their per-forward copy to the GPU is a direct DMA; scores unchanged."""
+    gpu = torch.device("cuda")
+    plain = load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU).to(gpu)
+    offloaded = place_teacher(load_frozen_teacher(tiny_teacher_dir, ModelConfig(), torch.float32, CPU), "cpu", gpu, "")
+    hooks = [m._hf_hook for m in offloaded.modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    # Every hook reads from one accelerate loader; its state dict holds the host copies.
+    host = [t for hook in hooks for t in hook.weights_map.dataset.state_dict.values()]
+    assert host and all(t.is_pinned() for t in host)
+    prompts, completions = [tokenizer("Tom has 3 apples.")["input_ids"]], [tokenizer(" He buys 5 more: 8.")["input_ids"]]
+    (want,) = score_completions_distributed(plain, prompts, completions, micro_batch_tokens=64).logprobs
+    (got,) = score_completions_distributed(offloaded, prompts, completions, micro_batch_tokens=64).logprobs
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from opd_local import dist  # noqa: E402
+from opd_local import distributed  # noqa: E402
 from opd_local.config import Config, ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm, load_student  # noqa: E402
 from opd_local.packing import pack_sequences  # noqa: E402
@@ -84,8 +84,8 @@ def test_every_sample_of_a_step_draws_from_its_own_stream(engine, tiny_model_dir
     groups, n = 4, 3
     seeds = rollout_seeds(0, 5, groups, n)
     for world_size in (1, 2, 3):
-        ranks = [dist.DistContext(r, world_size, r, torch.device("cpu")) for r in range(world_size)]
-        by_group = {g: s for ctx in ranks for g, s in zip(dist.shard_for_rank(range(groups), ctx), dist.shard_for_rank(seeds, ctx))}
+        ranks = [distributed.DistContext(r, world_size, r, torch.device("cpu")) for r in range(world_size)]
+        by_group = {g: s for ctx in ranks for g, s in zip(distributed.shard_for_rank(range(groups), ctx), distributed.shard_for_rank(seeds, ctx))}
         assert [by_group[g] for g in range(groups)] == seeds
     streams = {s + j for step in range(3) for s in rollout_seeds(0, step, groups, n) for j in range(n)}
     assert len(streams) == 3 * groups * n
@@ -331,10 +331,10 @@ print(parity_probe(engine, model, probe, threshold=atol))
 
 TORCHRUN_ENGINE_CHECK = """
 import sys, torch
-from opd_local import dist
+from opd_local import distributed
 from opd_local.config import Config
 from opd_local.samplers.vllm import VLLMSampler
-ctx = dist.init_distributed("cpu")
+ctx = distributed.init_distributed("cpu")
 cfg = Config(); cfg.rollout.max_model_len = 512
 engine = VLLMSampler(sys.argv[1], cfg, ctx.device)
 (placement,) = engine.llm.collective_rpc(lambda worker: (worker.rank, worker.local_rank, str(worker.device)))

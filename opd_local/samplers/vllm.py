@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from opd_local import dist
+from opd_local import distributed
 from opd_local.samplers.base import Completion, Sampler, per_prompt_seeds
 from opd_local.samplers.push_coverage import loaded_layer_fingerprints, trained_weights
 from opd_local.samplers.vllm_startup import (
@@ -109,7 +109,7 @@ class VLLMSampler(Sampler):
             # is served as its language model, with no image processor to load and no vision tower to profile.
             language_model_only=True,
         )
-        if dist.trainer_group() is not None:
+        if distributed.trainer_group() is not None:
             # vLLM's torchrun integration: the engine joins the trainer's process group as its own
             # data-parallel replica and runs on cuda:LOCAL_RANK. The default uniprocess executor
             # would put every rank's engine on GPU 0.
@@ -281,5 +281,5 @@ class VLLMSampler(Sampler):
         VLLMSampler.open_engines -= 1
         if VLLMSampler.open_engines == 0:
             destroy_model_parallel()
-            if dist.trainer_group() is None:  # otherwise vLLM's world is the trainer's own, still in use
+            if distributed.trainer_group() is None:  # otherwise vLLM's world is the trainer's own, still in use
                 destroy_distributed_environment()
