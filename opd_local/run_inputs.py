@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from opd_local.config import Config
 from opd_local.data import (
     PromptGroup,
