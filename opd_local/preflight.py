@@ -18,7 +18,7 @@ import torch
 
 from opd_local.config import BUNDLED_GSM8K, Config, ConfigError, DataConfig, ModelConfig, OptimConfig
 from opd_local.config_files import short_value
-from opd_local.config_parsing import PATH_LIMIT, check_fields
+from opd_local import config_parsing
 from opd_local.output_heads import check_teacher_vocabulary
 
 
@@ -36,7 +36,7 @@ def check_config(cfg: Config) -> Config:
 
     `train()` and `scripts/eval.py` run it once, before the distributed set-up or any load.
     """
-    check_fields(cfg)
+    config_parsing.check_fields(cfg)
     resolve_teacher_weights(cfg.model)
     need = longest_sequence(cfg)
     if need > cfg.rollout.max_model_len:
@@ -49,8 +49,8 @@ def check_config(cfg: Config) -> Config:
         raise ConfigError("run.overwrite starts a new run and run.resume continues one: give one of them")
     if cfg.run.resume and Path(cfg.run.resume).resolve() != Path(cfg.run.out_dir).resolve():
         raise ConfigError(
-            f"run.out_dir={short_value(cfg.run.out_dir, PATH_LIMIT)} differs from "
-            f"run.resume={short_value(cfg.run.resume, PATH_LIMIT)}: a resumed run stays in its directory"
+            f"run.out_dir={short_value(cfg.run.out_dir, config_parsing.PATH_LIMIT)} differs from "
+            f"run.resume={short_value(cfg.run.resume, config_parsing.PATH_LIMIT)}: a resumed run stays in its directory"
         )
     check_environment(cfg)
     return cfg

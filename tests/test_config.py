@@ -334,3 +334,48 @@ def test_the_temperature_has_a_floor():
     cfg.rollout.temperature = 1e-9
     with pytest.raises(ConfigError, match="rollout.temperature: 1e-09 must be at least 0.01"):
         check_config(cfg)
+
+
+def test_the_configs_literals_are_the_only_choice_lists():
+    """A tuple, list or set of a setting's whole choice list (with or without `auto`) anywhere in the package
+    but config.py is a second source that can drift from the one the parser and --help read."""
+    import ast
+    import dataclasses
+    import pathlib
+    import typing
+
+    import opd_local
+
+    choice_sets = set()
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        for name, hint in typing.get_type_hints(type(getattr(defaults, section.name))).items():
+            if typing.get_origin(hint) is typing.Literal:
+                full = frozenset(typing.get_args(hint))
+                choice_sets |= {(f"{section.name}.{name}", full), (f"{section.name}.{name}", full - {"auto"})}
+    package = pathlib.Path(opd_local.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2:
+                if all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                    values = frozenset(e.value for e in node.elts)
+                    found += [f"{path.name}:{node.lineno} repeats {setting}" for setting, s in choice_sets if values == s and len(s) >= 2]
+    assert not found, found
+
+
+def test_the_settings_are_checked_once_per_start(monkeypatch, capsys):
+    """parse_config checks each value as it is set; `preflight.check_config` then checks the whole config,
+    once. The run is refused just after it (no CUDA here), so nothing loads."""
+    from opd_local import config_parsing
+    from opd_local.cli import train_main
+
+    calls = []
+    check_fields = config_parsing.check_fields
+    monkeypatch.setattr(config_parsing, "check_fields", lambda cfg: calls.append(1) or check_fields(cfg))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_main(["--device", "cuda", "--sampler", "hf", "--out_dir", "unused-run-dir"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert len(calls) == 1
