@@ -91,7 +91,7 @@ def compare_student_prefix(train_step, cfg: Config, args) -> dict[bool, Stats]:
 
 
 def opd_local_stages(work, args, policy, completions_from=None):
-    """One opd-local step under `policy`, stage by stage: {pipeline: {stage: median s}}, the rollouts
+    """One opd-local step under `policy`, stage by stage: {pipeline: {stage: Stats}}, the rollouts
     scored and trained on (sampled here unless `completions_from` gives them), and extra figures."""
     cfg, device, path, groups, prompts = work.cfg, work.device, work.model_path, work.groups, work.prompts
     tag = "" if policy.compute == torch.float32 else " bf16"
@@ -145,8 +145,9 @@ def opd_local_stages(work, args, policy, completions_from=None):
     return seconds, completions, kept, extras
 
 
-def stock_stages(work, args, policy, kept) -> dict[str, float]:
-    """The same step from stock transformers parts under `policy`, on the same rollouts."""
+def stock_stages(work, args, policy, kept) -> tuple[dict[str, Stats], int]:
+    """The same step from stock transformers parts under `policy`, on the same rollouts: its stages' Stats and
+    the tokens it sampled."""
     cfg, device, path, tokenizer, prompts = work.cfg, work.device, work.model_path, work.tokenizer, work.prompts
     student = load_causal_lm(path, cfg.model, policy.master, device)
     teacher = load_causal_lm(path, cfg.model, policy.teacher, device).eval().requires_grad_(False)
