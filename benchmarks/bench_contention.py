@@ -9,7 +9,8 @@ benchmarks/neighbour.py: a small MLP trained with AdamW at torch's default threa
 (0: not niced) a few seconds before the measured process and stopped after it. Each round measures every
 side alone and beside the neighbour, alternating which comes first from round to round (A/B/B/A), and the
 sides one after the other; reported per side and condition is the median over rounds of each process's
-mean timed s/step, and the slowdown = beside / alone.
+mean timed s/step, and the slowdown = beside / alone, with the p10-p90 of every timed step and the peak
+resident memory of the side's processes, under harness.py's header (device, date).
 
 opd-local's sides: `before` runs with OPD_LOCAL_CPU_THREADS=off (opd_local/cpu_threads.py sets nothing:
 the thread settings opd-local had before it), `after` with opd_local/cpu_threads.py's defaults applied
@@ -25,10 +26,8 @@ the hypervisor from a virtual machine does not show there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from harness import Stats, child_peak_rss_gib, print_header, timestamp  # noqa: E402  (imports no torch)
 
 
 def worker(side: str, job_path: str, result_path: str) -> None:
@@ -107,6 +109,7 @@ def measure(side: str, beside: bool, job: dict, scratch: Path, nice: int) -> dic
     wall = time.perf_counter() - wall_before
     others = busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime - neighbour_cpu
     result["other_load"] = max(others, 0.0) / wall  # in cores, averaged over the process's life
+    result["peak_rss_gib"] = child_peak_rss_gib(usage)
     return result
 
 
@@ -123,16 +126,6 @@ def process_cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -156,20 +149,29 @@ def main() -> None:
         worker(args.worker, args.job, args.result)
         return
 
-    import torch
-
     opd_env = {}
     for spec in args.opd_env:
         name, _, assignments = spec.partition("=")
         opd_env[name] = dict(a.split("=", 1) for a in assignments.split())
     sides = [f"opd-local:{s}" for s in [*args.settings, *opd_env]] + [f"trl-{v}" for v in args.trl]
-    started = datetime.datetime.now(datetime.timezone.utc)
-    print(f"date: {started:%Y-%m-%d %H:%M} UTC; device: {cpu_name()}, {os.cpu_count()} cores "
-          f"(affinity {sorted(os.sched_getaffinity(0))}), torch {torch.__version__}", flush=True)
-    print(f"job: {args.groups} prompts x {args.samples} completions, max_tokens {args.max_tokens}, sampled_rkl; "
-          f"{args.rounds} round(s) x {args.steps} timed steps per process after one warm-up step; neighbour: "
-          f"benchmarks/neighbour.py at nice {args.nice}, torch's default threads", flush=True)
+    print_header("bench_contention", "cpu", [
+        f"affinity {sorted(os.sched_getaffinity(0))}",
+        f"job: {args.groups} prompts x {args.samples} completions, max_tokens {args.max_tokens}, sampled_rkl; "
+        f"{args.rounds} round(s) x {args.steps} timed steps per process after one warm-up step; neighbour: "
+        f"benchmarks/neighbour.py at nice {args.nice}, torch's default threads",
+        "alone/beside s/step: the median over rounds of each process's mean timed s/step; p10-p90: over every "
+        "timed step of every round; peak GiB: the largest peak RSS of the side's processes in that condition"])
+    rounds = run_rounds(args, sides, opd_env)
+    report(sides, opd_env, *rounds)
+    print(f"finished {timestamp()}")
+
+
+def run_rounds(args, sides: list[str], opd_env: dict) -> tuple[dict, dict, dict, dict]:
+    """Every side alone and beside the neighbour, the order flipping each round (A/B/B/A): per (side, beside),
+    each round's mean s/step, every timed step, the peak RSS of each process; per side, its thread settings."""
     per_round: dict[tuple[str, bool], list[float]] = {}
+    steps: dict[tuple[str, bool], list[float]] = {}
+    peaks: dict[tuple[str, bool], list[float]] = {}
     notes: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_contention-") as tmp:
         job = dict(groups=args.groups, samples=args.samples, max_tokens=args.max_tokens, steps=args.steps,
@@ -182,23 +184,31 @@ def main() -> None:
                     result = measure(side, beside, job, Path(tmp), args.nice)
                     s_per_step = statistics.fmean(result["step_seconds"])
                     per_round.setdefault((side, beside), []).append(s_per_step)
+                    steps.setdefault((side, beside), []).extend(result["step_seconds"])
+                    peaks.setdefault((side, beside), []).append(result["peak_rss_gib"])
                     notes[side] = result["threads"]
                     print(f"round {round_index + 1}/{args.rounds} {side:<18} {'beside' if beside else 'alone':<7} "
                           f"{s_per_step:7.2f} s/step  steps {['%.2f' % s for s in result['step_seconds']]}  "
                           f"({time.perf_counter() - start:.0f} s, other load {result['other_load']:.2f} cores)"
                           f"{'  ' + result['neighbour'] if beside else ''}",
                           flush=True)
-    print(f"\n{'side':<20}{'alone s/step':>14}{'beside s/step':>15}{'slowdown':>10}  per round (alone | beside)")
+    return per_round, steps, peaks, notes
+
+
+def report(sides: list[str], opd_env: dict, per_round: dict, steps: dict, peaks: dict, notes: dict) -> None:
+    print(f"\n{'side':<20}{'alone s/step':>14}{'beside s/step':>15}{'slowdown':>10}  per round (alone | beside)"
+          "; p10-p90 of the steps (alone | beside); peak GiB (alone | beside)")
     for side in sides:
         alone, beside = per_round[(side, False)], per_round[(side, True)]
         a, b = statistics.median(alone), statistics.median(beside)
+        spread = " | ".join(Stats.of(steps[(side, c)], warmup=1).spread(spec=".2f") for c in (False, True))
+        peak = " | ".join(f"{max(peaks[(side, c)]):.2f}" for c in (False, True))
         print(f"{side:<20}{a:>14.2f}{b:>15.2f}{b / a:>9.2f}x  "
-              f"{' '.join('%.2f' % v for v in alone)} | {' '.join('%.2f' % v for v in beside)}")
+              f"{' '.join('%.2f' % v for v in alone)} | {' '.join('%.2f' % v for v in beside)}; {spread}; {peak}")
     for name, variables in opd_env.items():
         print(f"opd-local:{name}: {variables}")
     for side, threads in notes.items():
         print(f"{side}: {threads}")
-    print(f"finished {datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Inputs look real: hidden = LayerNorm(randn), weight scaled so logits have std --
 from the model's own softmax (on-policy tokens; CCE's gradient filtering depends on that sparsity).
 Prints one markdown table per op with device, date and the exact command; paste it into RESULTS.md.
 The inputs are in kernel_inputs.py, the candidates (each declared once, with the devices it runs on) in
-kernel_candidates.py, the runner, timers and tables in harness.py.
+kernel_candidates.py, the runner, timers and tables in kernel_runner.py (on harness.py, which every
+benchmark shares).
 
 CPU mode (automatic without a CUDA device, or --device cpu) runs the same comparison with the candidates that
 exist on a CPU: ours = the `kernels.*` entries with the default backend (the chunked torch path on CPU),
@@ -33,10 +34,8 @@ from the torch profiler's allocator events, and ceilings from a large CPU tensor
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import shlex
 import sys
 import time
 
@@ -44,9 +43,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import DEVICES, cpu_model, run_op  # noqa: E402
+from harness import command_line, cpu_model, timestamp  # noqa: E402
 from kernel_candidates import OPS  # noqa: E402
 from kernel_inputs import op_shapes  # noqa: E402
+from kernel_runner import DEVICES, run_op  # noqa: E402
 
 FULL_N, FULL_V, FULL_H = (4096, 16384, 65536), (49152, 151936), (576, 4096)
 # Sized so the default CPU run takes about 4 minutes on 2 cores: N = 2048 is two chunks of the torch path's
@@ -90,8 +90,7 @@ def settle_defaults(args, device):
 
 def print_header(args, device):
     """Device, date, the exact command, versions and how each cell was measured."""
-    command = " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv])
-    now = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+    command, now = command_line(), timestamp()
     python = f"{platform.python_implementation()} {platform.python_version()}"
     if device == "cuda":
         import triton

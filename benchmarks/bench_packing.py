@@ -12,7 +12,7 @@ side in one process, alternating A/B, random-init models built from their config
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import tempfile
 import time
@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from harness import PeakMemory, alternate_rounds, print_header  # noqa: E402
 from opd_local.config import ModelConfig  # noqa: E402
 from opd_local.models import load_causal_lm, load_tokenizer  # noqa: E402
 from opd_local.packing import pack_groups  # noqa: E402
@@ -84,24 +85,28 @@ def main() -> None:
 
     groups = [(tokens(args.prompt), [tokens(args.completion) for _ in range(args.k)]) for _ in range(args.groups)]
     layouts = {"shared prompt": groups, "prompt copies": [(p, [c]) for p, cs in groups for c in cs]}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; {args.groups} groups x {args.k} "
-          f"completions of {args.completion} behind a {args.prompt}-token prompt; hidden {args.hidden}, {args.layers} layers; "
-          f"forward + backward, median of {args.repeats} (alternating)")
-    print("| model | shared prompt (s) | prompt copies (s) | copies / shared |")
-    print("|---|---|---|---|")
+    print_header("bench_packing", "cpu", [
+        f"{args.dtype}; {args.groups} groups x {args.k} completions of {args.completion} behind a {args.prompt}-token "
+        f"prompt; hidden {args.hidden}, {args.layers} layers; forward + backward (packing left out), {WARMUP} warm-up "
+        f"rounds, then the median of {args.repeats} (alternating), p10-p90 beside it; peak: the process's peak RSS "
+        "over a model's rounds"])
+    print("| model | shared prompt (s) | prompt copies (s) | copies / shared | shared p10-p90 (s) | copies p10-p90 (s) "
+          "| peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("qwen3_5", "llama"):
             path = build(family, tokenizer, Path(tmp) / family, args.hidden, args.layers)
             model = load_causal_lm(path, ModelConfig(), torch.float32, torch.device("cpu")).train()
-            for _ in range(2):  # warm-up: the first calls of the chunked delta rule are several times slower
-                for layout in layouts.values():
-                    step_seconds(model, layout, dtype)
-            times = {name: [] for name in layouts}
-            for _ in range(args.repeats):
-                for name, layout in layouts.items():
-                    times[name].append(step_seconds(model, layout, dtype))
-            shared, copies = (statistics.median(times[name]) for name in layouts)
-            print(f"| {family} | {shared:.3f} | {copies:.3f} | {copies / shared:.2f}x |", flush=True)
+            rounds = {name: functools.partial(step_seconds, model, layout, dtype) for name, layout in layouts.items()}
+            # warm-up: the first calls of the chunked delta rule are several times slower
+            with PeakMemory("cpu") as peak:
+                timings = alternate_rounds(rounds, args.repeats, warmup=WARMUP, self_timed=True)
+            shared, copies = (timings[name].stats for name in layouts)
+            print(f"| {family} | {shared.median:.3f} | {copies.median:.3f} | {copies.median / shared.median:.2f}x "
+                  f"| {shared.spread()} | {copies.spread()} | {peak.gib:.2f} |", flush=True)
+
+
+WARMUP = 2
 
 
 if __name__ == "__main__":

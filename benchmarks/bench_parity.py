@@ -5,18 +5,19 @@
 For each compute dtype (fp32; bf16: a bf16 engine and a bf16-autocast trainer over fp32 masters) and each
 logit scale (the final norm multiplied by s, so logits grow s-fold and bf16 steps get coarser):
 - |Δlogprob| on the parity probe right after a push (max, mean);
-- |rollout_lp - trainer_lp| over real rollouts (max, p99, mean): `rollout/trainer_lp_mismatch`;
+- |rollout_lp - trainer_lp| over real rollouts (max, p99, p50, mean): `rollout/trainer_lp_mismatch`;
 - the probe's max |Δ| after one AdamW step at the default learning rate with the push skipped:
-  what a stale engine looks like, which a threshold can catch only if it lies above the in-sync figures.
+  what a stale engine looks like, which a threshold can catch only if it lies above the in-sync figures;
+- the peak memory of each row. Nothing is timed (--repeats and --warmup are the shared workload's, unused).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 
+from harness import PeakMemory, print_header
 from opd_local.config import Config
 from opd_local.optimizer import build_optimizer
 from opd_local.models import load_causal_lm
@@ -65,7 +66,8 @@ def measure(work, args, dtype_setting: str, scale: float) -> dict[str, float]:
     engine.close()
     return {
         "probe_max": float(probe.max()), "probe_mean": float(probe.mean()),
-        "roll_max": float(mismatch.max()), "roll_p99": float(mismatch.quantile(0.99)), "roll_mean": float(mismatch.mean()),
+        "roll_max": float(mismatch.max()), "roll_p99": float(mismatch.quantile(0.99)),
+        "roll_p50": float(mismatch.median()), "roll_mean": float(mismatch.mean()),
         "tokens": int(mismatch.numel()), "stale_max": float(stale.max()), "stale_mean": float(stale.mean()),
         "engine": policy.engine_name,
     }
@@ -78,17 +80,22 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="model.dtype settings")
     args = parser.parse_args()
     work = load_workload(args)
-    device_name = torch.cuda.get_device_name() if work.device.type == "cuda" else f"{platform.machine()} CPU"
-    print(f"device: {device_name}, torch {torch.__version__}, model {args.model}, lr {work.cfg.optim.lr}")
+    print_header("bench_parity", work.device, [
+        f"model {args.model}, lr {work.cfg.optim.lr}; {args.groups} prompts x {args.samples} samples, max_tokens "
+        f"{args.max_tokens}; no timing (agreement only, so no warm-up); roll p50/p99: quantiles of "
+        "|rollout_lp - trainer_lp| over the rollouts' tokens; peak GiB over the row (harness.PeakMemory: CUDA "
+        "allocated above the start, or the process's peak RSS on CPU)"])
     print(f"{'engine':<9} {'scale':>5} {'probe max':>10} {'probe mean':>10} {'roll max':>9} {'roll p99':>9} "
-          f"{'roll mean':>9} {'tokens':>6} {'stale max':>9} {'stale mean':>10} {'threshold':>9}")
+          f"{'roll mean':>9} {'tokens':>6} {'stale max':>9} {'stale mean':>10} {'threshold':>9} {'roll p50':>9} "
+          f"{'peak GiB':>8}")
     for setting in args.dtypes:
         for scale in args.logit_scales:
-            r = measure(work, args, setting, scale)
+            with PeakMemory(work.device) as peak:
+                r = measure(work, args, setting, scale)
             threshold = PARITY_THRESHOLDS[getattr(torch, r["engine"])]
             print(f"{r['engine']:<9} {scale:>5g} {r['probe_max']:>10.4f} {r['probe_mean']:>10.4f} {r['roll_max']:>9.4f} "
-                  f"{r['roll_p99']:>9.4f} {r['roll_mean']:>9.4f} {r['tokens']:>6} {r['stale_max']:>9.4f} {r['stale_mean']:>10.4f} {threshold:>9g}",
-                  flush=True)
+                  f"{r['roll_p99']:>9.4f} {r['roll_mean']:>9.4f} {r['tokens']:>6} {r['stale_max']:>9.4f} {r['stale_mean']:>10.4f} {threshold:>9g} "
+                  f"{r['roll_p50']:>9.4f} {peak.gib:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

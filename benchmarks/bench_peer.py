@@ -14,8 +14,9 @@ reverse-KL objective (TRL: `distillation_mode="sampled_token"`, `teacher_model_k
 
 Each side runs in its own process, one after the other, `--rounds` times (A/B/A/B), so that neither
 inherits the other's allocator, threads or page cache; each process runs one warm-up step and then
-`--steps` timed ones. Reported per side: s/step, active (completion) tokens per step and per second, the
-stage split and the peak resident memory of its process. opd-local's stages are its own step metrics;
+`--steps` timed ones. Reported per side: s/step (the mean, and the median with p10-p90 over every timed
+step), active (completion) tokens per step and per second, the stage split and the peak resident memory
+of its processes (and on CUDA their peak allocated memory), under harness.py's header (device, date). opd-local's stages are its own step metrics;
 TRL's are timed around its trainer's methods: generation (`_generate`), forward (`compute_loss`: teacher
 and student forwards and the loss), backward (`accelerator.backward`), optimizer (clipping and
 `optimizer.step`, between the pre- and post-optimizer callbacks) and the rest of the step.
@@ -33,7 +34,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -43,6 +43,10 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))  # harness.py, also when this file is loaded by path (tests, bench_contention)
+
+from harness import Stats, child_peak_rss_gib, print_header  # noqa: E402
+
 LEARNING_RATE = 1e-5
 BETAS = (0.9, 0.95)
 # The peer's job on opd-local's side: its sampled-token objective, and every bundled training row
@@ -241,7 +245,7 @@ def run_worker(side: str, job: dict, scratch: Path) -> dict:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{side} failed (log {log_path}):\n{tail}")
     result = json.loads(result_path.read_text())
-    result["peak_rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    result["peak_rss_gib"] = child_peak_rss_gib(usage)
     return result
 
 
@@ -249,6 +253,7 @@ def summarize(results: list[dict]) -> dict:
     """Pooled over rounds: total tokens over total seconds, and the mean seconds of each stage per step."""
     seconds = [s for r in results for s in r["step_seconds"]]
     tokens = [t for r in results for t in r["active_tokens"]]
+    step = Stats.of(seconds, warmup=1)  # one warm-up step per process
     stages = {name: statistics.fmean(v for r in results for v in r["stages"][name]) for name in results[0]["stages"]}
     # Cost per token: a straight line through (active tokens, seconds) of every timed step; the steps'
     # lengths vary with sampling, which is what spreads the points.
@@ -257,11 +262,13 @@ def summarize(results: list[dict]) -> dict:
         "fixed_s": fit.intercept if fit else float("nan"),
         "ms_per_token": fit.slope * 1e3 if fit else float("nan"),
         "s_per_step": statistics.fmean(seconds),
+        "step_stats": step,
         "tokens_per_step": statistics.fmean(tokens),
         "tokens_per_s": sum(tokens) / sum(seconds),
         "per_round_tokens_per_s": [sum(r["active_tokens"]) / sum(r["step_seconds"]) for r in results],
         "stages": stages,
         "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
+        "peak_cuda_gib": max(r.get("peak_cuda_gib", 0.0) for r in results),
         "steps": len(seconds),
         "optimizer": results[0].get("optimizer", ""),
     }
@@ -289,6 +296,9 @@ def main() -> None:
             result = opd_local_worker(job, args.worker.partition(":")[2])
         else:
             result = trl_worker(job, args.worker.removeprefix("trl-"))
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            result["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
         Path(args.result).write_text(json.dumps(result))
         return
 
@@ -298,6 +308,7 @@ def main() -> None:
         print("trl is not installed: running opd-local alone (pip install -e .[bench] for the TRL SDFTTrainer side)")
     else:
         sides += [f"trl-{v}" for v in args.trl]
+    print_job_header(args)
     results: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="bench_peer-") as tmp:
         job = dict(groups=args.groups, samples=args.samples, max_tokens=args.max_tokens, steps=args.steps,
@@ -310,7 +321,8 @@ def main() -> None:
     report(args, {side: summarize(r) for side, r in results.items()})
 
 
-def report(args, summary: dict[str, dict]) -> None:
+def print_job_header(args) -> None:
+    """harness.py's header (device, date, command, versions), the job, and how each column is measured."""
     import torch
     import transformers
 
@@ -319,18 +331,31 @@ def report(args, summary: dict[str, dict]) -> None:
         import trl
 
         trl_version = f", trl {trl.__version__}"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()} CPU"
-    print(f"device: {device}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}{trl_version}")
-    print(
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print_header("bench_peer", device, [
+        f"transformers {transformers.__version__}{trl_version}",
         f"job: {args.groups} prompts x {args.samples} completions, max_tokens {args.max_tokens}, AdamW lr {LEARNING_RATE}; "
         f"{args.rounds} round(s) x {args.steps} timed steps per side after one warm-up step; opd-local flags: "
-        f"{' '.join([*JOB_FLAGS, *args.opd_args])} (the rest defaults)"
-    )
-    print(f"{'side':<20}{'s/step':>8}{'tok/step':>10}{'tok/s':>8}{'RSS GiB':>9}  stages (s/step)")
+        f"{' '.join([*JOB_FLAGS, *args.opd_args])} (the rest defaults)",
+        "s/step: the mean; median and p10-p90 over every timed step of every round; RSS GiB: the peak resident set "
+        "of the side's processes" + (", CUDA GiB: their peak allocated" if device == "cuda" else ""),
+    ])
+
+
+def report(args, summary: dict[str, dict]) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    cuda_column = f"{'CUDA GiB':>9}" if cuda else ""
+    print(f"{'side':<20}{'s/step':>8}{'median':>8}{'p10-p90':>12}{'tok/step':>10}{'tok/s':>8}{'RSS GiB':>9}"
+          f"{cuda_column}  stages (s/step)")
     for side, s in summary.items():
         stages = ", ".join(f"{name} {value:.2f}" for name, value in s["stages"].items())
         rounds = "/".join(f"{v:.1f}" for v in s["per_round_tokens_per_s"])
-        print(f"{side:<20}{s['s_per_step']:>8.2f}{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.1f}{s['peak_rss_gib']:>9.2f}  "
+        step = s["step_stats"]
+        print(f"{side:<20}{s['s_per_step']:>8.2f}{step.median:>8.2f}{step.spread(spec='.2f'):>12}"
+              f"{s['tokens_per_step']:>10.0f}{s['tokens_per_s']:>8.1f}{s['peak_rss_gib']:>9.2f}"
+              f"{format(s['peak_cuda_gib'], '>9.2f') if cuda else ''}  "
               f"{stages}; tok/s by round {rounds}; fit {s['fixed_s']:.1f} s + {s['ms_per_token']:.1f} ms/token"
               f"{'; ' + s['optimizer'] if s['optimizer'] else ''}")
     for spec in args.opd_variant:

@@ -1,6 +1,7 @@
 """One OPD step, stage by stage: opd-local against the same step built from stock transformers parts.
 
-    python benchmarks/bench_step.py [--groups 4] [--samples 2] [--max_tokens 128] [--repeats 3] [--compare_student_prefix]
+    python benchmarks/bench_step.py [--groups 4] [--samples 2] [--max_tokens 128] [--repeats 3] [--warmup 1]
+                                 [--compare_student_prefix]
 
 Both pipelines run the step of docs/design.md on the same model, prompts and (for scoring and training)
 the same sampled completions:
@@ -11,22 +12,21 @@ the same sampled completions:
   held; the weight push into vLLM; also the step with the full-vocabulary `full_rkl` objective;
 - stock: transformers `generate`; padded batches with an attention mask, full logits and
   `log_softmax`; the same loss; a `load_state_dict` copy into the generating model.
-Prints the median seconds per stage, the ratios stock / opd-local, and peak memory on CUDA.
+Prints the median seconds per stage after --warmup untimed calls (p10-p90 beside), the ratios stock / opd-local,
+and each pipeline's peak memory (harness.py: CUDA allocated, or the process's peak RSS on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import statistics
-import time
 
 import torch
 
+from harness import PeakMemory, Stats, alternate_rounds, print_header, time_rounds
 from opd_local.config import Config
-from opd_local.preflight import resolve_micro_batch_tokens
 from opd_local.optimizer import build_optimizer
+from opd_local.preflight import resolve_micro_batch_tokens
 from opd_local.training import train_on_rollouts
 from opd_local.models import load_causal_lm
 from opd_local.output_heads import lm_head_weight
@@ -70,36 +70,30 @@ def stock_train_step(student, optimizer, prompts, completions, teacher_lps, roll
     optimizer.step()
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def stage_seconds(fn, args) -> Stats:
+    """--warmup untimed calls of one stage, then --repeats timed ones."""
+    return time_rounds(fn, args.repeats, warmup=args.warmup).stats
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def compare_student_prefix(train_step, cfg: Config, args) -> dict[bool, Stats]:
+    """Train-stage seconds with model.student_shared_prefix on and off, the two settings alternating
+    (warm-up rounds too), so that load from other processes falls on both alike."""
 
-
-def compare_student_prefix(train_step, cfg: Config, repeats: int) -> dict[bool, float]:
-    """Median train-stage seconds with model.student_shared_prefix on and off, the two settings
-    alternating, so that load from other processes falls on both alike."""
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(repeats):
-        for shared in (True, False):
+    def with_shared_prefix(shared: bool):
+        def step():
             cfg.model.student_shared_prefix = shared
-            times[shared].append(median_seconds(train_step, 1))
+            train_step()
+
+        return step
+
+    timings = alternate_rounds({"on": with_shared_prefix(True), "off": with_shared_prefix(False)}, args.repeats,
+                               warmup=args.warmup)
     cfg.model.student_shared_prefix = Config().model.student_shared_prefix
-    return {shared: statistics.median(t) for shared, t in times.items()}
+    return {True: timings["on"].stats, False: timings["off"].stats}
 
 
 def opd_local_stages(work, args, policy, completions_from=None):
-    """One opd-local step under `policy`, stage by stage: {pipeline: {stage: median s}}, the rollouts
+    """One opd-local step under `policy`, stage by stage: {pipeline: {stage: Stats}}, the rollouts
     scored and trained on (sampled here unless `completions_from` gives them), and extra figures."""
     cfg, device, path, groups, prompts = work.cfg, work.device, work.model_path, work.groups, work.prompts
     tag = "" if policy.compute == torch.float32 else " bf16"
@@ -112,9 +106,9 @@ def opd_local_stages(work, args, policy, completions_from=None):
     engine.generate(prompts[:1], n=1, temperature=1.0, max_tokens=8, seed=0)  # warm-up
     completions = completions_from or engine.generate(prompts, seed=0, **sample_kw)
     sampled = {}
-    main_row["sample"] = median_seconds(
+    main_row["sample"] = stage_seconds(
         lambda: sampled.update(tokens=sum(len(c.token_ids) for g in engine.generate(prompts, seed=1, **sample_kw) for c in g)),
-        args.repeats,
+        args,
     )
     rollouts = build_rollouts(groups, completions)
     kept = [r for r in rollouts if r.kept]
@@ -127,10 +121,10 @@ def opd_local_stages(work, args, policy, completions_from=None):
             return_hidden=return_hidden, shared_prefix=shared_prefix, compute_dtype=policy.compute,
         )
 
-    main_row["score"] = median_seconds(score, args.repeats)
+    main_row["score"] = stage_seconds(score, args)
     # The same scoring with every completion packed behind its own copy of the privileged prompt.
-    packed_score = median_seconds(lambda: score(shared_prefix=False), args.repeats)
-    full_row["score"] = median_seconds(lambda: score(True), args.repeats)
+    packed_score = stage_seconds(lambda: score(shared_prefix=False), args)
+    full_row["score"] = stage_seconds(lambda: score(True), args)
     scores = score(True)
     for rollout, teacher_lp, teacher_hidden in zip(kept, scores.logprobs, scores.hiddens):
         rollout.record_teacher_scores(teacher_lp, teacher_hidden)
@@ -144,10 +138,10 @@ def opd_local_stages(work, args, policy, completions_from=None):
         def train(head=head):
             return train_on_rollouts(trained, optimizer, scheduler, kept, cfg, policy, budget, head)
 
-        row["train"] = median_seconds(train, args.repeats)
+        row["train"] = stage_seconds(train, args)
         if args.compare_student_prefix and objective == "sampled_rkl":
-            extras_train = compare_student_prefix(lambda: train(None), cfg, args.repeats)
-        row["push"] = median_seconds(lambda: push_model_weights(engine, trained), args.repeats)
+            extras_train = compare_student_prefix(lambda: train(None), cfg, args)
+        row["push"] = stage_seconds(lambda: push_model_weights(engine, trained), args)
         row["sample"] = main_row["sample"]
         del trained, optimizer, scheduler
     cfg.loss.objective = "sampled_rkl"
@@ -158,8 +152,9 @@ def opd_local_stages(work, args, policy, completions_from=None):
     return seconds, completions, kept, extras
 
 
-def stock_stages(work, args, policy, kept) -> dict[str, float]:
-    """The same step from stock transformers parts under `policy`, on the same rollouts."""
+def stock_stages(work, args, policy, kept) -> tuple[dict[str, Stats], int]:
+    """The same step from stock transformers parts under `policy`, on the same rollouts: its stages' Stats and
+    the tokens it sampled."""
     cfg, device, path, tokenizer, prompts = work.cfg, work.device, work.model_path, work.tokenizer, work.prompts
     student = load_causal_lm(path, cfg.model, policy.master, device)
     teacher = load_causal_lm(path, cfg.model, policy.teacher, device).eval().requires_grad_(False)
@@ -167,23 +162,23 @@ def stock_stages(work, args, policy, kept) -> dict[str, float]:
     row, sampled = {}, {}
     stock = HFSampler.load(path, cfg.model, device, tokenizer.eos_token_id, tokenizer.pad_token_id, policy.engine)
     stock.generate(prompts[:1], n=1, temperature=1.0, max_tokens=8, seed=0)
-    row["sample"] = median_seconds(
+    row["sample"] = stage_seconds(
         lambda: sampled.update(tokens=sum(len(c.token_ids) for g in stock.generate(prompts, seed=1, **sample_kw) for c in g)),
-        args.repeats,
+        args,
     )
     teacher_prompts = [r.group.teacher_prompt_ids for r in kept]
     student_prompts = [r.group.student_prompt_ids for r in kept]
     completion_ids = [r.completion_ids for r in kept]
     with torch.no_grad(), policy.autocast():
-        row["score"] = median_seconds(lambda: padded_token_logprobs(teacher, teacher_prompts, completion_ids), args.repeats)
+        row["score"] = stage_seconds(lambda: padded_token_logprobs(teacher, teacher_prompts, completion_ids), args)
     optimizer, _ = build_optimizer(student, cfg.optim)
     teacher_lps = [r.teacher_lp for r in kept]
     rollout_lps = [r.rollout_lp for r in kept]
-    row["train"] = median_seconds(
+    row["train"] = stage_seconds(
         lambda: stock_train_step(student, optimizer, student_prompts, completion_ids, teacher_lps, rollout_lps, cfg, policy),
-        args.repeats,
+        args,
     )
-    row["push"] = median_seconds(lambda: stock.model.load_state_dict(student.state_dict()), args.repeats)
+    row["push"] = stage_seconds(lambda: stock.model.load_state_dict(student.state_dict()), args)
     return row, sampled["tokens"]
 
 
@@ -203,48 +198,67 @@ def main() -> None:
     work = load_workload(args)
     cfg, device = work.cfg, work.device
     cfg.optim.micro_batch_tokens = resolve_micro_batch_tokens(cfg.optim, device.type)
-    seconds: dict[str, dict[str, float]] = {}
+    print_header("bench_step", device, [
+        f"model {args.model}; each stage: {args.warmup} untimed call(s), then the median of {args.repeats} "
+        "(p10-p90 below); peak memory over each pipeline's loading and stages (harness.PeakMemory: CUDA allocated "
+        "above the start, or the process's peak RSS on CPU)"])
+    stats: dict[str, dict[str, Stats]] = {}
+    peaks: dict[str, PeakMemory] = {}
     extras = {}
     completions = kept = None
+    stock_tokens = None
     for setting in args.precisions:
         policy = resolve_precision(setting, device)
-        rows, completions, kept, extras[setting] = opd_local_stages(work, args, policy, completions)
-        seconds.update(rows)
+        with PeakMemory(device) as peaks[f"opd-local --dtype {setting}"]:
+            rows, completions, kept, extras[setting] = opd_local_stages(work, args, policy, completions)
+        stats.update(rows)
     if args.stock_precision != "none":
         stock_policy = resolve_precision(args.stock_precision, device)
-        seconds["stock" + ("" if stock_policy.compute == torch.float32 else " bf16")], stock_tokens = stock_stages(
-            work, args, stock_policy, kept
-        )
-    tokens = sum(len(r.completion_ids) for r in kept)
+        name = "stock" + ("" if stock_policy.compute == torch.float32 else " bf16")
+        with PeakMemory(device) as peaks[name]:
+            stats[name], stock_tokens = stock_stages(work, args, stock_policy, kept)
+    report(args, stats, peaks, extras, kept, stock_tokens)
 
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}")
+
+STAGES = ("sample", "score", "train", "push")
+
+
+def report(args, stats: dict[str, dict[str, Stats]], peaks: dict[str, PeakMemory], extras: dict, kept,
+           stock_tokens) -> None:
+    """The stage table (medians, then p10-p90), peak memory, the extra figures and the ratios."""
+    seconds = {name: {s: st.median for s, st in row.items()} for name, row in stats.items()}
+    tokens = sum(len(r.completion_ids) for r in kept)
     print(
         f"workload: {args.groups} prompts x {args.samples} samples, max_tokens {args.max_tokens}; scoring and training "
-        f"on the same {len(kept)} completions ({tokens} tokens); median of {args.repeats}"
+        f"on the same {len(kept)} completions ({tokens} tokens); median of {args.repeats} after {args.warmup} warm-up"
     )
     for setting, extra in extras.items():
         print(f"--dtype {setting}: {extra['policy']}")
-    stages = ("sample", "score", "train", "push")
-    print(f"{'pipeline':<26}" + "".join(f"{s + ' s':>10}" for s in stages) + f"{'step s':>10}")
+    print(f"{'pipeline':<26}" + "".join(f"{s + ' s':>10}" for s in STAGES) + f"{'step s':>10}")
     for name, row in seconds.items():
-        print(f"{name:<26}" + "".join(f"{row[s]:>10.3f}" for s in stages) + f"{sum(row.values()):>10.3f}")
+        print(f"{name:<26}" + "".join(f"{row[s]:>10.3f}" for s in STAGES) + f"{sum(row.values()):>10.3f}")
+    print(f"{'p10-p90':<26}" + "".join(f"{s + ' s':>14}" for s in STAGES))
+    for name, row in stats.items():
+        print(f"{name:<26}" + "".join(f"{row[s].spread():>14}" for s in STAGES))
+    for name, peak in peaks.items():
+        print(f"peak memory, {name}: {peak.text()}")
     names = list(seconds)
     for setting, extra in extras.items():
         row = seconds[names[0 if setting == args.precisions[0] else 2]] if len(args.precisions) > 1 else seconds[names[0]]
         print(
             f"--dtype {setting}: sampling {extra['sampled_tokens'] / row['sample']:.1f} tok/s; teacher scoring with the prompt "
-            f"run once per group {row['score']:.3f} s, packed with each completion {extra['packed_score']:.3f} s"
+            f"run once per group {row['score']:.3f} s, packed with each completion {extra['packed_score'].median:.3f} s"
         )
 
         if "student_prefix" in extra:
             on, off = extra["student_prefix"][True], extra["student_prefix"][False]
-            print(f"--dtype {setting}: train with the student prompt once per group {on:.3f} s, once per completion "
-                  f"{off:.3f} s ({off / on:.2f}x), alternating, median of {args.repeats}")
+            print(f"--dtype {setting}: train with the student prompt once per group {on.median:.3f} s "
+                  f"(p10-p90 {on.spread()}), once per completion {off.median:.3f} s (p10-p90 {off.spread()}) "
+                  f"({off.median / on.median:.2f}x), alternating, median of {args.repeats}")
 
     def ratio_line(slow: str, fast: str) -> str:
         a, b = seconds[slow], seconds[fast]
-        per_stage = ", ".join(f"{s} {a[s] / b[s]:.2f}x" for s in stages)
+        per_stage = ", ".join(f"{s} {a[s] / b[s]:.2f}x" for s in STAGES)
         return f"{slow} / {fast}: {per_stage}, step {sum(a.values()) / sum(b.values()):.2f}x"
 
     if len(args.precisions) > 1:

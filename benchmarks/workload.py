@@ -30,7 +30,8 @@ def add_workload_args(parser: argparse.ArgumentParser, samples: int) -> None:
     parser.add_argument("--groups", type=int, default=4, help="prompts")
     parser.add_argument("--samples", type=int, default=samples, help="completions per prompt")
     parser.add_argument("--max_tokens", type=int, default=128, help="completion length cap")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported, with p10/p90")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of each timed call before its repeats")
 
 
 def load_workload(args: argparse.Namespace) -> Workload:

@@ -1,5 +1,5 @@
-"""benchmarks/bench_peer.py's pooling: rates are total tokens over total seconds, and the cost-per-token
-line is the least-squares fit through every timed step."""
+"""benchmarks/bench_peer.py's pooling: rates are total tokens over total seconds, the cost-per-token
+line is the least-squares fit through every timed step, and the step's quantiles pool every round."""
 
 import importlib.util
 import math
@@ -27,6 +27,10 @@ def test_summary_pools_rounds_and_fits_the_cost_per_token():
     assert summary["per_round_tokens_per_s"] == pytest.approx([1400 / 22.0, 1800 / 26.0])
     assert summary["stages"]["sample"] == pytest.approx(6.0)
     assert summary["steps"] == 4
+    step = summary["step_stats"]  # every timed step of every round, after one warm-up step per process
+    assert (step.median, step.runs, step.warmup) == (12.0, 4, 1)
+    assert step.p10 == pytest.approx(9.6) and step.p90 == pytest.approx(14.4)
+    assert summary["peak_cuda_gib"] == 0.0  # no CUDA figure in the rounds
 
 
 def test_summary_without_spread_reports_no_fit():
