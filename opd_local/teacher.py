@@ -9,6 +9,7 @@ second copy is held in memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 from pathlib import Path
 
@@ -92,9 +93,14 @@ class Teacher:
         """Where the teacher's weights are in force: the student's base with the adapter off, or always."""
         return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
+    @functools.cached_property
+    def vocabulary_rows(self) -> int:
+        """How many token ids the teacher can read and score (`output_heads.token_rows`), read once."""
+        return token_rows(unwrap(self.model))
+
     def score(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Score the rollouts still kept, record the scores on them, and return those the scores leave kept."""
-        drop_past_teacher_rows(rollouts, token_rows(unwrap(self.model)))  # a student head padded wider
+        drop_past_teacher_rows(rollouts, self.vocabulary_rows)  # a student head padded wider
         scorable = [r for r in rollouts if r.kept]
         with self.scope():
             scores = score_completions_distributed(

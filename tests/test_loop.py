@@ -224,7 +224,7 @@ def test_student_shared_prefix_gives_the_unshared_loss_and_gradients(
         lp_tolerance = 1e-6 if implementation == "eager" else 1e-14
         assert stats_s["rollout/trainer_lp_mismatch"] == pytest.approx(stats_u["rollout/trainer_lp_mismatch"], abs=lp_tolerance)
         assert stats_s["opd/loss"] == pytest.approx(stats_u["opd/loss"], rel=tolerance, abs=1e-15)
-        assert stats_s["optim/grad_norm"] > 0
+        assert any(grad is not None and float(grad.abs().max()) > 0 for grad in grads_s.values())
         for name, grad in grads_u.items():
             error = float((grads_s[name] - grad).abs().max())
             assert error <= tolerance * float(grad.abs().max()), f"budget {budget}: {name} off by {error}"
