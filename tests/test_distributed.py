@@ -78,20 +78,15 @@ def test_two_ranks_match_one_rank(one_rank, tiny_model_dir, tmp_path, layout):
         torch.testing.assert_close(two_weights[name], weight, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("variant", ["lora", "tied-full"])
-def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path, variant):
+def test_sharded_lora_run_resumes_from_its_shards(tiny_model_dir, tmp_path):
     """Under FSDP2, a resume from the step-1 checkpoint (each rank reads its own shards) redoes step 2 exactly.
 
-    LoRA, and a full fine-tune of a model with tied embeddings (one storage, two names).
+    A full fine-tune of a model with tied embeddings (one storage, two names) is sharded, saved and
+    resumed on one rank by test_checkpoint_resumes_on_another_number_of_ranks[fsdp-2-1-True].
     """
     full = tmp_path / "full"
-    flags = ["--eval.every", "0", "--parallel", "fsdp", "--save_every", "1"]
-    if variant == "lora":
-        flags += ["--lora_rank", "4", "--lora_alpha", "8"]
-        student = tiny_model_dir
-    else:
-        student = save_tiny_llama(tmp_path / "tied", tokenizer, seed=3, tied=True)
-    records, weights = _run(student, full, 2, *flags)
+    flags = ["--eval.every", "0", "--parallel", "fsdp", "--save_every", "1", "--lora_rank", "4", "--lora_alpha", "8"]
+    records, weights = _run(tiny_model_dir, full, 2, *flags)
     assert all(r["sync/parity_max_abs"] < 1e-4 for r in records)  # the engines got the merged weights
     step_one = full / "checkpoints" / "step-000001"
     shards = sorted((step_one / "sharded").iterdir())
@@ -121,8 +116,9 @@ def test_sharded_run_resumes_from_its_shards(tiny_model_dir, tokenizer, tmp_path
 
 
 @pytest.mark.parametrize(
-    # FSDP both ways (1 -> 2 with a tied weight to fill in); DDP, which re-splits nothing, one way.
-    "layout,before,after,tied", [("fsdp", 2, 1, False), ("ddp", 1, 2, False), ("fsdp", 1, 2, True)]
+    # FSDP both ways, each with tied embeddings (2 -> 1: shards of a tied model; 1 -> 2: the whole-weights file
+    # holds one of the tied weight's two names, which FSDP2 must fill in); DDP, which re-splits nothing, one way.
+    "layout,before,after,tied", [("fsdp", 2, 1, True), ("ddp", 1, 2, False), ("fsdp", 1, 2, True)]
 )
 def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tokenizer, tmp_path, layout, before, after, tied):
     """A run checkpointed by `before` ranks goes on with `after` (fewer GPUs after a failure, or more)
