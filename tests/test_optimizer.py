@@ -1,13 +1,16 @@
-"""build_optimizer: torch's fused AdamW where it applies, stepping like the `foreach` implementation."""
+"""build_optimizer: torch's fused AdamW where it applies, stepping like the `foreach` implementation; and
+optimizer_step, the one place a step clips, updates or skips, advances the schedule and clears the gradients."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from opd_local.config import Config
-from opd_local.optimizer import build_optimizer
+from opd_local.optimizer import build_optimizer, optimizer_step
+from opd_local.training import AccumulatedLoss
 
 
 def _model() -> torch.nn.Module:
@@ -74,3 +77,41 @@ def test_resume_keeps_this_runs_adamw_implementation(tmp_path):
         optimizer.step()
     for name, value in resumed_model.state_dict().items():
         torch.testing.assert_close(value, saved_model.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def _with_gradients(model: torch.nn.Module, fill: float | None = None) -> AccumulatedLoss:
+    model(torch.ones(2, 16)).square().sum().backward()
+    if fill is not None:
+        next(model.parameters()).grad.fill_(fill)
+    return AccumulatedLoss(torch.tensor([0.5, 0.25], dtype=torch.float64), active_tokens=10.0)
+
+
+def test_a_step_clips_updates_schedules_and_clears_the_gradients():
+    model, cfg = _model(), Config()
+    cfg.optim.grad_clip, cfg.optim.warmup_steps = 0.5, 3
+    optimizer, scheduler = build_optimizer(model, cfg.optim)
+    before = copy.deepcopy(model.state_dict())
+    accumulated = _with_gradients(model)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in model.parameters()]))
+    lr = scheduler.get_last_lr()[0]
+    metrics = optimizer_step(model, optimizer, scheduler, cfg.optim, accumulated)
+    assert metrics["optim/grad_norm"] == pytest.approx(float(norm), rel=1e-6)  # reported before clipping
+    assert metrics["opd/loss"] == 0.5 and metrics["rollout/trainer_lp_mismatch"] == 0.025 and metrics["optim/skipped"] == 0.0
+    assert all(not torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert scheduler.get_last_lr()[0] == 2 * lr  # warm-up: (s + 1) / 4 of the rate
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_but_still_schedules_and_clears():
+    model, cfg = _model(), Config()
+    cfg.optim.warmup_steps = 3
+    optimizer, scheduler = build_optimizer(model, cfg.optim)
+    before = copy.deepcopy(model.state_dict())
+    metrics = optimizer_step(model, optimizer, scheduler, cfg.optim, _with_gradients(model, fill=float("nan")))
+    assert metrics["optim/skipped"] == metrics["optim/diverged"] == 1.0
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert scheduler.last_epoch == 1
+    nothing = AccumulatedLoss(torch.zeros(2, dtype=torch.float64), active_tokens=0.0)  # every rollout dropped
+    assert optimizer_step(model, optimizer, scheduler, cfg.optim, nothing) == {"optim/skipped": 1.0}
+    assert scheduler.last_epoch == 2 and all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
