@@ -190,8 +190,7 @@ def resolve_layout(choice: str, num_params: int, ddp_max_params: int, world_size
         raise ValueError(f"run.parallel={choice!r}; choose one of {', '.join(layouts)}")
     if world_size == 1:
         return "none"  # one process holds and trains the whole model; there is nothing to split
-    if choice == "none":
-        raise ValueError(f"run.parallel=none with {world_size} ranks: every rank would train alone; use ddp or fsdp")
+    # run.parallel=none under torchrun is refused by `preflight.check_environment`
     if choice == "auto":
         return "ddp" if num_params <= ddp_max_params else "fsdp"
     return choice

@@ -11,6 +11,7 @@ before a weight loads).
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def check_environment(cfg: Config) -> None:
         )
     if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
         raise ValueError("run.wandb is on but wandb is not installed: `pip install wandb` (or turn run.wandb off)")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's, read before the process group starts
+    if cfg.run.parallel == "none" and world_size > 1:
+        raise ValueError(f"run.parallel=none with {world_size} ranks: every rank would train alone; use ddp or fsdp")
     on_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     if cfg.model.teacher_placement == "cpu" and not on_gpu:
         raise ValueError("model.teacher_placement=cpu offloads to host memory from a GPU; on CPU use replica (or disk)")

@@ -70,7 +70,7 @@ class Teacher:
         if inputs.resolved.teacher_weights == "base_adapter_off" and student is not None:
             model, adapter_off = student, True
         else:
-            placement = resolve_teacher_placement(cfg.model.teacher_placement, layout, ctx.device)
+            placement = resolve_teacher_placement(cfg.model.teacher_placement, layout)
             offload_dir = Path(cfg.model.teacher_offload_dir or Path(cfg.run.out_dir) / "teacher-offload") / f"rank{ctx.rank}"
             frozen = load_frozen_teacher(inputs.teacher_path, cfg.model, precision.teacher, torch.device("cpu"))
             check_output_head(frozen, "model.teacher" if cfg.model.teacher else "model.student")
@@ -136,8 +136,9 @@ class Teacher:
                 self.offload_dir.parent.rmdir()
 
 
-def resolve_teacher_placement(choice: str, student_layout: str, device: torch.device) -> str:
-    """`model.teacher_placement` with auto resolved: sharded beside a sharded student, else a replica."""
+def resolve_teacher_placement(choice: str, student_layout: str) -> str:
+    """`model.teacher_placement` with auto resolved: sharded beside a sharded student, else a replica. The one rule
+    here that pre-flight cannot check is the one that needs the student's layout, which `auto` settles by its size."""
     placements = choices(ModelConfig, "teacher_placement")
     if choice not in placements:
         raise ValueError(f"model.teacher_placement={choice!r}; choose one of {', '.join(placements)}")
@@ -145,8 +146,6 @@ def resolve_teacher_placement(choice: str, student_layout: str, device: torch.de
         return "shard" if student_layout == "fsdp" else "replica"
     if choice == "shard" and student_layout != "fsdp":
         raise ValueError("model.teacher_placement=shard needs a sharded student (run.parallel=fsdp under torchrun)")
-    if choice == "cpu" and device.type != "cuda":
-        raise ValueError("model.teacher_placement=cpu offloads to host memory from a GPU; on CPU use replica (or disk)")
     return choice
 
 
