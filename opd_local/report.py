@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from matplotlib.figure import Figure  # no pyplot: no global figure state, no display, Agg on savefig
-
 from opd_local.metrics import read_metrics
 
 # held-out first, then the same on training rows (dashed in the chart)
@@ -57,6 +55,9 @@ def has_values(records: list[dict], keys) -> bool:
 
 def write_charts(run_dir: str | Path) -> list[Path]:
     """Write the charts whose keys were logged into RUN_DIR/charts/ and return their paths."""
+    # Imported here, at the end of a run: half a second of every start-up otherwise, for every rank.
+    # No pyplot: no global figure state, no display, Agg on savefig.
+    from matplotlib.figure import Figure
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     chart_dir = run_dir / "charts"

@@ -115,25 +115,37 @@ def test_sharded_lora_run_resumes_from_its_shards(tiny_model_dir, tmp_path):
         assert torch.equal(again[name], weights[name]), name
 
 
+@pytest.fixture(scope="module")
+def one_rank_tied(tokenizer, tmp_path_factory):
+    """One rank, tied embeddings, a checkpoint after each step: what both 1 -> 2 resumes start from (one rank
+    trains the whole model whatever run.parallel says)."""
+    root = tmp_path_factory.mktemp("one-rank-tied")
+    student = save_tiny_llama(root / "tied", tokenizer, seed=3, tied=True)
+    return root / "full", *_run(student, root / "full", 1, "--eval.every", "0", "--parallel", "fsdp", "--save_every", "1")
+
+
 @pytest.mark.parametrize(
-    # FSDP both ways, each with tied embeddings (2 -> 1: shards of a tied model; 1 -> 2: the whole-weights file
-    # holds one of the tied weight's two names, which FSDP2 must fill in); DDP, which re-splits nothing, one way.
-    "layout,before,after,tied", [("fsdp", 2, 1, True), ("ddp", 1, 2, False), ("fsdp", 1, 2, True)]
+    # FSDP both ways (2 -> 1: shards of a tied model; 1 -> 2: the whole-weights file holds one of the tied
+    # weight's two names, which FSDP2 must fill in); DDP, which re-splits nothing, one way.
+    "layout,before,after", [("fsdp", 2, 1), ("ddp", 1, 2), ("fsdp", 1, 2)]
 )
-def test_checkpoint_resumes_on_another_number_of_ranks(tiny_model_dir, tokenizer, tmp_path, layout, before, after, tied):
+def test_checkpoint_resumes_on_another_number_of_ranks(one_rank_tied, tokenizer, tmp_path, layout, before, after):
     """A run checkpointed by `before` ranks goes on with `after` (fewer GPUs after a failure, or more)
     and ends where the uninterrupted run ends, to the layouts' float32 tolerance: rollouts and the
     data cursor do not depend on the rank count, and sharded weights and AdamW state are re-split on load.
-    Tied: the whole-weights file holds one of the tied weight's two names, which FSDP2 must fill in."""
-    student = save_tiny_llama(tmp_path / "tied", tokenizer, seed=3, tied=True) if tied else tiny_model_dir
-    full = tmp_path / "full"
-    records, weights = _run(student, full, before, "--eval.every", "0", "--parallel", layout, "--save_every", "1")
+    A model with tied embeddings (one storage, two names) throughout."""
+    if before == 1:
+        full, records, weights = one_rank_tied
+    else:
+        student = save_tiny_llama(tmp_path / "tied", tokenizer, seed=3, tied=True)
+        full = tmp_path / "full"
+        records, weights = _run(student, full, before, "--eval.every", "0", "--parallel", layout, "--save_every", "1")
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "final")
     shutil.rmtree(resumed / "checkpoints" / "step-000002")
     (resumed / "checkpoints" / "latest").write_text("step-000001")
-    _torchrun(after, "--resume", str(resumed))
+    _torchrun(after, "--resume", str(resumed), "--parallel", layout)
     again_records = _records(resumed)
     assert [r["step"] for r in again_records] == [0, 1]
     assert again_records[1]["opd/active_tokens"] == records[1]["opd/active_tokens"]

@@ -146,17 +146,17 @@ def test_eval_script_scores_a_checkpoint_against_a_teacher(tiny_model_dir, tiny_
 
 # metrics.jsonl: a run past step 0; config.yaml alone: a run stopped before its first metrics line
 @pytest.mark.parametrize("marker, text", [("metrics.jsonl", '{"step": 0}\n'), ("config.yaml", "run:\n  steps: 5\n")])
-def test_eval_script_refuses_a_training_run_directory(tmp_path, marker, text):
-    import subprocess
+def test_eval_script_refuses_a_training_run_directory(tmp_path, marker, text, monkeypatch, capsys):
+    import runpy
     import sys
 
     (tmp_path / marker).write_text(text)
-    result = subprocess.run(
-        [sys.executable, "scripts/eval.py", "--student", "unused", "--out_dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert f"holds a training run ({marker})" in result.stderr
+    monkeypatch.setenv("OPD_LOCAL_CPU_THREADS", "off")  # in this process libgomp has read its settings already
+    monkeypatch.setattr(sys, "argv", ["scripts/eval.py", "--student", "unused", "--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_code:
+        runpy.run_path("scripts/eval.py", run_name="__main__")
+    assert exit_code.value.code == 2
+    assert f"holds a training run ({marker})" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == [marker]
     assert (tmp_path / marker).read_text() == text  # nothing of the run was touched
 
