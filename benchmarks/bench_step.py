@@ -25,17 +25,17 @@ import torch
 
 from harness import PeakMemory, Stats, alternate_rounds, print_header, time_rounds
 from opd_local.config import Config
-from opd_local.optimizer import build_optimizer
-from opd_local.preflight import resolve_micro_batch_tokens
-from opd_local.training import train_on_rollouts
 from opd_local.models import load_causal_lm
+from opd_local.optimizer import build_optimizer
 from opd_local.output_heads import lm_head_weight
+from opd_local.precision import resolve_precision
+from opd_local.preflight import resolve_micro_batch_tokens
 from opd_local.rollouts import build_rollouts
 from opd_local.samplers.hf import HFSampler
-from opd_local.precision import resolve_precision
+from opd_local.samplers.vllm import VLLMSampler
 from opd_local.scoring import score_completions
 from opd_local.sync import push_model_weights
-from opd_local.samplers.vllm import VLLMSampler
+from opd_local.training import train_on_rollouts
 from workload import add_workload_args, load_workload
 
 

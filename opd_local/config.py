@@ -174,10 +174,6 @@ class OptimConfig:
     )
 
 
-
-
-
-
 @dataclass
 class SyncConfig:
     parity_threshold: float = knob(

@@ -21,8 +21,8 @@ from opd_local.checkpoint import load_training_state, save_final_model, save_tra
 from opd_local.config import Config
 from opd_local.evaluation import Evaluator, teacher_greedy
 from opd_local.metrics import MetricsLogger, flush_logs_to_disk, span
-from opd_local.optimizer import DivergenceGuard, apply_optim_config, build_optimizer
 from opd_local.models import load_student
+from opd_local.optimizer import DivergenceGuard, apply_optim_config, build_optimizer
 from opd_local.output_heads import check_output_head, check_output_heads
 from opd_local.packing_check import check_run_models
 from opd_local.precision import resolve_precision

@@ -66,17 +66,12 @@ def optimizer_step(student, optimizer, scheduler, optim: OptimConfig, accumulate
         # gradient norm must not reach the weights.
         sums, grad_norm = torch.cat([accumulated.sums, grad_norm.double().reshape(1)]).cpu().split(2)
         totals = distributed.all_reduce_sum(sums)
-        loss, norm = float(totals[0]), float(grad_norm)
+        metrics = accumulated.metrics(totals)
+        loss, norm = metrics["opd/loss"], float(grad_norm)
         diverged = not (math.isfinite(loss) and math.isfinite(norm)) or (0 < optim.skip_grad_norm < norm)
         if not diverged:
             optimizer.step()
-        metrics = {
-            "opd/loss": loss,
-            "rollout/trainer_lp_mismatch": float(totals[1]) / accumulated.active_tokens,
-            "optim/grad_norm": norm,
-            "optim/skipped": float(diverged),
-            "optim/diverged": float(diverged),
-        }
+        metrics.update({"optim/grad_norm": norm, "optim/skipped": float(diverged), "optim/diverged": float(diverged)})
     with warnings.catch_warnings():  # a skipped step still counts in the schedule: torch warns of that
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
         scheduler.step()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from opd_local import config_parsing
 from opd_local.config import BUNDLED_GSM8K, Config, ConfigError, DataConfig, ModelConfig, OptimConfig
 from opd_local.config_files import short_value
-from opd_local import config_parsing
 from opd_local.output_heads import check_teacher_vocabulary
 
 

@@ -87,10 +87,13 @@ class AccumulatedLoss:
     sums: torch.Tensor  # fp64 [2]: this rank's loss and sum |student_lp - rollout_lp|
     active_tokens: float  # the step's active tokens, over every rank (0: nothing to learn from)
 
-    def reduced(self) -> dict[str, float]:
-        """The loss and the trainer/sampler log-prob mismatch, summed over ranks (a host read)."""
-        totals = distributed.all_reduce_sum(self.sums.cpu())
+    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+        """The loss and the mean trainer/sampler log-prob mismatch from `totals`, the sums reduced over ranks."""
         return {"opd/loss": float(totals[0]), "rollout/trainer_lp_mismatch": float(totals[1]) / max(self.active_tokens, 1.0)}
+
+    def reduced(self) -> dict[str, float]:
+        """`metrics` with the sums read and reduced here (a host read of its own; the step's is `optimizer_step`'s)."""
+        return self.metrics(distributed.all_reduce_sum(self.sums.cpu()))
 
 
 def accumulate_gradients(
